@@ -1,0 +1,59 @@
+"""Typed errors a user can cause.
+
+Every error a user can trigger is a ``HPipeError`` (a ``ValueError``) whose message names
+the offending value and says how to fix it. Internal invariants use ``assert`` instead.
+Runtime failures that are not the user's input (a worker died, a link dropped) are
+``RuntimeError`` subclasses so callers can tell "fix your input" from "something broke".
+"""
+
+
+class HPipeError(ValueError):
+    """Base class for errors caused by user input."""
+
+
+class UnknownPresetError(HPipeError):
+    """A model preset, device or cluster name that hpipe does not know."""
+
+
+class ModelSpecError(HPipeError):
+    """A model config that cannot be read or is inconsistent."""
+
+
+class UnsupportedArchitectureError(ModelSpecError):
+    """A checkpoint whose architecture hpipe does not implement."""
+
+
+class WeightsNotFoundError(HPipeError):
+    """A model path that does not exist or holds no weights."""
+
+
+class PromptTooLongError(HPipeError):
+    """A prompt (or sequence length) beyond the model's context window."""
+
+
+class SliceError(HPipeError):
+    """Token slices that do not add up to the prompt, or are not positive."""
+
+
+class ClusterError(HPipeError):
+    """A cluster description that is malformed: the message names the field."""
+
+
+class InfeasiblePlanError(HPipeError):
+    """No arrangement of the model fits the cluster (memory, or no devices)."""
+
+
+class PlanMismatchError(HPipeError):
+    """A plan that does not match the model or cluster it is used with."""
+
+
+class ProfileMismatchError(HPipeError):
+    """A profile recorded for another model or another cluster."""
+
+
+class ShapeMismatchError(RuntimeError):
+    """An activation arrived with a shape or dtype other than the plan says."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A pipeline worker died or a link dropped; the message names the rank and cause."""
