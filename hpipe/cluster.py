@@ -1,0 +1,337 @@
+"""Clusters: hosts, their devices in pipeline order, and the links between them.
+
+A cluster is plain data (frozen dataclasses) read from YAML or built from a preset name:
+``paper`` (the HPipe paper's 4 x P100 + 2 x RTX 3090 over 1 Gbps) or ``local:N`` (N CPU worker
+processes on this machine). Validation names the offending field and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hpipe.catalog import DEVICE_CATALOG, LINK_CATALOG, DeviceKind, LinkKind
+from hpipe.errors import ClusterError, UnknownPresetError
+
+GB = 1e9
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A point-to-point link. ``bandwidth_gbps`` is in Gbit/s, as network gear is sold."""
+
+    kind: str
+    bandwidth_gbps: float
+    latency_s: float
+
+    @property
+    def bandwidth_bytes_s(self) -> float:
+        return self.bandwidth_gbps * 1e9 / 8
+
+    def transfer_time_s(self, num_bytes: float) -> float:
+        """[design] t_t = latency + bytes / bandwidth (algorithms.md section 2)."""
+        return self.latency_s + num_bytes / self.bandwidth_bytes_s
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device of the pipeline, with the figures the analytic cost model needs.
+
+    ``slowdown`` > 1 is an *emulation* knob: the runtime sleeps after each compute so a fast
+    device behaves like a slower one. It is labelled as emulation wherever it shows.
+    """
+
+    name: str
+    kind: str
+    host: str
+    memory_bytes: int
+    peak_flops_fp16: float
+    peak_flops_fp32: float
+    mem_bandwidth_bytes_s: float
+    busy_power_w: float
+    idle_power_w: float
+    torch_device: str = "cpu"  # "cpu" or "cuda:K" for the real runtime
+    num_threads: int = 1  # torch intra-op threads of a CPU worker
+    slowdown: float = 1.0
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.peak_flops_fp32 if dtype == "float32" else self.peak_flops_fp16
+
+    @property
+    def emulated(self) -> bool:
+        return self.slowdown != 1.0
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    intra_link: LinkSpec
+    device_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Devices in pipeline order (hosts kept contiguous) and the links joining hosts."""
+
+    name: str
+    hosts: tuple[HostSpec, ...]
+    devices: tuple[DeviceSpec, ...]
+    # (host_a, host_b, link) with host_a < host_b lexicographically; symmetric.
+    host_links: tuple[tuple[str, str, LinkSpec], ...]
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def device_index(self, name: str) -> int:
+        for i, d in enumerate(self.devices):
+            if d.name == name:
+                return i
+        raise ClusterError(f"no device named {name!r} in cluster {self.name!r}")
+
+    def link(self, src: int, dst: int) -> LinkSpec:
+        """The link a tensor crosses from device index ``src`` to ``dst``."""
+        a, b = self.devices[src], self.devices[dst]
+        if a.host == b.host:
+            return next(h.intra_link for h in self.hosts if h.name == a.host)
+        key = tuple(sorted((a.host, b.host)))
+        for ha, hb, link in self.host_links:
+            if (ha, hb) == key:
+                return link
+        raise ClusterError(
+            f"no link between hosts {key[0]!r} and {key[1]!r}; add "
+            f"'links: [{{between: [{key[0]}, {key[1]}], kind: 1gbe}}]' to the cluster file"
+        )
+
+    @property
+    def emulated(self) -> bool:
+        return any(d.emulated for d in self.devices)
+
+    def host_orders(self) -> list[tuple[int, ...]]:
+        """Device orders that keep each host's devices adjacent, one per permutation of hosts.
+
+        [design] The paper fixes the device order; we try the few host orders (<= 4 hosts
+        gives <= 24) because which host sits in front of the slow link matters.
+        """
+        import itertools
+
+        by_host = {h.name: [i for i, d in enumerate(self.devices) if d.host == h.name]
+                   for h in self.hosts}
+        orders = []
+        for perm in itertools.permutations(h.name for h in self.hosts):
+            orders.append(tuple(i for name in perm for i in by_host[name]))
+        return orders
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "hosts": [
+                {
+                    "name": h.name,
+                    "intra_link": dataclasses.asdict(h.intra_link),
+                    "devices": [
+                        dataclasses.asdict(d) for d in self.devices if d.host == h.name
+                    ],
+                }
+                for h in self.hosts
+            ],
+            "links": [
+                {"between": [a, b], **dataclasses.asdict(link)} for a, b, link in self.host_links
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClusterSpec:
+        return parse_cluster(d)
+
+
+def _link_from(value, where: str) -> LinkSpec:
+    """A link given by catalog kind ('pcie3') or by explicit bandwidth_gbps/latency_s."""
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict):
+        raise ClusterError(f"{where}: expected a link kind or a mapping, got {value!r}")
+    kind = value.get("kind", "custom")
+    base: LinkKind | None = None
+    if kind != "custom":
+        if kind not in LINK_CATALOG:
+            raise ClusterError(
+                f"{where}.kind: unknown link kind {kind!r}; known: {', '.join(sorted(LINK_CATALOG))}"
+            )
+        base = LINK_CATALOG[kind]
+    bw = value.get("bandwidth_gbps", base.bandwidth_gbps if base else None)
+    lat = value.get("latency_s", base.latency_s if base else 0.0)
+    if bw is None:
+        raise ClusterError(f"{where}: a custom link needs bandwidth_gbps")
+    if not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
+        raise ClusterError(f"{where}.bandwidth_gbps must be a positive number, got {bw!r}")
+    if not isinstance(lat, (int, float)) or lat < 0:
+        raise ClusterError(f"{where}.latency_s must be >= 0, got {lat!r}")
+    return LinkSpec(kind=kind, bandwidth_gbps=float(bw), latency_s=float(lat))
+
+
+# YAML key -> (DeviceSpec attribute, scale to SI units). to_dict writes the attribute names.
+_EXPLICIT = {
+    "memory_gb": ("memory_bytes", GIB),
+    "fp16_tflops": ("peak_flops_fp16", 1e12),
+    "fp32_tflops": ("peak_flops_fp32", 1e12),
+    "mem_bandwidth_gbs": ("mem_bandwidth_bytes_s", GB),
+    "busy_power_w": ("busy_power_w", 1.0),
+    "idle_power_w": ("idle_power_w", 1.0),
+}
+
+
+def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
+    if not isinstance(value, dict) or "name" not in value:
+        raise ClusterError(f"{where}: each device needs a 'name' (and a 'type' or explicit figures)")
+    # Accept both the YAML spelling (type, memory_gb, ...) and to_dict's (kind, memory_bytes, ...).
+    fields: dict = {}
+    kind = value.get("type", value.get("kind", "custom"))
+    if kind != "custom":
+        if kind not in DEVICE_CATALOG:
+            raise ClusterError(
+                f"{where}.type: unknown device {kind!r}; known: {', '.join(sorted(DEVICE_CATALOG))}"
+                " (or give memory_gb, fp16_tflops, fp32_tflops, mem_bandwidth_gbs, busy_power_w, idle_power_w)"
+            )
+        fields.update(DEVICE_CATALOG[kind].as_fields())
+    for key, (attr, scale) in _EXPLICIT.items():
+        if key in value:
+            v = value[key]
+            # idle power may be 0 (a figure nobody measured); everything else must be > 0
+            if not isinstance(v, (int, float)) or (v < 0 if attr == "idle_power_w" else v <= 0):
+                raise ClusterError(f"{where}.{key} must be a positive number, got {v!r}")
+            fields[attr] = v * scale
+        elif attr in value:
+            fields[attr] = value[attr]
+    missing = [k for k, (a, _) in _EXPLICIT.items() if a not in fields]
+    if missing:
+        raise ClusterError(f"{where}: custom device {value['name']!r} is missing {', '.join(missing)}")
+    slowdown = value.get("slowdown", 1.0)
+    if not isinstance(slowdown, (int, float)) or slowdown < 1.0:
+        raise ClusterError(f"{where}.slowdown must be a number >= 1 (an emulated slower device), got {slowdown!r}")
+    threads = value.get("num_threads", 1)
+    if not isinstance(threads, int) or threads < 1:
+        raise ClusterError(f"{where}.num_threads must be a positive integer, got {threads!r}")
+    torch_device = str(value.get("torch_device", "cpu"))
+    if not (torch_device == "cpu" or torch_device.startswith("cuda")):
+        raise ClusterError(f"{where}.torch_device must be 'cpu' or 'cuda:K', got {torch_device!r}")
+    return DeviceSpec(
+        name=str(value["name"]), kind=kind, host=host,
+        memory_bytes=int(fields["memory_bytes"]),
+        peak_flops_fp16=float(fields["peak_flops_fp16"]),
+        peak_flops_fp32=float(fields["peak_flops_fp32"]),
+        mem_bandwidth_bytes_s=float(fields["mem_bandwidth_bytes_s"]),
+        busy_power_w=float(fields["busy_power_w"]), idle_power_w=float(fields["idle_power_w"]),
+        torch_device=torch_device, num_threads=threads, slowdown=float(slowdown),
+    )
+
+
+def parse_cluster(d: dict, *, name: str | None = None) -> ClusterSpec:
+    """Validate a cluster mapping (the YAML file's content) into a ClusterSpec."""
+    if not isinstance(d, dict):
+        raise ClusterError(f"a cluster file must be a mapping with 'hosts', got {type(d).__name__}")
+    hosts_in = d.get("hosts")
+    if not hosts_in:
+        raise ClusterError("cluster is empty: 'hosts' must list at least one host with devices")
+    hosts, devices, seen = [], [], set()
+    for hi, h in enumerate(hosts_in):
+        where = f"hosts[{hi}]"
+        if not isinstance(h, dict) or "name" not in h:
+            raise ClusterError(f"{where}: each host needs a 'name'")
+        devs = h.get("devices") or []
+        if not devs:
+            raise ClusterError(f"{where} ({h['name']!r}): 'devices' is empty")
+        intra = _link_from(h.get("intra_link", "pcie3"), f"{where}.intra_link")
+        names = []
+        for di, dv in enumerate(devs):
+            dev = _device_from(dv, str(h["name"]), f"{where}.devices[{di}]")
+            if dev.name in seen:
+                raise ClusterError(f"{where}.devices[{di}]: duplicate device name {dev.name!r}")
+            seen.add(dev.name)
+            devices.append(dev)
+            names.append(dev.name)
+        hosts.append(HostSpec(name=str(h["name"]), intra_link=intra, device_names=tuple(names)))
+    host_names = {h.name for h in hosts}
+    links = []
+    for li, lk in enumerate(d.get("links") or []):
+        where = f"links[{li}]"
+        between = lk.get("between") if isinstance(lk, dict) else None
+        if not between or len(between) != 2:
+            raise ClusterError(f"{where}.between must name two hosts, got {between!r}")
+        for hn in between:
+            if hn not in host_names:
+                raise ClusterError(
+                    f"{where}.between refers to host {hn!r}, which is not in the cluster "
+                    f"(hosts: {', '.join(sorted(host_names))})"
+                )
+        a, b = sorted(map(str, between))
+        spec = {k: v for k, v in lk.items() if k != "between"}
+        links.append((a, b, _link_from(spec, where)))
+    cluster = ClusterSpec(name=str(d.get("name", name or "cluster")), hosts=tuple(hosts),
+                          devices=tuple(devices), host_links=tuple(links))
+    # Every pair of hosts that could become neighbours must be joined.
+    for i in range(len(hosts)):
+        for j in range(i + 1, len(hosts)):
+            a = cluster.device_index(hosts[i].device_names[0])
+            b = cluster.device_index(hosts[j].device_names[0])
+            cluster.link(a, b)  # raises ClusterError naming the missing pair
+    return cluster
+
+
+def paper_cluster() -> ClusterSpec:
+    """The paper's testbed: host 1 with 4 x P100, host 2 with 2 x RTX 3090, 1000 Mbps between."""
+    return parse_cluster({
+        "name": "paper",
+        "hosts": [
+            {"name": "host1", "intra_link": "pcie3",
+             "devices": [{"name": f"p100-{i}", "type": "p100"} for i in range(4)]},
+            {"name": "host2", "intra_link": "pcie4",
+             "devices": [{"name": f"3090-{i}", "type": "rtx3090"} for i in range(2)]},
+        ],
+        "links": [{"between": ["host1", "host2"], "kind": "1gbe"}],
+    })
+
+
+def local_cluster(num_workers: int, *, num_threads: int = 1) -> ClusterSpec:
+    """``local:N``: N CPU worker processes on this machine, joined by loopback."""
+    if num_workers < 1:
+        raise ClusterError(f"local:N needs N >= 1, got {num_workers}")
+    return parse_cluster({
+        "name": f"local:{num_workers}",
+        "hosts": [{"name": "local", "intra_link": "loopback",
+                   "devices": [{"name": f"cpu{i}", "type": "cpu", "num_threads": num_threads}
+                               for i in range(num_workers)]}],
+    })
+
+
+def load_cluster(arg: str) -> ClusterSpec:
+    """A cluster from a CLI argument: 'paper', 'local:N', or a path to a YAML file."""
+    if arg == "paper":
+        return paper_cluster()
+    if arg.startswith("local:"):
+        try:
+            n = int(arg.split(":", 1)[1])
+        except ValueError:
+            raise ClusterError(f"--cluster {arg!r}: expected local:N with an integer N, e.g. local:2") from None
+        return local_cluster(n)
+    path = Path(arg)
+    if not path.exists():
+        raise UnknownPresetError(
+            f"--cluster {arg!r} is neither a preset (paper, local:N) nor an existing YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ClusterError(f"{path}: not valid YAML: {e}") from None
+    return parse_cluster(data, name=path.stem)
+
+
+__all__ = [
+    "ClusterSpec", "DeviceSpec", "HostSpec", "LinkSpec", "DeviceKind", "load_cluster",
+    "local_cluster", "paper_cluster", "parse_cluster",
+]

@@ -1,0 +1,205 @@
+"""Plan: which device runs which layers, and how the prompt is cut into slices.
+
+A Plan is plain data: it round-trips through JSON and is validated on construction, so a
+plan file written by ``hpipe plan --json`` can be handed to ``hpipe run --plan``. Every
+method (HPipe, the baselines, manual what-if plans) produces this one type.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from hpipe.cluster import ClusterSpec
+from hpipe.errors import PlanMismatchError, SliceError
+from hpipe.spec import ModelSpec
+
+# The paper's names. "manual" is a user-given split and/or slicing.
+METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manual")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Layers ``[layer_start, layer_stop)`` on ``devices`` (indices into cluster.devices).
+
+    One device is the usual case; two or more form a tensor-parallel group (Megatron, TP-T).
+    """
+
+    devices: tuple[int, ...]
+    layer_start: int
+    layer_stop: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def device(self) -> int:
+        return self.devices[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete, executable plan for a batch of ``batch`` prompts of ``seq_len`` tokens.
+
+    - ``stages`` in pipeline order; stage 0 also holds the embedding, the last the final
+      norm and head. Devices that get no layers are simply absent.
+    - ``slices``: token slices, summing to ``seq_len`` (``(seq_len,)`` = no token pipelining).
+    - ``num_microbatches``: the batch is cut into this many micro-batches (GPipe); each
+      micro-batch goes through every slice.
+    - ``slice_table``: HPipe keeps one slicing scheme per supported length, looked up at run
+      time for the incoming prompt length.
+    """
+
+    method: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    batch: int
+    seq_len: int
+    dtype: str
+    stages: tuple[StagePlan, ...]
+    slices: tuple[int, ...]
+    num_microbatches: int = 1
+    predicted_latency_s: float | None = None
+    slice_table: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        validate_plan(self)
+
+    # -- derived views -------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def microbatch_rows(self) -> tuple[int, ...]:
+        """Rows per micro-batch: as even as possible, larger ones first."""
+        q, r = divmod(self.batch, self.num_microbatches)
+        return tuple(q + (1 if m < r else 0) for m in range(self.num_microbatches))
+
+    def layer_counts(self) -> tuple[int, ...]:
+        return tuple(s.num_layers for s in self.stages)
+
+    def slices_for(self, length: int) -> tuple[int, ...]:
+        """The slicing to use for a prompt of ``length`` tokens (HPipe's run-time lookup)."""
+        if length == self.seq_len:
+            return self.slices
+        table = dict(self.slice_table)
+        if length in table:
+            return table[length]
+        # No stored scheme: fall back to the planned one scaled to the length, longest first.
+        return rescale_slices(self.slices, length)
+
+    # -- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "model": self.model.to_dict(),
+            "cluster": self.cluster.to_dict(),
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype,
+            "stages": [
+                {"devices": list(s.devices), "layer_start": s.layer_start, "layer_stop": s.layer_stop}
+                for s in self.stages
+            ],
+            "slices": list(self.slices),
+            "num_microbatches": self.num_microbatches,
+            "predicted_latency_s": self.predicted_latency_s,
+            "slice_table": {str(k): list(v) for k, v in self.slice_table},
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        try:
+            return cls(
+                method=d["method"],
+                model=ModelSpec.from_dict(d["model"]),
+                cluster=ClusterSpec.from_dict(d["cluster"]),
+                batch=int(d["batch"]),
+                seq_len=int(d["seq_len"]),
+                dtype=d["dtype"],
+                stages=tuple(
+                    StagePlan(tuple(s["devices"]), int(s["layer_start"]), int(s["layer_stop"]))
+                    for s in d["stages"]
+                ),
+                slices=tuple(int(x) for x in d["slices"]),
+                num_microbatches=int(d.get("num_microbatches", 1)),
+                predicted_latency_s=d.get("predicted_latency_s"),
+                slice_table=tuple(
+                    sorted((int(k), tuple(v)) for k, v in (d.get("slice_table") or {}).items())
+                ),
+                notes=tuple(d.get("notes") or ()),
+            )
+        except KeyError as e:
+            raise PlanMismatchError(f"plan file is missing field {e.args[0]!r}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+def rescale_slices(slices: tuple[int, ...], length: int) -> tuple[int, ...]:
+    """Scale a slicing to another total length, keeping its shape (longer first)."""
+    total = sum(slices)
+    out = [max(1, round(s * length / total)) for s in slices]
+    out = [s for s in out if s > 0][: max(1, length)]
+    while sum(out) > length:
+        i = max(range(len(out)), key=lambda k: out[k])
+        out[i] -= 1
+        out = [s for s in out if s > 0]
+    out[0] += length - sum(out)
+    return tuple(out)
+
+
+def check_slices(slices: tuple[int, ...], length: int) -> None:
+    """Slices must be positive and sum to the prompt length; the message says what they sum to."""
+    if not slices or any(int(s) <= 0 for s in slices):
+        raise SliceError(f"slices must be positive token counts, got {list(slices)}")
+    if sum(slices) != length:
+        raise SliceError(
+            f"slices {list(slices)} sum to {sum(slices)} tokens but the prompt has {length}; "
+            f"make them sum to {length}"
+        )
+
+
+def validate_plan(plan: Plan) -> None:
+    """Structural checks; a user-made plan file that fails gets a PlanMismatchError."""
+    if plan.method not in METHODS:
+        raise PlanMismatchError(f"unknown method {plan.method!r}; valid: {', '.join(METHODS)}")
+    if plan.dtype not in DTYPES:
+        raise PlanMismatchError(f"unknown dtype {plan.dtype!r}; valid: {', '.join(DTYPES)}")
+    if plan.batch < 1 or not 1 <= plan.num_microbatches <= plan.batch:
+        raise PlanMismatchError(
+            f"batch {plan.batch} with {plan.num_microbatches} micro-batches: need 1 <= micro-batches <= batch"
+        )
+    check_slices(plan.slices, plan.seq_len)
+    if not plan.stages:
+        raise PlanMismatchError("plan has no stages")
+    expect, used = 0, set()
+    for i, s in enumerate(plan.stages):
+        if s.layer_start != expect or s.layer_stop <= s.layer_start:
+            raise PlanMismatchError(
+                f"stage {i} covers layers [{s.layer_start}, {s.layer_stop}) but should start at "
+                f"{expect} and be non-empty: stages must tile [0, {plan.model.num_layers}) in order"
+            )
+        for d in s.devices:
+            if not 0 <= d < plan.cluster.num_devices or d in used:
+                raise PlanMismatchError(
+                    f"stage {i} uses device index {d}: out of range for {plan.cluster.num_devices} devices or used twice"
+                )
+            used.add(d)
+        expect = s.layer_stop
+    if expect != plan.model.num_layers:
+        raise PlanMismatchError(
+            f"plan covers {expect} layers but model {plan.model.name!r} has {plan.model.num_layers}"
+        )

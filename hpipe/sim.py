@@ -1,0 +1,121 @@
+"""The exact simulator: per-stage action lists + a cost model -> a Timeline. Pure.
+
+[design] algorithms.md section 5, generalised to any action list: each stage runs its actions
+in order; a compute starts when the stage is free and its inputs have arrived; a send starts
+when its data is ready and its link is free (one transfer at a time per directed link) and,
+with ``overlap_comm`` (the runtime's non-blocking sends), does not hold up the next compute.
+Without overlap the sender is busy until the transfer ends: the paper's accounting,
+F[i][j] = max(F[i-1][j], F[i][j-1]) + t_c + t_t.
+"""
+
+from __future__ import annotations
+
+from hpipe.cost.base import CostModel
+from hpipe.plan.plan import Plan, dtype_bytes
+from hpipe.schedule import TOKEN, Schedule, build_schedule
+from hpipe.timeline import Interval, Timeline
+
+TOKEN_BYTES = 8  # int64 token ids going back from the last stage to the first in decode
+
+
+def simulate(
+    plan: Plan,
+    cost: CostModel,
+    *,
+    schedule: Schedule | None = None,
+    num_decode_steps: int = 0,
+    overlap_comm: bool = True,
+) -> Timeline:
+    sched = schedule or build_schedule(plan, num_decode_steps=num_decode_steps)
+    n = sched.num_stages
+    units = sched.units
+    last = n - 1
+    # Timeline rows: every device of every stage, in pipeline order.
+    rows_of = []
+    row_names: list[str] = []
+    for st in plan.stages:
+        rows_of.append(tuple(range(len(row_names), len(row_names) + len(st.devices))))
+        row_names.extend(plan.cluster.devices[d].name for d in st.devices)
+    elem = dtype_bytes(plan.dtype)
+
+    stage_free = [0.0] * n  # when the stage can start its next compute
+    inbox = [0.0] * n  # latest arrival among the recvs done since the last compute
+    last_compute_end = [0.0] * n
+    arrival: dict[tuple[int, int, str], float] = {}  # (unit, dst stage, payload) -> time
+    link_free: dict[tuple[int, int], float] = {}
+    ptr = [0] * n
+    intervals: list[Interval] = []
+    remaining = sum(len(a) for a in sched.actions)
+    while remaining:
+        progressed = False
+        for s in range(n):
+            acts = sched.actions[s]
+            while ptr[s] < len(acts):
+                a = acts[ptr[s]]
+                u = units[a.unit]
+                if a.kind == "recv":
+                    key = (a.unit, s, a.payload)
+                    if key not in arrival:
+                        break  # its sender has not got there yet
+                    inbox[s] = max(inbox[s], arrival[key])
+                elif a.kind == "compute":
+                    st = plan.stages[s]
+                    start = max(stage_free[s], inbox[s])
+                    dur = cost.stage_time_s(
+                        st.devices, st.layer_start, st.layer_stop, batch=u.rows,
+                        tokens=u.tokens, prefix=u.prefix, has_embedding=s == 0,
+                        has_head=s == last,
+                    )
+                    end = start + dur
+                    for r in rows_of[s]:
+                        intervals.append(Interval(r, "compute", u.index, u.phase, u.microbatch,
+                                                  u.slice_index, u.tokens, start, end))
+                    stage_free[s] = last_compute_end[s] = end
+                    inbox[s] = 0.0
+                else:  # send
+                    assert a.kind == "send", a
+                    num_bytes = (u.rows * TOKEN_BYTES if a.payload == TOKEN
+                                 else u.rows * u.tokens * plan.model.hidden * elem)
+                    link = (s, a.peer)
+                    start = max(last_compute_end[s], link_free.get(link, 0.0))
+                    if not overlap_comm:
+                        start = max(start, stage_free[s])
+                    dur = cost.transfer_time_s(plan.stages[s].device, plan.stages[a.peer].device,
+                                               num_bytes)
+                    end = start + dur
+                    link_free[link] = end
+                    arrival[(a.unit, a.peer, a.payload)] = end
+                    if not overlap_comm:
+                        stage_free[s] = end
+                    # A token going back to stage 0 belongs to decode, even the one sampled
+                    # from the prefill's last logits.
+                    phase = "decode" if a.payload == TOKEN else u.phase
+                    intervals.append(Interval(rows_of[s][0], "send", u.index, phase,
+                                              u.microbatch, u.slice_index, u.tokens, start, end))
+                ptr[s] += 1
+                remaining -= 1
+                progressed = True
+        assert progressed, f"schedule deadlocks:\n{sched.grid()}"
+
+    unit_shapes = tuple(sorted({(u.rows, u.tokens, u.prefix) for u in units}))
+    seq_total = max(u.prefix + u.tokens for u in units)
+    peak = []
+    for s, st in enumerate(plan.stages):
+        mem = cost.stage_memory_bytes(
+            st.devices, st.layer_start, st.layer_stop, batch=plan.batch, seq_len=seq_total,
+            units=unit_shapes, has_embedding=s == 0, has_head=s == last,
+        )
+        peak.extend([mem] * len(st.devices))
+    devs = [plan.cluster.devices[d] for st in plan.stages for d in st.devices]
+    return Timeline(
+        source="simulated",
+        method=plan.method,
+        row_names=tuple(row_names),
+        intervals=tuple(intervals),
+        peak_memory_bytes=tuple(peak),
+        busy_power_w=tuple(d.busy_power_w for d in devs),
+        idle_power_w=tuple(d.idle_power_w for d in devs),
+        batch=plan.batch,
+        seq_len=sum(u.tokens for u in units if u.phase == "prefill" and u.microbatch == 0),
+        emulated=any(d.emulated for d in devs),
+    )
