@@ -1,0 +1,214 @@
+"""The fitted cost model: per-device layer, embedding and head times fitted to a profile. Pure.
+
+``FittedCost(profile, model, cluster, dtype)`` implements the ``CostModel`` protocol, so the
+planners and the simulator use it exactly as they use the analytic roofline.
+
+[Note: the fitted form] TeraPipe's latency model is t = t0(b, s) + a*b*s + b'*b*p + c*b*s*p,
+with t0 read from a table of no-context timings. We fit, per device and per layer,
+
+    t(b, s, p) = k0 + k1*b*s + k2*b*p + k3*b*s*p + k4*b*s^2
+
+by least squares over the whole (b, s, p) grid, each term being a piece of work:
+  k0       per call: reading the layer's weights, kernel launches, Python and dispatch;
+  k1*b*s   the matmuls (2 * params per token) and the elementwise ops;
+  k2*b*p   reading the cached K, V of the prefix (memory-bound, per row);
+  k3*b*s*p attention scores and values against the prefix (the slope algorithms.md names:
+           per-token time grows linearly with position);
+  k4*b*s^2 causal attention inside the slice itself, which t0(b, s) absorbs in TeraPipe's form.
+Why not TeraPipe's table for t0: the slicing DP asks for every slice length on a g-token grid
+and the layer DP for the whole prompt, mostly lengths the profile never measured; a table
+must interpolate and cannot extrapolate, while k0 + k1*b*s + k4*b*s^2 is t0(b, s) in closed
+form and extrapolates along the same physics. The residuals are printed by ``hpipe profile``
+so a poor fit shows.
+
+The fit minimises *relative* error (rows weighted by 1/t): a slice of 16 tokens and a prompt
+of 2048 matter equally to a pipeline's bubbles, and plain least squares would fit the long
+ones and miss the short ones by 2x. Coefficients are kept non-negative (active-set refit):
+every term is work, and a negative one would make a longer slice cheaper somewhere on the
+grid the DP explores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpipe.cluster import ClusterSpec
+from hpipe.plan.plan import dtype_bytes
+from hpipe.profile.profile_file import DeviceProfile, LinkProfile, Profile, check_profile
+from hpipe.spec import ModelSpec
+
+LAYER_TERMS = ("1", "b*s", "b*p", "b*s*p", "b*s^2")
+# The head runs on the rows and tokens the last stage receives; whether it projects every
+# token or only the last one, 1 + b + b*s covers both.
+HEAD_TERMS = ("1", "b", "b*s")
+EMBED_TERMS = ("1", "b*s")
+MEMORY_TERMS = ("b*s", "b*s*(p+s)")  # activations; attention scores over prefix + slice
+
+
+def layer_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b * s, b * p, b * s * p, b * s * s], axis=-1)
+
+
+def head_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b, b * s], axis=-1)
+
+
+def embed_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b * s], axis=-1)
+
+
+def memory_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([b * s, b * s * (p + s)], axis=-1)
+
+
+def fit_nonnegative(x: np.ndarray, y: np.ndarray, *, relative: bool = True) -> np.ndarray:
+    """Least squares ``x @ k ~= y`` with ``k >= 0``; relative error when ``relative``.
+
+    Active set: solve, drop the most negative coefficient, repeat. With <= 5 terms this is at
+    most 5 small solves, and it avoids a scipy dependency for one NNLS call.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    assert x.ndim == 2 and y.shape == (x.shape[0],), (x.shape, y.shape)
+    w = 1.0 / np.maximum(np.abs(y), 1e-12) if relative else np.ones_like(y)
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        xa = x[:, active] * w[:, None]
+        # Column scaling: terms differ by up to 1e9 (1 vs b*s*p), which lstsq handles badly.
+        scale = np.maximum(np.abs(xa).max(axis=0), 1e-30)
+        sol, *_ = np.linalg.lstsq(xa / scale, y * w, rcond=None)
+        sol = sol / scale
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            return coef
+        del active[int(np.argmin(sol))]
+    return coef
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    """Fitted coefficients for one device (seconds, or bytes for memory), in the *_TERMS order."""
+
+    layer: tuple[float, ...]
+    embedding: tuple[float, ...]
+    head: tuple[float, ...]
+    memory: tuple[float, ...]
+    layer_rel_error_max: float  # worst relative residual of the layer fit over the grid
+
+
+def _samples(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    arr = np.array([[s.rows, s.tokens, s.prefix, s.time_s] for s in samples], dtype=np.float64)
+    return arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
+
+
+def fit_device(dev: DeviceProfile) -> DeviceFit:
+    """Fit one device's samples. Pure; the profiler checked there are enough of them."""
+    b, s, p, t = _samples(dev.layer)
+    layer = fit_nonnegative(layer_features(b, s, p), t)
+    pred = layer_features(b, s, p) @ layer
+    rel = float(np.max(np.abs(pred - t) / t)) if len(t) else 0.0
+    eb, es, ep, et = _samples(dev.embedding)
+    hb, hs, hp, ht = _samples(dev.head)
+    if dev.memory:
+        m = np.array([[x.rows, x.tokens, x.prefix, x.workspace_bytes] for x in dev.memory],
+                     dtype=np.float64)
+        mem = fit_nonnegative(memory_features(m[:, 0], m[:, 1], m[:, 2]), m[:, 3],
+                              relative=False)
+    else:
+        mem = np.zeros(len(MEMORY_TERMS))
+    return DeviceFit(
+        layer=tuple(float(v) for v in layer),
+        embedding=tuple(float(v) for v in fit_nonnegative(embed_features(eb, es, ep), et)),
+        head=tuple(float(v) for v in fit_nonnegative(head_features(hb, hs, hp), ht)),
+        memory=tuple(float(v) for v in mem),
+        layer_rel_error_max=rel,
+    )
+
+
+def _eval(features, coef: tuple[float, ...], b: int, s: int, p: int) -> float:
+    f = features(np.array(float(b)), np.array(float(s)), np.array(float(p)))
+    return float(f @ np.array(coef))
+
+
+@dataclass(frozen=True)
+class FittedCost:
+    """CostModel from a profile. Refuses a profile of another model, dtype or cluster."""
+
+    profile: Profile
+    model: ModelSpec
+    cluster: ClusterSpec
+    dtype: str
+    fits: tuple[DeviceFit, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_profile(self.profile, self.model, self.cluster, self.dtype)
+        fits = tuple(fit_device(self.profile.device(d.name)) for d in self.cluster.devices)
+        object.__setattr__(self, "fits", fits)
+
+    # -- CostModel -----------------------------------------------------------------------
+    def layer_time_s(self, device: int, *, batch: int, tokens: int, prefix: int) -> float:
+        return _eval(layer_features, self.fits[device].layer, batch, tokens, prefix)
+
+    def stage_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
+                     batch: int, tokens: int, prefix: int, has_embedding: bool,
+                     has_head: bool) -> float:
+        times = []
+        for d in devices:
+            fit = self.fits[d]
+            t = (layer_stop - layer_start) * _eval(layer_features, fit.layer, batch, tokens, prefix)
+            if has_embedding:
+                t += _eval(embed_features, fit.embedding, batch, tokens, prefix)
+            if has_head:
+                t += _eval(head_features, fit.head, batch, tokens, prefix)
+            times.append(t)
+        if len(devices) == 1:
+            return times[0]
+        # [design] Tensor parallelism was not profiled: assume an ideal split of the measured
+        # single-device time over the group, plus two all-reduces of the activation per layer
+        # (Megatron's layout) over the group's measured link. An optimistic estimate, said so.
+        g = len(devices)
+        act_bytes = batch * tokens * self.model.hidden * dtype_bytes(self.dtype)
+        ring = 2 * (g - 1) / g * act_bytes  # ring all-reduce moves 2(g-1)/g of the data
+        allreduce = self.transfer_time_s(devices[0], devices[1], ring)
+        return max(times) / g + 2 * (layer_stop - layer_start) * allreduce
+
+    def link_fit(self, src: int, dst: int) -> tuple[float, float] | None:
+        """(latency_s, bandwidth_bytes_s) measured between two devices, or None."""
+        a, b = self.cluster.devices[src].name, self.cluster.devices[dst].name
+        lk: LinkProfile | None = self.profile.link(a, b)
+        return None if lk is None else (lk.latency_s, lk.bandwidth_bytes_s)
+
+    def transfer_time_s(self, src: int, dst: int, num_bytes: float) -> float:
+        if src == dst:
+            return 0.0
+        fit = self.link_fit(src, dst)
+        if fit is None:
+            # Only neighbours are ping-ponged; a pair the profile skipped (another host
+            # order) falls back to the cluster file's figures.
+            return self.cluster.link(src, dst).transfer_time_s(num_bytes)
+        latency_s, bandwidth = fit
+        return latency_s + num_bytes / bandwidth
+
+    def stage_memory_bytes(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
+                           batch: int, seq_len: int, units: tuple[tuple[int, int, int], ...],
+                           has_embedding: bool, has_head: bool) -> int:
+        """Context + weights + KV cache (counted from the real tensors when profiling) + the
+        largest fitted workspace over ``units``; a TP group splits weights and KV evenly."""
+        g = len(devices)
+        dev = self.profile.device(self.cluster.devices[devices[0]].name)
+        n = layer_stop - layer_start
+        weights = n * dev.layer_weight_bytes
+        weights += dev.embedding_weight_bytes if has_embedding else 0
+        weights += dev.head_weight_bytes if has_head else 0
+        kv = n * batch * seq_len * dev.kv_bytes_per_token_per_layer
+        fit = self.fits[devices[0]]
+        work = max((_eval(memory_features, fit.memory, r, t, p) for r, t, p in units),
+                   default=0.0)
+        return int(dev.context_bytes + (weights + kv) / g + work)
+
+
+__all__ = ["FittedCost", "DeviceFit", "fit_device", "fit_nonnegative", "LAYER_TERMS"]

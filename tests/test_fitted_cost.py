@@ -1,0 +1,91 @@
+"""The fitted cost model: the fit recovers known coefficients, and plugs into the simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpipe.cluster import local_cluster
+from hpipe.cost.fitted import FittedCost, fit_device, fit_nonnegative, layer_features
+from hpipe.plan.plan import Plan, StagePlan
+from hpipe.profile.profile_file import DeviceProfile, TimeSample
+from hpipe.sim import simulate
+from tests.test_profile_file import MODEL, make_profile
+
+# Known per-layer coefficients, in LAYER_TERMS order: 1, b*s, b*p, b*s*p, b*s^2.
+TRUE = np.array([8e-4, 2.5e-6, 3e-8, 1.5e-9, 0.8e-9])
+GRID = [(b, s, p) for b in (1, 2, 4) for s in (8, 32, 128, 512) for p in (0, 128, 512, 1536)]
+
+
+def _true_time(b, s, p):
+    return float(layer_features(np.array(b, float), np.array(s, float), np.array(p, float)) @ TRUE)
+
+
+def test_fit_recovers_known_coefficients_exactly():
+    b, s, p = (np.array(c, float) for c in zip(*GRID))
+    coef = fit_nonnegative(layer_features(b, s, p), layer_features(b, s, p) @ TRUE)
+    np.testing.assert_allclose(coef, TRUE, rtol=1e-6)
+
+
+def test_fit_recovers_coefficients_under_timing_noise():
+    # 1% multiplicative noise, like repeated medians on a quiet CPU: every coefficient within
+    # 20% (the worst of 50 seeds is 17%: b*p is a small term, weakly determined), and
+    # predictions off the grid, which are what the planner uses, within 3%.
+    rng = np.random.default_rng(0)
+    b, s, p = (np.array(c, float) for c in zip(*GRID))
+    y = (layer_features(b, s, p) @ TRUE) * (1 + 0.01 * rng.standard_normal(len(GRID)))
+    coef = fit_nonnegative(layer_features(b, s, p), y)
+    np.testing.assert_allclose(coef, TRUE, rtol=0.2)
+    for bb, ss, pp in [(3, 100, 900), (1, 2048, 0), (2, 16, 2000)]:
+        pred = float(layer_features(np.array(bb, float), np.array(ss, float),
+                                    np.array(pp, float)) @ coef)
+        assert abs(pred / _true_time(bb, ss, pp) - 1) < 0.03, (bb, ss, pp)
+
+
+def test_fit_keeps_coefficients_nonnegative():
+    # Data with no prefix dependence at all: the fit must not invent a negative slope.
+    x = np.array([[1.0, s, p] for s in (8, 64, 512) for p in (0, 256, 1024)])
+    y = 1e-3 + 2e-6 * x[:, 1]
+    coef = fit_nonnegative(x, y)
+    assert (coef >= 0).all() and coef[2] == pytest.approx(0, abs=1e-15)
+    np.testing.assert_allclose(coef[:2], [1e-3, 2e-6], rtol=1e-6)
+
+
+def test_fitted_cost_scales_with_slowdown_and_layers():
+    prof = make_profile(slowdowns=(1.0, 1.0))
+    cost = FittedCost(prof, MODEL, local_cluster(2), "float32")
+    one = cost.stage_time_s((0,), 0, 1, batch=2, tokens=64, prefix=256, has_embedding=False,
+                            has_head=False)
+    # make_profile's layer: 1e-3 + 2e-6*b*s + 1e-9*b*s*p
+    assert one == pytest.approx(1e-3 + 2e-6 * 128 + 1e-9 * 128 * 256, rel=1e-6)
+    ten = cost.stage_time_s((0,), 0, 10, batch=2, tokens=64, prefix=256, has_embedding=False,
+                            has_head=False)
+    assert ten == pytest.approx(10 * one)
+    with_ends = cost.stage_time_s((0,), 0, 10, batch=2, tokens=64, prefix=256,
+                                  has_embedding=True, has_head=True)
+    assert with_ends == pytest.approx(ten + (1e-5 + 1e-8 * 128) + (1e-4 + 2e-6), rel=1e-6)
+    # Transfers use the measured link fit: latency + bytes / bandwidth.
+    assert cost.transfer_time_s(0, 1, 1.1e6) == pytest.approx(4e-5 + 1e-3)
+
+
+def test_fitted_cost_plugs_into_the_simulator():
+    cost = FittedCost(make_profile(), MODEL, local_cluster(2), "float32")
+    plan = Plan(method="manual", model=MODEL, cluster=local_cluster(2), batch=1, seq_len=512,
+                dtype="float32", stages=(StagePlan((0,), 0, 15), StagePlan((1,), 15, 30)),
+                slices=(256, 256))
+    tl = simulate(plan, cost)
+    assert tl.prefill_latency_s > 0
+    first = cost.stage_time_s((0,), 0, 15, batch=1, tokens=256, prefix=0, has_embedding=True,
+                              has_head=False)
+    assert tl.prefill_latency_s > 2 * first  # two slices went through stage 0 at least
+    assert all(m > 0 for m in tl.peak_memory_bytes)
+
+
+def test_device_fit_reports_its_worst_residual():
+    samples = tuple(TimeSample(b, s, p, _true_time(b, s, p)) for b, s, p in GRID)
+    dev = DeviceProfile(name="d", kind="cpu", torch_device="cpu", num_threads=1, slowdown=1.0,
+                        layer=samples, embedding=samples[:4], head=samples[:4], memory=(),
+                        context_bytes=0, layer_weight_bytes=0, kv_bytes_per_token_per_layer=0,
+                        embedding_weight_bytes=0, head_weight_bytes=0, peak_memory_bytes=0)
+    fit = fit_device(dev)
+    assert fit.layer_rel_error_max < 1e-6
