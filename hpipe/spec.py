@@ -47,6 +47,10 @@ class ModelSpec:
     activation: str = "silu"  # "silu" (SwiGLU), "gelu" (exact), "gelu_tanh" (GPT-2 "gelu_new")
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Added for the real decoder (hpipe.model); defaults keep the presets unchanged.
+    rope_type: str = "default"  # "default", "linear" or "llama3"; its numbers sit in rope_scaling
+    attn_out_bias: bool = False  # LLaMA configs with attention_bias=True also bias o_proj
+    mlp_bias: bool = False  # LLaMA configs with mlp_bias=True
 
     def __post_init__(self) -> None:
         assert self.family in FAMILIES, f"family {self.family!r} not in {FAMILIES}"

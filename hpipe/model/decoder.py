@@ -1,0 +1,274 @@
+"""Our decoder, in gpt-fast's spirit: one stage = a contiguous layer range of one model.
+
+A ``Stage`` holds layers [layer_start, layer_stop) of a LLaMA-family (RMSNorm, RoPE, SwiGLU,
+GQA, optional q/k/v bias), GPT-2 (learned positions, LayerNorm, GELU) or GPT-NeoX (partial
+rotary, optional parallel residual) model, plus the embedding if it is the first stage and the
+final norm + LM head if it is the last. The whole model is the stage [0, num_layers) with both.
+Layers are kept under their *global* index (``layers.7.…``) so that parameter names are the same
+whichever stage holds them (torchtitan's convention).
+
+Each forward takes a slice of T tokens and the stage's KVCache; see
+[Note: KV cache across slices] in kv_cache.py for the position and masking rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpipe.errors import PromptTooLongError, ShapeMismatchError
+from hpipe.model.kv_cache import KVCache
+from hpipe.spec import ModelSpec
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse rotary frequencies (rot_dim / 2,) in float32, with linear or LLaMA-3 scaling.
+
+    Computed exactly as transformers does (int64 arange, then float) so logits match it bit for bit
+    where the arithmetic allows.
+    """
+    rot_dim = int(spec.head_dim * spec.rotary_pct)
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64, device="cpu").float() / rot_dim
+    inv_freq = 1.0 / (spec.rope_theta**exponents)
+    scaling = dict(spec.rope_scaling)
+    if spec.rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if spec.rope_type == "llama3":
+        # LLaMA-3.1: keep high frequencies, divide low ones by `factor`, blend in between
+        # (Meta's reference apply_scaling; transformers' _compute_llama3_parameters).
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+    assert spec.rope_type == "default", spec.rope_type
+    return inv_freq
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x (B, H, T, D); the rest pass (NeoX partial rotary)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Norm(nn.Module):
+    """RMSNorm (LLaMA) or LayerNorm (GPT-2, NeoX)."""
+
+    def __init__(self, hidden: int, eps: float, *, rms: bool) -> None:
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = nn.Parameter(torch.empty(hidden))
+        self.bias = None if rms else nn.Parameter(torch.empty(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rms:
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # Normalise in float32 then cast back, as LLaMA's reference does: in half precision
+        # the mean of squares would lose the small channels.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        gpt = spec.family != "llama"
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        # q, k, v fused into one matmul (gpt-fast): rows are [q; k; v].
+        qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        self.wqkv = nn.Linear(spec.hidden, qkv_out, bias=gpt or spec.qkv_bias)
+        self.wo = nn.Linear(spec.hidden, spec.hidden, bias=gpt or spec.attn_out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k, v = cache.update(layer, k, v)  # (B, KV, prefix + T, D)
+        if self.num_kv_heads != self.num_heads:
+            # Expanding K/V beats SDPA's enable_gqa on CPU: it keeps the fused flash kernel.
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # No prefix and several queries: plain causal. One query (decode): sees everything cached.
+        # Otherwise an explicit (T, prefix + T) mask offsets the causal diagonal by the prefix.
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gated = spec.family == "llama"
+        bias = not self.gated or spec.mlp_bias
+        self.w_up = nn.Linear(spec.hidden, spec.intermediate, bias=bias)
+        self.w_down = nn.Linear(spec.intermediate, spec.hidden, bias=bias)
+        self.w_gate = nn.Linear(spec.hidden, spec.intermediate, bias=bias) if self.gated else None
+        self.approximate = "tanh" if spec.activation == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:  # SwiGLU
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.gelu(self.w_up(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        rms = spec.family == "llama"
+        self.attn_norm = Norm(spec.hidden, spec.norm_eps, rms=rms)
+        self.attn = Attention(spec)
+        self.mlp_norm = Norm(spec.hidden, spec.norm_eps, rms=rms)
+        self.mlp = MLP(spec)
+        self.parallel_residual = spec.family == "neox" and spec.parallel_residual
+
+    def forward(self, x, rotary, cache: KVCache, layer: int, mask) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rotary, cache, layer, mask)
+        if self.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + h + self.mlp(self.mlp_norm(x))
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(spec.vocab_size, spec.hidden)
+        self.pos = nn.Embedding(spec.max_seq_len, spec.hidden) if spec.family == "gpt2" else None
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        x = self.tok(ids)
+        if self.pos is not None:  # GPT-2's learned absolute positions, offset by the prefix
+            x = x + self.pos(torch.arange(start, start + ids.shape[1], device=ids.device))
+        return x
+
+
+class Stage(nn.Module):
+    """Layers [layer_start, layer_stop) of ``spec``, with or without embedding and head.
+
+    Parameters start uninitialised: ``ModelSource.load_stage`` builds the stage on the meta
+    device and assigns the checkpoint's tensors, so nothing is allocated twice.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, *, layer_start: int, layer_stop: int, has_embedding: bool,
+        has_head: bool,
+    ) -> None:
+        super().__init__()
+        assert 0 <= layer_start <= layer_stop <= spec.num_layers, (
+            f"layer range [{layer_start}, {layer_stop}) outside [0, {spec.num_layers})")
+        self.spec = spec
+        self.layer_start, self.layer_stop = layer_start, layer_stop
+        self.has_embedding, self.has_head = has_embedding, has_head
+        self.embed = Embedding(spec) if has_embedding else None
+        self.layers = nn.ModuleDict(
+            {str(i): Block(spec) for i in range(layer_start, layer_stop)})
+        self.norm = Norm(spec.hidden, spec.norm_eps, rms=spec.family == "llama") if has_head else None
+        self.head = nn.Linear(spec.hidden, spec.vocab_size, bias=False) if has_head else None
+        if spec.family != "gpt2":
+            # Explicit CPU device: the loader builds the stage under the meta device, and this
+            # buffer is computed, not loaded.
+            self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        else:
+            self.inv_freq = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_cache(self, *, batch: int = 1, max_tokens: int | None = None) -> KVCache:
+        """A KV cache for this stage's layers; ``max_tokens`` defaults to the model's context."""
+        max_tokens = self.spec.max_seq_len if max_tokens is None else max_tokens
+        if max_tokens > self.spec.max_seq_len:
+            raise PromptTooLongError(
+                f"a cache of {max_tokens} tokens exceeds {self.spec.name}'s context of "
+                f"{self.spec.max_seq_len} tokens; ask for max_tokens <= {self.spec.max_seq_len}")
+        return KVCache(
+            num_layers=self.num_layers, batch=batch, num_kv_heads=self.spec.num_kv_heads,
+            head_dim=self.spec.head_dim, max_tokens=max_tokens, dtype=self.dtype,
+            device=self.device)
+
+    def _check_input(self, x: torch.Tensor, cache: KVCache) -> None:
+        if self.has_embedding:
+            ok = x.dim() == 2 and x.dtype == torch.int64
+            want = "int64 token ids (B, T)"
+        else:
+            ok = x.dim() == 3 and x.shape[-1] == self.spec.hidden and x.dtype == self.dtype
+            want = f"{self.dtype} hidden states (B, T, {self.spec.hidden})"
+        if not ok:
+            raise ShapeMismatchError(
+                f"stage [{self.layer_start}, {self.layer_stop}) expects {want}, "
+                f"got {x.dtype} {tuple(x.shape)}")
+        if x.shape[0] != cache.batch:
+            raise ShapeMismatchError(f"batch {x.shape[0]} != cache batch {cache.batch}")
+
+    def _rotary(self, start: int, num_tokens: int, like: torch.Tensor):
+        if self.inv_freq is None:
+            return None
+        pos = torch.arange(start, start + num_tokens, device=like.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())  # (T, rot_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rot_dim), rotate-half layout
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Run one slice. x: ids (B, T) or hidden (B, T, hidden); returns hidden or float32 logits.
+
+        ``last_only`` computes logits for the last position only (B, 1, vocab): a prefill needs
+        just that one, and the full (T, vocab) product would dominate small models' time.
+        """
+        self._check_input(x, cache)
+        start, num_tokens = cache.length, x.shape[1]
+        cache.check_room(num_tokens)
+        h = self.embed(x, start) if self.embed is not None else x
+        rotary = self._rotary(start, num_tokens, h)
+        mask = None
+        if start > 0 and num_tokens > 1:
+            key_pos = torch.arange(start + num_tokens, device=h.device)
+            query_pos = torch.arange(start, start + num_tokens, device=h.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (T, prefix + T), True = attend
+        for local, block in enumerate(self.layers.values()):
+            h = block(h, rotary, cache, local, mask)
+        cache.advance(num_tokens)
+        if self.head is None:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        return self.head(self.norm(h)).float()

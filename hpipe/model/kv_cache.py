@@ -1,0 +1,70 @@
+"""The KV cache of one pipeline stage: keys and values of its layers, filled slice by slice.
+
+[Note: KV cache across slices]
+HPipe (and TeraPipe before it) pipelines a prompt along the token axis. A stage sees the slices
+of a sequence in order; each slice must attend to every earlier token of the same sequence plus
+itself, causally. So a stage keeps K and V of everything it has processed, and a new slice of T
+tokens (1) writes its K, V at positions [length, length + T), (2) attends to [0, length + T) with
+the causal rule "query i sees key j iff j <= length + i", and (3) gets rotary/learned positions
+offset by ``length``. Decode steps are the special case T = 1. Only hidden states cross stage
+boundaries; the cache never leaves its stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpipe.errors import PromptTooLongError
+
+
+class KVCache:
+    """Preallocated K, V buffers for ``num_layers`` layers, each (batch, kv_heads, max_tokens, head_dim).
+
+    ``length`` is how many positions are filled; the stage advances it once per forward, after
+    all its layers wrote that slice (so every layer of a stage agrees on the offset).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, num_kv_heads, max_tokens, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch = batch
+        self.max_tokens = max_tokens
+        self.length = 0
+
+    def check_room(self, num_new: int) -> None:
+        if self.length + num_new > self.max_tokens:
+            raise PromptTooLongError(
+                f"KV cache holds {self.length} of {self.max_tokens} tokens and cannot take "
+                f"{num_new} more; create the cache with max_tokens >= {self.length + num_new}"
+            )
+
+    def update(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, kv_heads, T, head_dim) at [length, length + T); return K, V of [0, length + T)."""
+        stop = self.length + k_new.shape[2]
+        self.keys[layer][:, :, self.length : stop] = k_new
+        self.values[layer][:, :, self.length : stop] = v_new
+        return self.keys[layer][:, :, :stop], self.values[layer][:, :, :stop]
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new
+
+    def reset(self) -> None:
+        """Forget every cached token (buffers are reused, not freed)."""
+        self.length = 0
+
+    @property
+    def mem_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
