@@ -1,0 +1,254 @@
+"""Several emulated "hosts" on one Linux machine: network namespaces joined by shaped veths.
+
+``netns_network(num_hosts, rates_mbit=...)`` builds, as a context manager,
+
+    [hpipe-<pid>-h0] hpeth0 ==veth== sw-h0 \
+    [hpipe-<pid>-h1] hpeth0 ==veth== sw-h1 -- br0 in [hpipe-<pid>-sw]
+    ...                                    /
+
+one namespace per host with its own loopback (devices of one host talk over it, unshaped) and
+one veth to a bridge in a switch namespace. A host's uplink is shaped in *both* directions with
+``tc qdisc ... tbf rate R`` (host side egress and switch side egress), so traffic between two
+hosts crosses two R-limited queues: the slower host's rate is the link's rate. Everything lives
+in namespaces created here: no address, route or qdisc is added to the machine's own network.
+
+Latency: ``netem`` is not in this kernel, and we do without it rather than fake it: tbf adds
+no delay beyond queueing, so a link here has veth latency (tens of microseconds) and the
+shaped bandwidth. The profiler measures whatever latency there is (``hpipe.profile.links``),
+so the planner's figures stay true; a WAN-like latency would need netem.
+
+Clean-up always happens: on leaving the block (also on error), at interpreter exit (atexit),
+and namespaces left by a process that died without either (SIGKILL) are removed the next time
+a network is built, recognised by the dead pid in their name. Processes started with
+``NetnsNetwork.popen`` are terminated before their namespace is deleted.
+
+Script: ``python -m hpipe.netns --hosts 2 --rate-mbit 1000 -- CMD`` runs CMD (in the machine's
+namespace) with HPIPE_NETNS_HOSTS="ns0=addr0,ns1=addr1" set, then cleans up;
+``python -m hpipe.netns --cleanup`` removes leftovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+PREFIX = "hpipe-"
+IFNAME = "hpeth0"  # the same name in every host namespace, so GLOO_SOCKET_IFNAME is one value
+SUBNET = "10.213.0"  # private, and only ever assigned inside our namespaces
+
+
+class NetnsError(RuntimeError):
+    """Building the namespaces failed (the message carries the failing ip/tc command)."""
+
+
+def netns_unavailable_reason() -> str | None:
+    """Why namespaces cannot be built here, or None when they can (for pytest skips)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (run the tests as root, or in a container as root)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"'{tool}' (iproute2) is not installed"
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    try:
+        _run(["ip", "netns", "add", probe])
+    except NetnsError as e:
+        return f"cannot create a network namespace: {e}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _run(argv: Sequence[str]) -> str:
+    p = subprocess.run(list(argv), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
+
+def _list_ours() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale() -> list[str]:
+    """Delete our namespaces whose creating process is gone; returns their names."""
+    removed = []
+    for ns in _list_ours():
+        try:
+            pid = int(ns[len(PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            removed.append(ns)
+    return removed
+
+
+@dataclass(frozen=True)
+class NetnsHost:
+    netns: str
+    address: str  # IPv4 of IFNAME in that namespace
+    rate_mbit: float | None  # uplink shaping, both directions; None = unshaped veth
+
+
+@dataclass
+class NetnsNetwork:
+    """A built network. Mutable only in the processes it tracks for clean-up."""
+
+    switch: str
+    hosts: tuple[NetnsHost, ...]
+    _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+
+    def exec_argv(self, host: int, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside host ``host``'s namespace."""
+        return ["ip", "netns", "exec", self.hosts[host].netns, *argv]
+
+    def env(self, base: dict | None = None) -> dict:
+        """Environment for a torch.distributed process in any host namespace: gloo must bind
+        the veth (its default is the address the machine's hostname resolves to, which does
+        not exist inside the namespace)."""
+        env = dict(os.environ if base is None else base)
+        env["GLOO_SOCKET_IFNAME"] = IFNAME
+        env["TP_SOCKET_IFNAME"] = IFNAME
+        return env
+
+    def popen(self, host: int, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` in host ``host``'s namespace; it is terminated on clean-up."""
+        kwargs.setdefault("env", self.env())
+        p = subprocess.Popen(self.exec_argv(host, argv), **kwargs)
+        self._procs.append(p)
+        return p
+
+    def stop_processes(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self._procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._procs.clear()
+
+    def env_value(self) -> str:
+        return ",".join(f"{h.netns}={h.address}" for h in self.hosts)
+
+
+def _tbf(ns: str, dev: str, rate_mbit: float) -> None:
+    # burst: 1 ms at the rate (>= 32 KiB so one TSO segment fits), queue bounded at 50 ms.
+    burst = max(32 * 1024, int(rate_mbit * 1e6 / 8 * 1e-3))
+    _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+          "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms"])
+
+
+def _delete(names: Sequence[str]) -> None:
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@contextlib.contextmanager
+def netns_network(
+    num_hosts: int, *, rates_mbit: Sequence[float | None] | float | None = None,
+) -> Iterator[NetnsNetwork]:
+    """Build ``num_hosts`` namespaces on one shaped switch; delete them on exit, always.
+
+    ``rates_mbit``: one figure for every uplink, or one per host (None leaves it unshaped).
+    """
+    if num_hosts < 1:
+        raise ValueError(f"num_hosts must be >= 1, got {num_hosts}")
+    if rates_mbit is None or isinstance(rates_mbit, (int, float)):
+        rates = [rates_mbit] * num_hosts
+    else:
+        rates = list(rates_mbit)
+        if len(rates) != num_hosts:
+            raise ValueError(f"rates_mbit has {len(rates)} entries for {num_hosts} hosts")
+    removed = cleanup_stale()
+    if removed:
+        log.info("removed stale namespaces %s", removed)
+    tag = f"{PREFIX}{os.getpid()}-{id(rates) % 10000}"
+    switch = f"{tag}-sw"
+    created: list[str] = []
+    net = NetnsNetwork(switch=switch, hosts=())
+
+    def cleanup() -> None:
+        net.stop_processes()
+        _delete(created)
+        created.clear()
+
+    atexit.register(cleanup)
+    try:
+        _run(["ip", "netns", "add", switch])
+        created.append(switch)
+        _run(["ip", "-n", switch, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", switch, "link", "set", "br0", "up"])
+        _run(["ip", "-n", switch, "link", "set", "lo", "up"])
+        hosts = []
+        for i, rate in enumerate(rates):
+            ns = f"{tag}-h{i}"
+            _run(["ip", "netns", "add", ns])
+            created.append(ns)
+            port = f"sw-h{i}"
+            _run(["ip", "-n", switch, "link", "add", port, "type", "veth",
+                  "peer", "name", IFNAME, "netns", ns])
+            _run(["ip", "-n", switch, "link", "set", port, "master", "br0"])
+            _run(["ip", "-n", switch, "link", "set", port, "up"])
+            addr = f"{SUBNET}.{i + 1}"
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFNAME])
+            _run(["ip", "-n", ns, "link", "set", IFNAME, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            if rate is not None:
+                if rate <= 0:
+                    raise ValueError(f"rates_mbit[{i}] must be > 0 Mbit/s, got {rate}")
+                _tbf(ns, IFNAME, rate)  # host -> switch
+                _tbf(switch, port, rate)  # switch -> host
+            hosts.append(NetnsHost(netns=ns, address=addr, rate_mbit=rate))
+        net.hosts = tuple(hosts)
+        yield net
+    finally:
+        cleanup()
+        atexit.unregister(cleanup)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hpipe.netns", description=__doc__.split("\n")[0])
+    ap.add_argument("--hosts", type=int, default=2)
+    ap.add_argument("--rate-mbit", type=float, default=None, help="uplink rate, e.g. 1000")
+    ap.add_argument("--cleanup", action="store_true", help="remove leftovers and exit")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD to run while the network is up")
+    args = ap.parse_args(argv)
+    if args.cleanup:
+        print("removed:", " ".join(cleanup_stale()) or "nothing")
+        return 0
+    reason = netns_unavailable_reason()
+    if reason:
+        print(f"hpipe.netns: {reason}", file=sys.stderr)
+        return 2
+    cmd = [c for c in args.cmd if c != "--"] or ["ip", "netns", "list"]
+    with netns_network(args.hosts, rates_mbit=args.rate_mbit) as net:
+        env = dict(os.environ, HPIPE_NETNS_HOSTS=net.env_value(), GLOO_SOCKET_IFNAME=IFNAME)
+        return subprocess.run(cmd, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
