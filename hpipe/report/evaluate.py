@@ -1,0 +1,137 @@
+"""Plan and simulate a set of methods on one setting, keeping OOM and infeasible results as data.
+
+Shared by ``hpipe simulate --method all`` and ``hpipe experiment paper``: both need, per method,
+the plan, its simulated Timeline, per-device memory against capacity, and why a method failed.
+Pure: no printing, no files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hpipe.cluster import ClusterSpec
+from hpipe.cost.base import CostModel
+from hpipe.errors import HPipeError
+from hpipe.plan.plan import Plan, StagePlan
+from hpipe.sim import simulate
+from hpipe.spec import ModelSpec
+from hpipe.timeline import Timeline
+
+# The paper's seven methods, in the order its tables use.
+PAPER_METHODS = ("base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "hpipe")
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method on one setting.
+
+    - ``timeline`` is None only when no plan could be built at all (``error`` says why).
+    - ``memory_bytes``/``capacity_bytes`` are per cluster device, in cluster order; 0 memory
+      means the device holds no layers. ``oom_devices`` lists those whose need exceeds capacity:
+      the method does not run there, but its would-be timeline is kept for reference.
+    """
+
+    method: str
+    plan: Plan | None
+    timeline: Timeline | None
+    device_names: tuple[str, ...]
+    memory_bytes: tuple[int, ...]
+    capacity_bytes: tuple[int, ...]
+    error: str | None = None
+
+    @property
+    def oom_devices(self) -> tuple[str, ...]:
+        return tuple(n for n, m, c in zip(self.device_names, self.memory_bytes,
+                                           self.capacity_bytes) if m > c)
+
+    @property
+    def runs(self) -> bool:
+        """True when the method has a timeline and fits in memory everywhere."""
+        return self.timeline is not None and not self.oom_devices and self.error is None
+
+    @property
+    def status(self) -> str:
+        if self.oom_devices:
+            return "OOM on " + ", ".join(self.oom_devices)
+        if self.error is not None:
+            return f"infeasible: {self.error}"
+        return "ok"
+
+
+def even_layer_split(num_layers: int, num_devices: int) -> tuple[StagePlan, ...]:
+    """algorithms.md section 6: n // N + (j < n % N) layers on device j (no device left empty)."""
+    q, r = divmod(num_layers, num_devices)
+    stages, start = [], 0
+    for j in range(min(num_devices, num_layers)):
+        stop = start + q + (1 if j < r else 0)
+        stages.append(StagePlan((j,), start, stop))
+        start = stop
+    return tuple(stages)
+
+
+def base_plan_unchecked(model: ModelSpec, cluster: ClusterSpec, *, batch: int, seq_len: int,
+                        dtype: str) -> Plan:
+    """Base as the paper runs it (even split, whole batch, one pass) without any memory check.
+
+    Used only to report *how much* memory Base would need when the planner refuses it, so the
+    memory table can show which devices overflow (the paper's "OOM" cells).
+    """
+    return Plan(method="base", model=model, cluster=cluster, batch=batch, seq_len=seq_len,
+                dtype=dtype, stages=even_layer_split(model.num_layers, cluster.num_devices),
+                slices=(seq_len,), notes=("unchecked even split, for the memory table only",))
+
+
+def result_from_plan(plan: Plan, cost: CostModel, *, error: str | None = None) -> MethodResult:
+    """Simulate ``plan`` and lay its per-row memory onto the cluster's devices."""
+    tl = simulate(plan, cost)
+    cluster = plan.cluster
+    mem = [0] * cluster.num_devices
+    for name, peak in zip(tl.row_names, tl.peak_memory_bytes):
+        mem[cluster.device_index(name)] = int(peak)
+    return MethodResult(
+        method=plan.method, plan=plan, timeline=tl,
+        device_names=tuple(d.name for d in cluster.devices), memory_bytes=tuple(mem),
+        capacity_bytes=tuple(d.memory_bytes for d in cluster.devices), error=error,
+    )
+
+
+def evaluate_methods(
+    methods: Sequence[str],
+    *,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    batch: int,
+    seq_len: int,
+    dtype: str = "float16",
+    cost: CostModel | None = None,
+    grain_tokens: int | None = None,
+) -> dict[str, MethodResult]:
+    """Plan each method with the planner's front door and simulate it.
+
+    A method the planner finds infeasible is kept as a result with ``error`` set; for Base we
+    still simulate the unchecked even split so its memory row can show where it overflows.
+    """
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.plan.api import plan_method
+
+    cost = cost or AnalyticCost(model, cluster, dtype)
+    names = tuple(d.name for d in cluster.devices)
+    caps = tuple(d.memory_bytes for d in cluster.devices)
+    out: dict[str, MethodResult] = {}
+    for method in methods:
+        try:
+            plan = plan_method(method, model=model, cluster=cluster, batch=batch,
+                               seq_len=seq_len, dtype=dtype, cost=cost,
+                               grain_tokens=grain_tokens)
+        except HPipeError as e:
+            if method == "base":
+                unchecked = base_plan_unchecked(model, cluster, batch=batch, seq_len=seq_len,
+                                                dtype=dtype)
+                out[method] = result_from_plan(unchecked, cost, error=str(e))
+            else:
+                out[method] = MethodResult(method, None, None, names, (0,) * len(names), caps,
+                                           error=str(e))
+            continue
+        out[method] = result_from_plan(plan, cost)
+    return out
