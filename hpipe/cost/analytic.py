@@ -1,0 +1,153 @@
+"""The analytic roofline cost model: spec-sheet figures, no measurements.
+
+Per transformer layer, for ``b`` rows of ``s`` new tokens attending to ``p`` cached ones:
+
+    FLOPs = 2*b*s*P_layer + 4*b*h*s*(p + s/2)
+
+The first term is the matmuls (2 FLOPs per weight per token: Kaplan et al. 2020, "Scaling
+Laws", Table 1; nanoGPT's ``estimate_mfu`` uses the same count). The second is Q K^T and A V:
+2*h FLOPs each per (query, key) pair, and query i of the slice sees p + i keys, p + s/2 on
+average under the causal mask. Time is the roofline max of
+
+    FLOPs / (peak * eff(b*s))     and     (weights + KV read + KV written) / (bandwidth * MEM_EFF)
+
+[Note: achievable FLOP/s] ``eff(rows) = EFF_MAX * rows / (rows + HALF_ROWS)``: a GEMM with few
+rows (rows = b*s, the M of every projection) fills few tiles of the tensor/SIMT cores and spends
+its time loading weights, so small slices under-use a GPU. This is what stops the slicing DP
+from cutting the prompt into one-token slices, and why the paper's ablation finds too-fine
+slicing slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from hpipe.cluster import ClusterSpec, DeviceSpec
+from hpipe.cost.memory import context_bytes, kv_bytes, weight_bytes, workspace_bytes
+from hpipe.plan.plan import dtype_bytes
+from hpipe.spec import ModelSpec
+
+# Large fp16 GEMMs in cuBLAS reach 70-85% of the spec-sheet peak (P100 HGEMM, Ampere tensor
+# cores with fp32 accumulate); a whole layer with its norms, rotary and softmax kernels does a
+# little worse, so 0.7 is a deliberately middle-of-the-road figure, not a fit to the paper.
+EFF_MAX = 0.7
+# Rows at which a GEMM reaches half of EFF_MAX: 128 is the M of one cuBLAS/CUTLASS tile, below
+# which tiles go partly empty. A CPU core saturates its FMA units with a few rows.
+HALF_ROWS_GPU = 128
+HALF_ROWS_CPU = 8
+# Streaming kernels reach ~80% of the spec-sheet memory bandwidth (STREAM-like copies).
+MEM_EFF = 0.8
+
+
+@dataclass(frozen=True)
+class AnalyticCost:
+    """CostModel from spec-sheet figures for one (model, cluster, dtype)."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    dtype: str = "float16"
+    # Per-instance memo of the per-layer time: planners ask for the same shapes many times.
+    # Excluded from eq/hash/repr; it holds only values derived from the frozen fields.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    @property
+    def elem_bytes(self) -> int:
+        return dtype_bytes(self.dtype)
+
+    # -- rates -----------------------------------------------------------------------------
+    def achievable_flops(self, device: DeviceSpec, rows: int) -> float:
+        """FLOP/s a layer reaches on ``rows`` = batch x tokens rows (see the note above)."""
+        half = HALF_ROWS_CPU if device.kind == "cpu" else HALF_ROWS_GPU
+        return device.peak_flops(self.dtype) * EFF_MAX * rows / (rows + half)
+
+    @cached_property
+    def _shape(self) -> tuple[float, float, float, float]:
+        """(P_layer, hidden, KV bytes per token per layer, elem bytes), read on every call."""
+        m, e = self.model, self.elem_bytes
+        return (float(m.params_per_layer()), float(m.hidden),
+                float(m.kv_bytes_per_token_per_layer(e)), float(e))
+
+    def layer_flops(self, *, batch: int, tokens: int, prefix: int) -> float:
+        params, hidden, _, _ = self._shape
+        return 2.0 * batch * tokens * params + 4.0 * batch * hidden * tokens * (prefix + tokens / 2.0)
+
+    def _layer_time_s(self, dev_index: int, tp: int, batch: int, tokens: int,
+                      prefix: int) -> float:
+        """One layer on one device holding a 1/tp share of it (no all-reduce, no slowdown)."""
+        key = (dev_index, tp, batch, tokens, prefix)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        dev = self.cluster.devices[dev_index]
+        params, hidden, kv_tok, e = self._shape
+        compute = self.layer_flops(batch=batch, tokens=tokens, prefix=prefix) / tp
+        compute /= self.achievable_flops(dev, batch * tokens)
+        moved = (params * e + batch * (prefix + tokens) * kv_tok) / tp
+        moved += 2 * batch * tokens * hidden * e  # read the input, write the output
+        memory = moved / (dev.mem_bandwidth_bytes_s * MEM_EFF)
+        t = max(compute, memory)
+        self._memo[key] = t
+        return t
+
+    def _ends_time_s(self, dev: DeviceSpec, tp: int, *, batch: int, tokens: int,
+                     has_embedding: bool, has_head: bool) -> float:
+        """Embedding gather and (final norm + LM head on each row's last token)."""
+        m, e = self.model, self.elem_bytes
+        bw = dev.mem_bandwidth_bytes_s * MEM_EFF
+        t = 0.0
+        if has_embedding:
+            t += 2 * batch * tokens * m.hidden * e / bw  # gather rows, write them
+        if has_head:
+            flops = 2.0 * batch * m.hidden * m.vocab_size / tp
+            t += max(flops / self.achievable_flops(dev, batch),
+                     m.head_params() * e / tp / bw)
+        return t
+
+    def _allreduce_time_s(self, devices: tuple[int, ...], num_bytes: float) -> float:
+        """Ring all-reduce: 2(k-1)/k of the data crosses each link, in 2(k-1) steps."""
+        k = len(devices)
+        link = self.cluster.link(devices[0], devices[1])
+        return 2 * (k - 1) * link.latency_s + 2 * (k - 1) / k * num_bytes / link.bandwidth_bytes_s
+
+    # -- CostModel ---------------------------------------------------------------------------
+    def stage_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
+                     batch: int, tokens: int, prefix: int, has_embedding: bool,
+                     has_head: bool) -> float:
+        tp = len(devices)
+        n = layer_stop - layer_start
+        # A tensor-parallel group runs in lock step: the slowest member sets the pace.
+        compute = max(
+            (n * self._layer_time_s(d, tp, batch, tokens, prefix)
+             + self._ends_time_s(self.cluster.devices[d], tp, batch=batch, tokens=tokens,
+                                 has_embedding=has_embedding, has_head=has_head))
+            * self.cluster.devices[d].slowdown  # emulated slower device
+            for d in devices
+        )
+        if tp > 1:
+            # Megatron-LM: one all-reduce after attention, one after the MLP, per layer.
+            compute += 2 * n * self._allreduce_time_s(
+                devices, batch * tokens * self.model.hidden * self.elem_bytes)
+        return compute
+
+    def transfer_time_s(self, src: int, dst: int, num_bytes: float) -> float:
+        return self.cluster.link(src, dst).transfer_time_s(num_bytes)
+
+    def stage_memory_bytes(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
+                           *, batch: int, seq_len: int, units: tuple[tuple[int, int, int], ...],
+                           has_embedding: bool, has_head: bool) -> int:
+        tp = len(devices)
+        n = layer_stop - layer_start
+        e = self.elem_bytes
+        static = (weight_bytes(self.model, num_layers=n, has_embedding=has_embedding,
+                               has_head=has_head, elem_bytes=e)
+                  + kv_bytes(self.model, num_layers=n, batch=batch, seq_len=seq_len,
+                             elem_bytes=e)) // tp
+        work = max((workspace_bytes(self.model, rows=r, tokens=t, prefix=p, elem_bytes=e,
+                                    tp=tp, has_head=has_head) for r, t, p in units), default=0)
+        # Worst member of the group: the context differs between CPU and GPU members.
+        ctx = max(context_bytes(self.cluster.devices[d]) for d in devices)
+        return ctx + static + (work if n > 0 or has_head or has_embedding else 0)
+
+
+__all__ = ["AnalyticCost", "EFF_MAX", "HALF_ROWS_CPU", "HALF_ROWS_GPU", "MEM_EFF"]

@@ -1,0 +1,64 @@
+"""Memory model of a pipeline stage [design, algorithms.md section 2].
+
+    stage memory = runtime context + weights of its layers (+ embedding / head)
+                 + KV cache for batch x seq_len tokens of its layers
+                 + the largest unit's workspace (one layer's activations at a time)
+
+[Note: attention workspace] We model eager attention as PyTorch/HF run it for 16-bit models:
+scores in the model dtype, softmax in float32, probabilities cast back, so each element of the
+(rows, heads, s, p + s) score tensor costs 2 * elem + 4 bytes while the layer runs. Token
+slicing keeps that at s * (p + s) instead of L^2: the reason Base runs out of memory where
+HPipe does not. A fused (flash) kernel would not materialise it; this model is then a
+conservative upper bound.
+"""
+
+from __future__ import annotations
+
+from hpipe.cluster import DeviceSpec
+from hpipe.spec import ModelSpec
+
+MIB = 1024**2
+
+# CUDA context + PyTorch allocator slack + cuBLAS workspace, as nvidia-smi shows for a process
+# that has run one matmul (~300-500 MiB on Pascal/Ampere); a CPU worker pays the interpreter
+# and the torch import instead (~250 MiB RSS).
+CONTEXT_BYTES_GPU = 512 * MIB
+CONTEXT_BYTES_CPU = 256 * MIB
+
+
+def context_bytes(device: DeviceSpec) -> int:
+    return CONTEXT_BYTES_CPU if device.kind == "cpu" else CONTEXT_BYTES_GPU
+
+
+def weight_bytes(model: ModelSpec, *, num_layers: int, has_embedding: bool, has_head: bool,
+                 elem_bytes: int) -> int:
+    """Weights held by a stage. Each stage keeps its own head copy even when tied."""
+    params = num_layers * model.params_per_layer()
+    params += model.embedding_params() if has_embedding else 0
+    params += model.head_params() if has_head else 0
+    return params * elem_bytes
+
+
+def kv_bytes(model: ModelSpec, *, num_layers: int, batch: int, seq_len: int,
+             elem_bytes: int) -> int:
+    """K and V for ``batch`` rows of ``seq_len`` tokens on ``num_layers`` layers."""
+    return num_layers * batch * seq_len * model.kv_bytes_per_token_per_layer(elem_bytes)
+
+
+def workspace_bytes(model: ModelSpec, *, rows: int, tokens: int, prefix: int, elem_bytes: int,
+                    tp: int = 1, has_head: bool = False) -> int:
+    """Peak transient memory while one layer runs on a unit of rows x tokens at ``prefix``.
+
+    Layers run one at a time, so only one layer's temporaries are live. A tensor-parallel
+    group of ``tp`` devices splits heads and the MLP width; hidden states are replicated.
+    """
+    n = rows * tokens
+    hidden = 4 * n * model.hidden * elem_bytes  # residual, normed input, block output, send buffer
+    qkv = n * (model.hidden + 2 * model.kv_dim) * elem_bytes // tp
+    scores = rows * model.num_heads * tokens * (prefix + tokens) * (2 * elem_bytes + 4) // tp
+    mlp_width = 3 if model.family == "llama" else 2  # SwiGLU: gate, up, product; GELU: fc, act
+    mlp = n * model.intermediate * mlp_width * elem_bytes // tp
+    # The head computes float32 logits for each row's last token only (the next-token
+    # distribution); a prefill that only analyses content never needs the others.
+    logits = rows * model.vocab_size * 4 // tp if has_head else 0
+    return hidden + max(qkv + scores, mlp, logits)

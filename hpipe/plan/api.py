@@ -1,0 +1,119 @@
+"""The front door: one call plans any method, and ``plan_all`` plans them all side by side.
+
+    plan_method("hpipe", model=model_preset("llama-7b"), cluster=load_cluster("paper"),
+                batch=6, seq_len=2048)  -> Plan with predicted_latency_s
+
+Pure: the cost model defaults to the analytic roofline; pass a profiled one to plan on
+measurements. ``layers`` / ``slices`` are manual overrides (a what-if plan, method "manual").
+"""
+
+from __future__ import annotations
+
+import math
+
+from hpipe.cluster import ClusterSpec
+from hpipe.cost.analytic import AnalyticCost
+from hpipe.cost.base import CostModel
+from hpipe.errors import InfeasiblePlanError, PlanMismatchError, PromptTooLongError
+from hpipe.plan import baselines
+from hpipe.plan.evaluate import Problem
+from hpipe.plan.plan import DTYPES, METHODS, Plan
+from hpipe.plan.search import plan_hpipe
+from hpipe.spec import ModelSpec
+
+# Grid points the slicing DP works on: ~256 keep it well under a second; the grain is a power
+# of two (tile-aligned, design notes: g = 8..64) of at least 16 tokens.
+TARGET_GRID_POINTS = 256
+MIN_GRAIN_TOKENS = 16
+
+
+def default_grain_tokens(seq_len: int) -> int:
+    """16 tokens up to 4k, then doubling so the grid stays near 256 points (32k -> 128)."""
+    g = MIN_GRAIN_TOKENS
+    while seq_len / g > TARGET_GRID_POINTS:
+        g *= 2
+    return g
+
+
+_PLANNERS = {
+    "hpipe": plan_hpipe,
+    "base": baselines.plan_base,
+    "gpipe": baselines.plan_gpipe,
+    "gpb": baselines.plan_gpb,
+    "megatron": baselines.plan_megatron,
+    "terapipe": baselines.plan_terapipe,
+    "tpt": baselines.plan_tpt,
+}
+
+
+def plan_method(
+    method: str,
+    *,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    batch: int,
+    seq_len: int,
+    dtype: str = "float16",
+    cost: CostModel | None = None,
+    layers: tuple[int, ...] | None = None,
+    slices: tuple[int, ...] | None = None,
+    grain_tokens: int | None = None,
+) -> Plan:
+    """Plan ``method`` (one of METHODS) for ``batch`` prompts of ``seq_len`` tokens.
+
+    Raises PromptTooLongError past the model's context, InfeasiblePlanError when nothing fits
+    (the message names the device, the shortfall and what would fit), PlanMismatchError for
+    bad arguments.
+    """
+    if method not in METHODS:
+        raise PlanMismatchError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if dtype not in DTYPES:
+        raise PlanMismatchError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if batch < 1 or seq_len < 1:
+        raise PlanMismatchError(f"batch {batch} and seq_len {seq_len} must both be >= 1")
+    if seq_len > model.max_seq_len:
+        raise PromptTooLongError(
+            f"seq_len {seq_len} exceeds {model.name!r}'s context of {model.max_seq_len} tokens; "
+            f"use --seq-len <= {model.max_seq_len} or a long-context model")
+    if grain_tokens is not None and grain_tokens < 1:
+        raise PlanMismatchError(f"grain_tokens must be >= 1, got {grain_tokens}")
+    overrides = layers is not None or slices is not None
+    if overrides and method not in ("hpipe", "manual"):
+        raise PlanMismatchError(
+            f"--layers/--slices make a manual plan; use method 'manual' (or 'hpipe' to fill "
+            f"the rest with HPipe's DPs), not {method!r}")
+    pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype=dtype,
+                 cost=cost if cost is not None else AnalyticCost(model, cluster, dtype),
+                 grain_tokens=grain_tokens or default_grain_tokens(seq_len))
+    if method == "manual" or overrides:
+        plan = baselines.plan_manual(pb, layers=layers, slices=slices)
+    else:
+        plan = _PLANNERS[method](pb)
+    assert plan.predicted_latency_s is not None and math.isfinite(plan.predicted_latency_s)
+    return plan
+
+
+def plan_all(
+    *,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    batch: int,
+    seq_len: int,
+    dtype: str = "float16",
+    cost: CostModel | None = None,
+    grain_tokens: int | None = None,
+    methods: tuple[str, ...] = ("base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "hpipe"),
+) -> dict[str, Plan | InfeasiblePlanError]:
+    """Every method side by side; a method that does not fit maps to its error (the "OOM" cell).
+
+    Argument errors (prompt too long, bad dtype) still raise: they concern all methods alike.
+    """
+    cost = cost if cost is not None else AnalyticCost(model, cluster, dtype)
+    out: dict[str, Plan | InfeasiblePlanError] = {}
+    for m in methods:
+        try:
+            out[m] = plan_method(m, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
+                                 dtype=dtype, cost=cost, grain_tokens=grain_tokens)
+        except InfeasiblePlanError as e:
+            out[m] = e
+    return out

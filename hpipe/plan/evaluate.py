@@ -1,0 +1,149 @@
+"""Evaluators every planner, baseline and brute-force oracle share, so they are scored alike.
+
+- ``SliceTimes``: t_ij for a slice on each stage, tau = max_j, and whether the slice's
+  workspace fits: what the slicing DPs minimise over.
+- ``memory_overflows`` / ``check_memory``: per-device memory of a finished plan against the
+  device, with a message naming the device, the layers and the shortfall.
+- ``scored``: the plan with ``predicted_latency_s`` from the exact simulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from hpipe.cluster import ClusterSpec
+from hpipe.cost.base import CostModel
+from hpipe.errors import InfeasiblePlanError
+from hpipe.plan.plan import Plan, StagePlan, dtype_bytes
+from hpipe.schedule import prefill_units
+from hpipe.sim import simulate
+from hpipe.spec import ModelSpec
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One planning question: this model, on this cluster, for ``batch`` x ``seq_len`` tokens."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    batch: int
+    seq_len: int
+    dtype: str
+    cost: CostModel
+    grain_tokens: int
+    # True: sends overlap compute (the runtime's non-blocking sends, the simulator's default),
+    # so a link is a pipeline resource of its own; False: the paper's t_c + t_t accounting.
+    overlap_comm: bool = True
+
+    def plan(self, method: str, stages: tuple[StagePlan, ...], slices: tuple[int, ...], *,
+             num_microbatches: int = 1, slice_table=(), notes=()) -> Plan:
+        return Plan(method=method, model=self.model, cluster=self.cluster, batch=self.batch,
+                    seq_len=self.seq_len, dtype=self.dtype, stages=stages, slices=slices,
+                    num_microbatches=num_microbatches, slice_table=tuple(slice_table),
+                    notes=tuple(notes))
+
+    def slice_times(self, stages: tuple[StagePlan, ...], *,
+                    only_stage: int | None = None) -> SliceTimes:
+        return SliceTimes(stages, self.cost, self.model, self.cluster, self.dtype, self.batch,
+                          self.seq_len, self.overlap_comm, only_stage)
+
+
+def stage_slice_times(stages: tuple[StagePlan, ...], cost: CostModel, *, model: ModelSpec,
+                      dtype: str, rows: int, tokens: int, prefix: int,
+                      overlap_comm: bool = True) -> list[float]:
+    """t_ij = t_c(s, p; d_j) (+) t_t(l_(j), s, B_j) for every stage j [paper]."""
+    act = rows * tokens * model.hidden * dtype_bytes(dtype)
+    last = len(stages) - 1
+    out = []
+    for j, st in enumerate(stages):
+        comp = cost.stage_time_s(st.devices, st.layer_start, st.layer_stop, batch=rows,
+                                 tokens=tokens, prefix=prefix, has_embedding=j == 0,
+                                 has_head=j == last)
+        comm = 0.0 if j == last else cost.transfer_time_s(st.device, stages[j + 1].device, act)
+        out.append(max(comp, comm) if overlap_comm else comp + comm)
+    return out
+
+
+@dataclass(frozen=True)
+class SliceTimes:
+    """What the slicing DPs read for fixed stages: ``tau(s, p)`` = max_j t_j(s, p), or stage
+    ``only_stage``'s time (TeraPipe's homogeneous assumption), and ``fits(s, p)``: whether a
+    slice's workspace fits every device next to its weights and KV cache."""
+
+    stages: tuple[StagePlan, ...]
+    cost: CostModel
+    model: ModelSpec
+    cluster: ClusterSpec
+    dtype: str
+    batch: int
+    seq_len: int
+    overlap_comm: bool = True
+    only_stage: int | None = None
+
+    def fits(self, tokens: int, prefix: int) -> bool:
+        last = len(self.stages) - 1
+        for j, st in enumerate(self.stages):
+            need = self.cost.stage_memory_bytes(
+                st.devices, st.layer_start, st.layer_stop, batch=self.batch,
+                seq_len=self.seq_len, units=((self.batch, tokens, prefix),),
+                has_embedding=j == 0, has_head=j == last)
+            if need > min(self.cluster.devices[d].memory_bytes for d in st.devices):
+                return False
+        return True
+
+    def tau(self, tokens: int, prefix: int) -> float:
+        t = stage_slice_times(self.stages, self.cost, model=self.model, dtype=self.dtype,
+                              rows=self.batch, tokens=tokens, prefix=prefix,
+                              overlap_comm=self.overlap_comm)
+        return t[self.only_stage] if self.only_stage is not None else max(t)
+
+    def tau_or_inf(self, tokens: int, prefix: int) -> float:
+        return self.tau(tokens, prefix) if self.fits(tokens, prefix) else math.inf
+
+
+def plan_memory_bytes(plan: Plan, cost: CostModel) -> list[tuple[int, int]]:
+    """(stage index, bytes per device of that stage) for the plan's own work units."""
+    units = tuple(sorted({(u.rows, u.tokens, u.prefix) for u in prefill_units(plan)}))
+    last = plan.num_stages - 1
+    return [(j, cost.stage_memory_bytes(st.devices, st.layer_start, st.layer_stop,
+                                        batch=plan.batch, seq_len=plan.seq_len, units=units,
+                                        has_embedding=j == 0, has_head=j == last))
+            for j, st in enumerate(plan.stages)]
+
+
+def memory_overflows(plan: Plan, cost: CostModel) -> list[str]:
+    """One line per device that runs out of memory, e.g. "layers [0, 12) need 17.9 GB on
+    'p100-3' (16.0 GB)"; empty when the plan fits."""
+    out = []
+    for j, need in plan_memory_bytes(plan, cost):
+        st = plan.stages[j]
+        for d in st.devices:
+            dev = plan.cluster.devices[d]
+            if need > dev.memory_bytes:
+                out.append(f"layers [{st.layer_start}, {st.layer_stop}) need {need / GB:.1f} GB "
+                           f"on {dev.name!r} ({dev.memory_bytes / GB:.1f} GB, over by "
+                           f"{(need - dev.memory_bytes) / GB:.1f} GB)")
+    return out
+
+
+def check_memory(plan: Plan, cost: CostModel, *, hint: str = "") -> None:
+    over = memory_overflows(plan, cost)
+    if over:
+        raise InfeasiblePlanError(
+            f"{plan.method}: {'; '.join(over)} at batch {plan.batch}, seq_len {plan.seq_len}, "
+            f"{plan.num_microbatches} micro-batch(es), {len(plan.slices)} slice(s)"
+            + (f"; fits: {hint}" if hint else ""))
+
+
+def scored(plan: Plan, cost: CostModel) -> Plan:
+    """The plan with its simulated prefill latency filled in."""
+    latency = simulate(plan, cost).prefill_latency_s
+    return dataclasses.replace(plan, predicted_latency_s=latency)
+
+
+def predicted_latency_s(plan: Plan, cost: CostModel) -> float:
+    return simulate(plan, cost).prefill_latency_s

@@ -1,0 +1,88 @@
+"""Why nothing fits, and what would: the message of an InfeasiblePlanError.
+
+A user who asks for a model the cluster cannot hold gets which device runs out of memory by how
+much, and the nearest settings that fit (a smaller batch, a shorter sequence, more devices).
+Pure: it only re-asks the cost model's memory question with other numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from hpipe.cluster import ClusterSpec
+from hpipe.cost.base import CostModel
+from hpipe.plan.layers import max_stops, stops_fit
+from hpipe.spec import ModelSpec
+
+GB = 1e9
+
+# units(batch, seq_len) -> the (rows, tokens, prefix) work units whose workspace must fit.
+UnitsFn = Callable[[int, int], tuple[tuple[int, int, int], ...]]
+
+
+def split_fits(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int,
+               seq_len: int, units: UnitsFn) -> bool:
+    stops = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
+                      units=units(batch, seq_len))
+    return stops_fit(stops, model.num_layers, cluster.host_orders())
+
+
+def _largest(ok: Callable[[int], bool], hi: int) -> int:
+    """Largest x in [1, hi] with ok(x), for ok monotone decreasing; 0 if none."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int,
+                     seq_len: int, units: UnitsFn) -> str:
+    """The message for "no contiguous split of the layers fits any host order"."""
+    n = model.num_layers
+    u = units(batch, seq_len)
+    stops = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len, units=u)
+    # Layers each device could hold in the middle of the pipeline (no embedding, no head).
+    cap = {d: int(stops[d][1]) - 1 if n > 1 else int(stops[d][0]) for d in stops}
+    held = ", ".join(f"{cluster.devices[d].name} {cap[d]}" for d in stops)
+    # The even split's worst device, in the house style "layers [a, b) need X GB on 'dev'".
+    worst, start, num = None, 0, cluster.num_devices
+    for j in range(num):
+        c = n // num + (j < n % num)
+        if c == 0:
+            continue
+        need = cost.stage_memory_bytes((j,), start, start + c, batch=batch, seq_len=seq_len,
+                                       units=u, has_embedding=start == 0,
+                                       has_head=start + c == n)
+        over = need - cluster.devices[j].memory_bytes
+        if worst is None or over > worst[0]:
+            worst = (over, j, start, start + c, need)
+        start += c
+    msg = (f"model {model.name!r} ({n} layers) fits no split over cluster {cluster.name!r} at "
+           f"batch {batch}, seq_len {seq_len}: the devices hold at most {sum(cap.values())} "
+           f"layers ({held})")
+    if worst is not None and worst[0] > 0:
+        _, j, a, b, need = worst
+        dev = cluster.devices[j]
+        msg += (f"; e.g. layers [{a}, {b}) need {need / GB:.1f} GB on {dev.name!r} "
+                f"({dev.memory_bytes / GB:.1f} GB)")
+    fixes = []
+    b_ok = _largest(lambda b: split_fits(cost, model=model, cluster=cluster, batch=b,
+                                         seq_len=seq_len, units=units), batch - 1)
+    if b_ok:
+        fixes.append(f"batch <= {b_ok}")
+    s_ok = _largest(lambda s: split_fits(cost, model=model, cluster=cluster, batch=batch,
+                                         seq_len=s, units=units), seq_len - 1)
+    if s_ok:
+        fixes.append(f"seq_len <= {s_ok}")
+    big = max(cap, key=lambda d: cap[d])
+    if cap[big] > 0:
+        extra = math.ceil(max(1, n - sum(cap.values())) / cap[big])
+        fixes.append(f"about {extra} more device(s) like {cluster.devices[big].name!r}")
+    if model.num_layers and not fixes:
+        fixes.append("a device with more memory")
+    return msg + "; fits: " + ", or ".join(fixes)
