@@ -1,0 +1,311 @@
+"""``hpipe run``: plan, then really run a model pipelined over worker processes, and report.
+
+    hpipe run --model smollm2 --cluster local:2 --prompt-file doc.txt --question "..." \\
+              --max-new-tokens 64 --compare base --trace run.json --png run.png
+
+Everything a user can get wrong (model path, cluster, prompt length, a plan for another model or
+dtype, slices that do not add up) is refused here, before any worker process starts. Under
+``torchrun`` this process is one rank (see hpipe/runtime/launch.py) and only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
+
+RUN_METHODS = ("hpipe", "base", "gpipe", "terapipe", "gpb", "manual")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="run a model pipelined over worker processes",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model dir, .gguf file, or 'smollm2'")
+    p.add_argument("--cluster", default="local:2",
+                   help="'local:N' (N CPU workers here) or a cluster YAML file")
+    p.add_argument("--method", default="hpipe", choices=RUN_METHODS)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt (a document) from a file")
+    src.add_argument("--prompt-ids",
+                     help="token ids, comma-separated; ';' separates rows of a batch")
+    p.add_argument("--question",
+                   help="with --prompt/--prompt-file: ask this about the text, in the model's "
+                        "chat format (instruct models)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None,
+                   help="run the prompt as a batch of B identical rows (default: 1, or the "
+                        "rows of --prompt-ids)")
+    p.add_argument("--plan", type=Path, help="a plan JSON from 'hpipe plan --json'")
+    p.add_argument("--layers", help="layer count per device, e.g. 12,18 (overrides the planner)")
+    p.add_argument("--slices", help="token slices, e.g. 1024,512,... (overrides the planner)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="compute and wire dtype (default float32, or the --plan's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", choices=("base",), help="also run Base for real and compare")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--trace", type=Path, help="write the measured timeline as a Chrome trace")
+    p.add_argument("--png", type=Path, help="write measured-over-predicted timelines as a PNG")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds a worker waits to join the process group")
+    p.set_defaults(func=run)
+    return p
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise PlanMismatchError(f"{flag} {text!r}: expected comma-separated integers, "
+                                "e.g. 12,18") from None
+
+
+def prompt_rows(args, tokenizer) -> list[list[int]]:
+    """The batch of prompt token ids from --prompt / --prompt-file / --prompt-ids."""
+    from hpipe.runtime.request import PromptShapeError
+
+    if args.prompt_ids is not None:
+        rows = [list(_ints(r, "--prompt-ids")) for r in args.prompt_ids.split(";") if r.strip()]
+        if args.question:
+            raise PromptShapeError("--question needs text (--prompt or --prompt-file), "
+                                   "not --prompt-ids")
+    else:
+        text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+        if args.question:
+            text = tokenizer.chat_prompt(f"{text.strip()}\n\nQuestion: {args.question}")
+        rows = [tokenizer.encode(text)]
+    if args.batch is not None:
+        if args.batch < 1:
+            raise PromptShapeError(f"--batch must be >= 1, got {args.batch}")
+        if len(rows) not in (1, args.batch):
+            raise PromptShapeError(f"--prompt-ids gives {len(rows)} rows but --batch is "
+                                   f"{args.batch}; give one row or {args.batch}")
+        rows = rows * args.batch if len(rows) == 1 else rows
+    return rows
+
+
+def build_plans(args, spec, cluster, *, batch: int, prompt_len: int) -> list:
+    """The plan to run (and Base's for --compare), all checked against the model."""
+    from hpipe.plan.api import plan_method
+    from hpipe.plan.plan import Plan
+    from hpipe.runtime.request import fit_plan
+
+    if args.plan is not None:
+        if args.layers or args.slices:
+            raise PlanMismatchError("give either --plan or --layers/--slices, not both")
+        plan = Plan.from_json(args.plan.read_text())
+        if args.dtype is not None and args.dtype != plan.dtype:
+            raise PlanMismatchError(
+                f"--dtype {args.dtype} but the plan {str(args.plan)!r} was made for "
+                f"{plan.dtype}; drop --dtype or re-plan with --dtype {args.dtype}")
+        plan = fit_plan(plan, batch=batch, prompt_len=prompt_len)
+    else:
+        layers = _ints(args.layers, "--layers") if args.layers else None
+        slices = _ints(args.slices, "--slices") if args.slices else None
+        method = args.method
+        if (layers or slices) and method not in ("hpipe", "manual"):
+            raise PlanMismatchError(f"--layers/--slices make a manual plan; they do not go "
+                                    f"with --method {method}")
+        plan = plan_method(method, model=spec, cluster=cluster, batch=batch, seq_len=prompt_len,
+                           dtype=args.dtype or "float32", layers=layers, slices=slices)
+    plans = [plan]
+    if args.compare == "base":
+        plans.append(plan_method("base", model=spec, cluster=plan.cluster, batch=batch,
+                                 seq_len=prompt_len, dtype=plan.dtype))
+    return plans
+
+
+def predicted_timeline(result, plan):
+    """The simulator's timeline for the same plan and the decode steps that really ran."""
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.sim import simulate
+
+    return simulate(plan, AnalyticCost(plan.model, plan.cluster, plan.dtype),
+                    num_decode_steps=result.num_decode_steps)
+
+
+def result_summary(result, plan, predicted, tokenizer) -> dict:
+    """The measured figures of one run, with the prediction beside them."""
+    tl = result.timeline
+    decode_s = tl.latency_s - tl.ttft_s
+    decode_tokens = result.num_decode_steps * tl.batch
+    busy_prefill, busy_decode = tl.busy_s("prefill"), tl.busy_s("decode")
+    return {
+        "method": plan.method,
+        "emulated": tl.emulated,
+        "batch": tl.batch,
+        "prompt_tokens": tl.seq_len,
+        "slices": list(plan.slices),
+        "num_microbatches": plan.num_microbatches,
+        "output": {
+            "text": [_decode(tokenizer, row) for row in result.output_ids],
+            "ids": [list(row) for row in result.output_ids],
+        },
+        "latency_s": tl.latency_s,
+        "ttft_s": tl.ttft_s,
+        "prefill_latency_s": tl.prefill_latency_s,
+        "prefill_tok_s": tl.prefill_throughput_tok_s,
+        "decode_tok_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
+        "num_decode_steps": result.num_decode_steps,
+        "predicted_prefill_latency_s": predicted.prefill_latency_s,
+        "predicted_latency_s": predicted.latency_s,
+        "stages": [
+            {"device": name, "layers": [st.layer_start, st.layer_stop],
+             "busy_prefill_s": bp, "busy_decode_s": bd, "peak_memory_bytes": mem}
+            for name, st, bp, bd, mem in zip(tl.row_names, plan.stages, busy_prefill,
+                                             busy_decode, tl.peak_memory_bytes)
+        ],
+    }
+
+
+def _decode(tokenizer, ids) -> str | None:
+    try:
+        return tokenizer.decode(ids)
+    except HPipeError:  # a checkpoint without a tokenizer: ids only
+        return None
+
+
+class _Bars:
+    """tqdm bars of slices and decoded tokens, on stderr, only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict = {}
+
+    def __call__(self, kind: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(kind)
+        if bar is None or done < bar.n:  # a new request started
+            if bar is not None:
+                bar.close()
+            unit = "slice" if kind == "prefill" else "tok"
+            bar = self.bars[kind] = tqdm(total=total, desc=kind, unit=unit, file=sys.stderr,
+                                         leave=False)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpipe.cluster import load_cluster
+    from hpipe.model.source import open_model
+    from hpipe.runtime.launch import launch_local, run_as_torchrun_rank, torchrun_env
+    from hpipe.runtime.request import RunRequest, check_request
+
+    env = torchrun_env()
+    is_rank0 = env is None or env["RANK"] == "0"
+    try:
+        if args.max_new_tokens < 0:
+            raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        source = open_model(args.model)
+        spec = source.spec
+        cluster = load_cluster(args.cluster)
+        rows = prompt_rows(args, source.tokenizer)
+        plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]))
+        requests = [
+            RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed,
+                       eos_token_ids=tuple(source.tokenizer.eos_token_ids or spec.eos_token_ids),
+                       label=plan.method)
+            for plan in plans]
+        for req in requests:
+            check_request(req, spec)
+    except (HPipeError, OSError) as e:
+        if is_rank0:
+            print(f"hpipe run: error: {e}", file=sys.stderr)
+        return 2
+
+    bars = _Bars(enabled=sys.stderr.isatty() and is_rank0)
+    try:
+        if env is not None:
+            results = run_as_torchrun_rank(requests, env=env,
+                                           connect_timeout_s=args.connect_timeout)
+            if results is None:
+                return 0  # not rank 0: rank 0 reports
+        else:
+            results = launch_local(requests, connect_timeout_s=args.connect_timeout,
+                                   on_progress=bars)
+    except (WorkerFailedError, ShapeMismatchError, HPipeError) as e:
+        bars.close()
+        print(f"hpipe run: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # launch_local has already stopped every worker
+        bars.close()
+        print("hpipe run: interrupted; workers stopped", file=sys.stderr)
+        return 130
+    bars.close()
+
+    predicted = [predicted_timeline(r, p) for r, p in zip(results, plans)]
+    summaries = [result_summary(r, p, pr, source.tokenizer)
+                 for r, p, pr in zip(results, plans, predicted)]
+    main = summaries[0]
+    report = {"model": spec.name, "cluster": cluster.name, **main}
+    if len(summaries) > 1:
+        base = summaries[1]
+        report["compare"] = {
+            "method": base["method"],
+            "prefill_latency_s": base["prefill_latency_s"],
+            "predicted_prefill_latency_s": base["predicted_prefill_latency_s"],
+            "latency_s": base["latency_s"],
+            "prefill_ratio": main["prefill_latency_s"] / base["prefill_latency_s"],
+            "same_output": base["output"]["ids"] == main["output"]["ids"],
+        }
+    _write_artifacts(args, results, predicted)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _write_artifacts(args, results, predicted) -> None:
+    titles = [f"{r.label} (measured over predicted)" for r in results]
+    if args.trace:
+        from hpipe.report.trace import write_chrome_trace
+
+        write_chrome_trace(args.trace, [r.timeline for r in results],
+                           labels=[f"{r.label} measured" for r in results])
+    if args.png:
+        from hpipe.report.gantt import plot_timelines
+
+        plot_timelines([(p, r.timeline) for r, p in zip(results, predicted)], args.png,
+                       titles=titles)
+
+
+def format_report(rep: dict) -> str:
+    lines = []
+    for text in rep["output"]["text"]:
+        lines.append(text if text is not None else "(no tokenizer; ids in --json)")
+        lines.append("")
+    emu = "  [emulated device speeds]" if rep["emulated"] else ""
+    lines.append(f"{rep['model']} on {rep['cluster']}, method {rep['method']}, batch "
+                 f"{rep['batch']} x {rep['prompt_tokens']} prompt tokens, "
+                 f"{len(rep['slices'])} slices{emu}")
+    lines.append(f"  prefill    {rep['prefill_latency_s']:8.3f} s measured   "
+                 f"{rep['predicted_prefill_latency_s']:8.3f} s predicted   "
+                 f"{rep['prefill_tok_s']:8.0f} tok/s")
+    lines.append(f"  first tok  {rep['ttft_s']:8.3f} s      decode {rep['decode_tok_s']:.1f} "
+                 f"tok/s over {rep['num_decode_steps']} steps      total {rep['latency_s']:.3f} s")
+    for st in rep["stages"]:
+        lines.append(f"  {st['device']:<10} layers [{st['layers'][0]:>3}, {st['layers'][1]:>3})  "
+                     f"busy prefill {st['busy_prefill_s']:7.3f} s  decode "
+                     f"{st['busy_decode_s']:6.3f} s  peak RSS {st['peak_memory_bytes'] / 2**20:7.0f} MiB")
+    if "compare" in rep:
+        c = rep["compare"]
+        lines.append(f"  vs {c['method']}: prefill {c['prefill_latency_s']:.3f} s measured "
+                     f"({c['predicted_prefill_latency_s']:.3f} s predicted); "
+                     f"{rep['method']}/{c['method']} = {c['prefill_ratio']:.2f}x"
+                     + ("" if c["same_output"] else "  (outputs differ)"))
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Point-to-point tensor transfer between pipeline stages over a torch.distributed ProcessGroup.
+
+Every message is a fixed-size int64 header, then the payload:
+
+    header = [unit, flags, dtype_code, ndim, d0, d1, d2, d3]
+
+The receiver reads the header first and compares it with what the plan says should arrive
+(unit index, shape, dtype). On a mismatch it still drains the payload the header announces, so
+the sender's transfer completes and nobody blocks, then raises ``ShapeMismatchError`` naming
+both shapes. ``FLAG_STOP`` with an empty payload tells the next stage that every row of the batch
+has reached end-of-sequence, so decode ends early without a separate control channel.
+
+Sends are non-blocking: ``isend`` posts the transfer and returns, so a stage computes its next
+slice while the previous one travels. Gloo offers no completion future on a send, so a small
+waiter thread per send stamps when the transfer finished (for the measured timeline).
+
+[Note: wire device] NCCL moves CUDA tensors; gloo moves CPU tensors. A pipeline with any CPU
+stage uses gloo everywhere, and a CUDA stage then stages its activations through host memory
+(``wire_device="cpu"``). An all-CUDA pipeline uses NCCL and sends from device memory.
+
+The ProcessGroup is passed in, never fetched from a global, and ranks are the group's own ranks,
+so the same code runs on the default group under ``torchrun`` and on groups built in-process by
+the tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hpipe.errors import ShapeMismatchError, WorkerFailedError
+
+log = logging.getLogger(__name__)
+
+HEADER_SLOTS = 8
+MAX_DIMS = HEADER_SLOTS - 4
+FLAG_STOP = 1
+# Tag 0 for everything: messages between one pair of ranks arrive in the order they were sent,
+# and each stage's action list fixes that order on both ends.
+TAG = 0
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.int64: 4,
+}
+CODE_DTYPES = {code: dt for dt, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the plan says the next message from ``src`` carries."""
+
+    src: int
+    unit: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"unit {self.unit} {tuple(self.shape)} {str(self.dtype).removeprefix('torch.')}"
+
+
+@dataclass
+class Received:
+    """A received tensor on the compute device, or ``stop=True`` with no tensor."""
+
+    tensor: torch.Tensor | None
+    stop: bool
+
+
+class PendingSend:
+    """One posted send: keeps its buffers alive and learns when the transfer completed."""
+
+    def __init__(self, works: list, buffers: list[torch.Tensor], *, clock, label: str) -> None:
+        self._buffers = buffers  # must outlive the transfer
+        self.start_s = clock()
+        self.end_s: float | None = None
+        self.error: BaseException | None = None
+        self._clock = clock
+        self._label = label
+        # Gloo's send Work has no future, and wait() may be called only once, so one thread owns it.
+        self._thread = threading.Thread(target=self._wait, args=(works,), daemon=True,
+                                        name=f"send-{label}")
+        self._thread.start()
+
+    def _wait(self, works: list) -> None:
+        try:
+            for w in works:
+                w.wait()
+            self.end_s = self._clock()
+        except RuntimeError as e:  # the peer died or the link dropped
+            self.error = e
+
+    def join(self) -> None:
+        """Block until the transfer finished; re-raise its failure here, on the caller's thread."""
+        self._thread.join()
+        if self.error is not None:
+            raise WorkerFailedError(f"send {self._label} failed: {self.error}") from self.error
+
+
+class StageLink:
+    """One rank's ends of its pipeline links: it sends to and receives from neighbouring ranks.
+
+    ``compute_device`` is where received tensors are delivered; ``wire_device`` is where they
+    travel (see [Note: wire device]). ``recv_timeout_s`` bounds every receive: a stage whose
+    upstream never sends fails with a message naming both ranks instead of hanging.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        *,
+        rank: int,
+        compute_device: torch.device,
+        wire_device: torch.device,
+        recv_timeout_s: float,
+        clock=time.perf_counter,
+    ) -> None:
+        self.group = group
+        self.rank = rank
+        self.compute_device = compute_device
+        self.wire_device = wire_device
+        self.recv_timeout = datetime.timedelta(seconds=recv_timeout_s)
+        self.clock = clock
+
+    # -- send ----------------------------------------------------------------------------
+    def isend(self, tensor: torch.Tensor | None, *, dst: int, unit: int,
+              stop: bool = False) -> PendingSend:
+        """Post ``tensor`` (or a STOP marker when ``stop``) to rank ``dst``; returns at once."""
+        if stop:
+            header = _header(unit, FLAG_STOP, torch.float32, ())
+            payload = None
+        else:
+            assert tensor is not None and tensor.dim() <= MAX_DIMS, tensor
+            payload = tensor.detach().to(self.wire_device).contiguous()
+            header = _header(unit, 0, payload.dtype, tuple(payload.shape))
+        header = header.to(self.wire_device)
+        works = [self.group.send([header], dst, TAG)]
+        buffers = [header]
+        if payload is not None and payload.numel() > 0:
+            works.append(self.group.send([payload], dst, TAG))
+            buffers.append(payload)
+        return PendingSend(works, buffers, clock=self.clock,
+                           label=f"rank {self.rank} -> {dst} unit {unit}")
+
+    # -- receive -------------------------------------------------------------------------
+    def recv(self, expected: Expected) -> Received:
+        """Receive the next message from ``expected.src`` and check it against the plan."""
+        header = torch.zeros(HEADER_SLOTS, dtype=torch.int64, device=self.wire_device)
+        self._wait(self.group.recv([header], expected.src, TAG), expected, "header")
+        unit, flags, code, ndim, *dims = (int(v) for v in header.tolist())
+        if flags & FLAG_STOP:
+            return Received(None, stop=True)
+        if code not in CODE_DTYPES or not 0 <= ndim <= MAX_DIMS or any(d < 0 for d in dims):
+            raise ShapeMismatchError(
+                f"rank {self.rank} got a malformed header {header.tolist()} from rank "
+                f"{expected.src} while expecting {expected.describe()}: the two ranks do not run "
+                "the same protocol version or plan")
+        shape, dtype = tuple(dims[:ndim]), CODE_DTYPES[code]
+        payload = torch.empty(shape, dtype=dtype, device=self.wire_device)
+        if payload.numel() > 0:
+            # Drain even on a mismatch: the sender's transfer then completes and nobody hangs.
+            self._wait(self.group.recv([payload], expected.src, TAG), expected, "payload")
+        if (unit, shape, dtype) != (expected.unit, tuple(expected.shape), expected.dtype):
+            got = f"unit {unit} {shape} {str(dtype).removeprefix('torch.')}"
+            raise ShapeMismatchError(
+                f"rank {self.rank} expected {expected.describe()} from rank {expected.src} "
+                f"but got {got}: the sender runs another plan, model or dtype; give every rank "
+                "the same plan")
+        return Received(payload.to(self.compute_device), stop=False)
+
+    def _wait(self, work, expected: Expected, what: str) -> None:
+        try:
+            work.wait(self.recv_timeout)
+        except RuntimeError as e:
+            raise WorkerFailedError(
+                f"rank {self.rank} waiting for the {what} of {expected.describe()} from rank "
+                f"{expected.src} failed: {e}") from e
+
+
+def _header(unit: int, flags: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    dims = list(shape) + [0] * (MAX_DIMS - len(shape))
+    return torch.tensor([unit, flags, DTYPE_CODES[dtype], len(shape), *dims], dtype=torch.int64)
+
+
+def wire_device_for(backend: str) -> torch.device:
+    """See [Note: wire device]."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

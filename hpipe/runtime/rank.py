@@ -1,0 +1,144 @@
+"""One rank's life: join the process group, run its stage of each request, report to rank 0.
+
+Used both by the local launcher (one spawned process per rank) and under ``torchrun`` (the
+launched program is this rank). Rank r runs stage r of each request's plan; a rank beyond a
+plan's stage count sits that request out but still joins the barrier and the gather, which are
+collective. All ranks take the same list of requests, in the same order.
+
+[Note: a shared clock] Each request starts with a barrier on the control group; every rank takes
+t = 0 when it leaves it. Ranks leave within about one loopback round trip of each other (well
+under a millisecond here, one network round trip across hosts), which is the skew of the measured
+timeline; intervals are then ``time.perf_counter()`` differences on each rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hpipe.errors import WorkerFailedError
+from hpipe.runtime.comm import StageLink, wire_device_for
+from hpipe.runtime.request import RunRequest, RunResult, dtype_of
+from hpipe.runtime.worker import Progress, StageOutcome, StageRunner
+from hpipe.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks meet: ``tcp://addr:port`` (local launch) or ``env://`` (torchrun)."""
+
+    addr: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str  # "gloo" or "nccl"
+    connect_timeout_s: float = 60.0
+
+    @property
+    def init_method(self) -> str:
+        return f"tcp://{self.addr}:{self.port}"
+
+
+def pick_backend(requests: list[RunRequest]) -> str:
+    """NCCL when every stage of every request is on CUDA, otherwise gloo (see comm.py's note)."""
+    devices = {req.plan.cluster.devices[st.device].torch_device
+               for req in requests for st in req.plan.stages}
+    return "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+
+
+def join_group(rv: Rendezvous) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """init_process_group with an explicit timeout; returns (data group, gloo control group).
+
+    The control group carries the barrier and the pickled results; it is gloo even when the
+    data group is NCCL, because gather_object over NCCL would need the objects on the GPU.
+    """
+    timeout = datetime.timedelta(seconds=rv.connect_timeout_s)
+    try:
+        dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
+                                world_size=rv.world_size, timeout=timeout)
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError subclass RuntimeError
+        raise WorkerFailedError(
+            f"rank {rv.rank} could not join the process group at {rv.addr}:{rv.port} within "
+            f"{rv.connect_timeout_s:g} s ({type(e).__name__}: {str(e).splitlines()[0]}); check "
+            "that rank 0 runs on that address, the port is open, and MASTER_ADDR/MASTER_PORT "
+            "agree on every host") from e
+    world = dist.group.WORLD
+    ctrl = world if rv.backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return world, ctrl
+
+
+def run_requests(
+    requests: list[RunRequest], *, rank: int, world_size: int, data_group: dist.ProcessGroup,
+    ctrl_group: dist.ProcessGroup, backend: str, progress: Progress | None = None,
+) -> list[RunResult] | None:
+    """Run every request; rank 0 returns the results, the others None."""
+    from hpipe.model.source import open_model
+
+    sources: dict[str, object] = {}
+    results: list[RunResult] = []
+    for req in requests:
+        plan = req.plan
+        outcome: StageOutcome | None = None
+        runner = None
+        if rank < plan.num_stages:
+            st = plan.stages[rank]
+            dev_spec = plan.cluster.devices[st.device]
+            device = torch.device(dev_spec.torch_device)
+            torch.set_num_threads(dev_spec.num_threads)
+            if req.model not in sources:
+                sources[req.model] = open_model(req.model)
+            stage = sources[req.model].load_stage(
+                st.layer_start, st.layer_stop, has_embedding=rank == 0,
+                has_head=rank == plan.num_stages - 1, dtype=dtype_of(plan), device=device)
+            link = StageLink(data_group, rank=rank, compute_device=device,
+                             wire_device=wire_device_for(backend),
+                             recv_timeout_s=req.recv_timeout_s)
+            runner = StageRunner(req, stage_index=rank, stage_module=stage, link=link,
+                                 device=device, slowdown=dev_spec.slowdown, progress=progress)
+            log.info("rank %d: stage %d layers [%d, %d) on %s (%s, %d threads)%s", rank, rank,
+                     st.layer_start, st.layer_stop, dev_spec.name, device, dev_spec.num_threads,
+                     f", emulated slowdown x{dev_spec.slowdown:g}" if dev_spec.emulated else "")
+        dist.barrier(group=ctrl_group)
+        t0 = time.perf_counter()  # see [Note: a shared clock]
+        if runner is not None:
+            runner.link.clock = lambda t0=t0: time.perf_counter() - t0
+            outcome = runner.run()
+            log.info("rank %d: %s done in %.3f s", rank, req.label or plan.method,
+                     time.perf_counter() - t0)
+        gathered: list | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(outcome, gathered, dst=0, group=ctrl_group)
+        if rank == 0:
+            results.append(assemble_result(req, [g for g in gathered if g is not None]))
+    return results if rank == 0 else None
+
+
+def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
+    """Rank 0: the stages' reports -> one RunResult with a measured Timeline."""
+    plan = req.plan
+    outcomes = sorted(outcomes, key=lambda o: o.stage)
+    assert [o.stage for o in outcomes] == list(range(plan.num_stages)), [o.stage for o in outcomes]
+    last = outcomes[-1]
+    devs = [plan.cluster.devices[st.device] for st in plan.stages]
+    intervals = sorted((iv for o in outcomes for iv in o.intervals),
+                       key=lambda iv: (iv.start_s, iv.row))
+    timeline = Timeline(
+        source="measured", method=plan.method, row_names=tuple(d.name for d in devs),
+        intervals=tuple(intervals),
+        peak_memory_bytes=tuple(o.peak_memory_bytes for o in outcomes),
+        busy_power_w=tuple(d.busy_power_w for d in devs),
+        idle_power_w=tuple(d.idle_power_w for d in devs),
+        batch=req.batch, seq_len=req.prompt_len, emulated=any(d.emulated for d in devs))
+    logits = last.prefill_logits
+    if logits is None:
+        logits = torch.empty(req.batch, 0)
+    return RunResult(label=req.label or plan.method,
+                     output_ids=tuple(tuple(r) for r in (last.output_ids or [[]] * req.batch)),
+                     prefill_logits=logits, timeline=timeline,
+                     num_decode_steps=last.num_decode_steps)

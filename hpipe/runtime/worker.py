@@ -1,0 +1,224 @@
+"""A stage worker: a short interpreter of its rank's action list (recv / compute / send).
+
+The same ``build_schedule`` lists that the simulator times are executed here, action by action,
+so the measured ``Timeline`` lines up with the predicted one unit by unit. Rank r runs stage r.
+
+[Note: one KV cache per micro-batch]
+GPipe cuts the batch into micro-batches of rows. The decoder's KVCache has no row view (its
+``batch`` must equal the input's), so each micro-batch gets its own cache of its own rows, and a
+decode step (which the schedule runs on the whole batch) runs each micro-batch's rows against
+their cache and concatenates. This costs M small matmuls per decode step instead of one, only
+for GPipe, and keeps the runtime off the cache's internals. HPipe, TeraPipe and Base have one
+micro-batch, hence one cache, kept across all their slices (see [Note: KV cache across slices]).
+
+[Note: early stop] Decode is planned for max_new_tokens steps. When every row has produced an
+end-of-sequence token the last stage sends STOP instead of the token; stage 0 forwards it down
+the chain and every stage ends its list at the first STOP it receives, so no rank is left
+waiting on a message that will never come.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hpipe.runtime.comm import Expected, PendingSend, StageLink
+from hpipe.runtime.request import RunRequest, dtype_of
+from hpipe.schedule import TOKEN, build_schedule
+from hpipe.timeline import Interval
+
+log = logging.getLogger(__name__)
+
+# progress(kind, done, total): kind is "prefill" (units through the last stage) or "decode" (tokens)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class StageOutcome:
+    """What one rank reports to rank 0 after a request. Tensors are on the CPU."""
+
+    stage: int
+    intervals: list[Interval]
+    peak_memory_bytes: int
+    output_ids: list[list[int]] | None = None  # last stage only
+    prefill_logits: torch.Tensor | None = None  # last stage only, (batch, vocab)
+    num_decode_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class StageRunner:
+    """Runs stage ``stage_index`` of one request: owns its caches, sampler and pending sends."""
+
+    def __init__(self, req: RunRequest, *, stage_index: int, stage_module, link: StageLink,
+                 device: torch.device, slowdown: float, progress: Progress | None = None) -> None:
+        self.req = req
+        self.plan = req.plan
+        self.s = stage_index
+        self.last = self.plan.num_stages - 1
+        self.stage = stage_module
+        self.link = link
+        self.device = device
+        self.slowdown = slowdown
+        self.progress = progress
+        self.dtype = dtype_of(self.plan)
+        self.rows = self.plan.microbatch_rows()
+        self.row_starts = [sum(self.rows[:m]) for m in range(len(self.rows))]
+        self.caches = [stage_module.new_cache(batch=r, max_tokens=req.max_tokens) for r in self.rows]
+        self.prompt = torch.tensor(req.prompt_ids, dtype=torch.int64, device=device)  # (B, T)
+        self.intervals: list[Interval] = []
+        self.sends: list[tuple[PendingSend, Interval]] = []
+        # Last stage only: sampling state.
+        self.mb_logits: dict[int, torch.Tensor] = {}
+        self.tokens: torch.Tensor | None = None  # last sampled (B,), fed back in decode
+        self.generated: list[torch.Tensor] = []
+        self.done = torch.zeros(req.batch, dtype=torch.bool)
+        self.sampler = None
+        if self.s == self.last:
+            from hpipe.model.generate import Sampler
+
+            self.sampler = Sampler(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        self.eos = torch.tensor(req.eos_token_ids or (-1,), dtype=torch.int64)
+
+    # -- the interpreter -----------------------------------------------------------------
+    def run(self) -> StageOutcome:
+        num_steps = max(0, self.req.max_new_tokens - 1)
+        sched = build_schedule(self.plan, num_decode_steps=num_steps, slices=self.req.slices)
+        units = sched.units
+        final_prefill = max(u.index for u in units if u.phase == "prefill")
+        num_prefill = final_prefill + 1
+        stopped = False  # the last stage decided every row is finished
+        x: torch.Tensor | None = None  # input of the next compute
+        out: torch.Tensor | None = None  # output of the last compute
+        steps_run = 0
+        for a in sched.actions[self.s]:
+            u = units[a.unit]
+            if a.kind == "recv":
+                if a.payload == TOKEN:
+                    exp = Expected(a.peer, a.unit, (self.req.batch,), torch.int64)
+                else:
+                    exp = Expected(a.peer, a.unit, (u.rows, u.tokens, self.plan.model.hidden),
+                                   self.dtype)
+                got = self.link.recv(exp)
+                if got.stop:  # see [Note: early stop]
+                    if self.s != self.last:
+                        self._post_send(None, self.s + 1, u, "decode", stop=True)
+                    break
+                x = got.tensor
+            elif a.kind == "compute":
+                if self.s == 0:
+                    if u.phase == "prefill":
+                        inp = self.prompt[u.row_start:u.row_start + u.rows,
+                                          u.prefix:u.prefix + u.tokens]
+                    else:
+                        fed = x if self.last > 0 else self.tokens
+                        inp = fed.view(-1, 1).to(self.device)  # (B, 1)
+                else:
+                    inp = x
+                out = self._compute(u, inp)
+                if u.phase == "decode":
+                    steps_run += 1
+                if self.s == self.last:
+                    num_tokens = len(self.generated)
+                    stopped = self._after_last_compute(u, out, final_prefill)
+                    if self.progress is not None:
+                        if u.phase == "prefill":
+                            self.progress("prefill", u.index + 1, num_prefill)
+                        if len(self.generated) > num_tokens:
+                            self.progress("decode", len(self.generated), self.req.max_new_tokens)
+                    if stopped and self.last == 0:
+                        break
+            else:
+                assert a.kind == "send", a
+                if a.payload == TOKEN:
+                    self._post_send(self.tokens, a.peer, u, "decode", stop=stopped)
+                else:
+                    self._post_send(out, a.peer, u, u.phase)
+        for pending, iv in self.sends:
+            pending.join()
+            assert pending.end_s is not None
+            self.intervals.append(
+                Interval(iv.row, "send", iv.unit, iv.phase, iv.microbatch, iv.slice_index,
+                         iv.tokens, pending.start_s, pending.end_s))
+        return self._outcome(steps_run)
+
+    # -- pieces --------------------------------------------------------------------------
+    def _compute(self, u, inp: torch.Tensor) -> torch.Tensor:
+        """Run the stage on one unit; times it, and sleeps (slowdown - 1) x that when emulating."""
+        clock = self.link.clock
+        start = clock()
+        with torch.inference_mode():
+            if u.phase == "prefill":
+                # The last stage needs logits only at a slice's last position: the full
+                # (tokens, vocab) product would dominate a small model's time.
+                out = self.stage(inp, self.caches[u.microbatch], last_only=self.s == self.last)
+            else:
+                parts = [self.stage(inp[r0:r0 + r], cache, last_only=self.s == self.last)
+                         for r0, r, cache in zip(self.row_starts, self.rows, self.caches)]
+                out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock must see the kernels finish
+        if self.slowdown > 1.0:
+            # Emulation: this device behaves as if it were `slowdown` times slower. The
+            # timeline is flagged emulated=True so nobody mistakes it for a real device.
+            time.sleep((self.slowdown - 1.0) * (clock() - start))
+        self.intervals.append(Interval(self.s, "compute", u.index, u.phase, u.microbatch,
+                                       u.slice_index, u.tokens, start, clock()))
+        return out
+
+    def _after_last_compute(self, u, out: torch.Tensor, final_prefill: int) -> bool:
+        """Keep prefill logits, sample when a token is due; True once every row has ended."""
+        if u.phase == "prefill":
+            if u.slice_index == len(self.req.slices) - 1:
+                self.mb_logits[u.microbatch] = out[:, -1].float().cpu()  # (rows, vocab)
+            if u.index != final_prefill or self.req.max_new_tokens == 0:
+                return False
+            logits = torch.cat([self.mb_logits[m] for m in range(len(self.rows))], dim=0)
+        else:
+            logits = out[:, -1].float().cpu()
+        tok = self.sampler.next_token(logits).to(torch.int64).cpu()  # (B,)
+        # A finished row keeps feeding its EOS: harmless for the others, dropped from output.
+        tok = torch.where(self.done, self.eos[0].clamp(min=0), tok)
+        self.generated.append(tok)
+        self.done |= torch.isin(tok, self.eos)
+        self.tokens = tok
+        return self.req.stop_at_eos and bool(self.done.all())
+
+    def _post_send(self, tensor, dst: int, u, phase: str, *, stop: bool = False) -> None:
+        pending = self.link.isend(tensor, dst=dst, unit=u.index, stop=stop)
+        iv = Interval(self.s, "send", u.index, phase, u.microbatch, u.slice_index, u.tokens,
+                      pending.start_s, pending.start_s)
+        self.sends.append((pending, iv))
+
+    def _outcome(self, steps_run: int) -> StageOutcome:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            # ru_maxrss is the process's peak resident set in KiB on Linux: weights, caches,
+            # workspace and the torch runtime itself, over the process's whole life.
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        outcome = StageOutcome(stage=self.s, intervals=self.intervals, peak_memory_bytes=peak,
+                               num_decode_steps=steps_run)
+        if self.s == self.last:
+            outcome.output_ids = _trim_rows(self.generated, self.eos, self.req.batch)
+            if self.mb_logits:
+                outcome.prefill_logits = torch.cat(
+                    [self.mb_logits[m] for m in range(len(self.rows))], dim=0)
+        return outcome
+
+
+def _trim_rows(generated: list[torch.Tensor], eos: torch.Tensor, batch: int) -> list[list[int]]:
+    """Per row: the sampled tokens before its first EOS (as ``hpipe.model.generate`` returns)."""
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    eos_ids = set(eos.tolist())
+    for tok in generated:
+        for b, t in enumerate(tok.tolist()):
+            finished[b] = finished[b] or t in eos_ids
+            if not finished[b]:
+                rows[b].append(t)
+    return rows
