@@ -33,6 +33,7 @@ def _device(name: str, slowdown: float = 1.0) -> DeviceProfile:
                     for b, s, p in grid),
         embedding=tuple(TimeSample(b, s, 0, 1e-5 + 1e-8 * b * s) for b, s, _ in grid[::3]),
         head=tuple(TimeSample(b, s, 0, 1e-4 + 1e-6 * b) for b, s, _ in grid[::3]),
+        call=tuple(TimeSample(b, s, p, 5e-5) for b, s, p in grid),
         memory=tuple(MemorySample(b, s, p, 4 * 576 * b * s + 36 * b * s * (p + s))
                      for b, s, p in grid),
         context_bytes=300 << 20, layer_weight_bytes=14 << 20,

@@ -44,6 +44,7 @@ LAYER_TERMS = ("1", "b*s", "b*p", "b*s*p", "b*s^2")
 # token or only the last one, 1 + b + b*s covers both.
 HEAD_TERMS = ("1", "b", "b*s")
 EMBED_TERMS = ("1", "b*s")
+CALL_TERMS = ("1", "b*s", "s*(p+s)")  # Python per call; rotary per token; the prefix mask
 MEMORY_TERMS = ("b*s", "b*s*(p+s)")  # activations; attention scores over prefix + slice
 
 
@@ -57,6 +58,10 @@ def head_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def embed_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(b), b * s], axis=-1)
+
+
+def call_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b * s, s * (p + s)], axis=-1)
 
 
 def memory_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -96,6 +101,7 @@ class DeviceFit:
     layer: tuple[float, ...]
     embedding: tuple[float, ...]
     head: tuple[float, ...]
+    call: tuple[float, ...]
     memory: tuple[float, ...]
     layer_rel_error_max: float  # worst relative residual of the layer fit over the grid
 
@@ -113,6 +119,11 @@ def fit_device(dev: DeviceProfile) -> DeviceFit:
     rel = float(np.max(np.abs(pred - t) / t)) if len(t) else 0.0
     eb, es, ep, et = _samples(dev.embedding)
     hb, hs, hp, ht = _samples(dev.head)
+    if dev.call:
+        cb, cs, cp, ct = _samples(dev.call)
+        call = fit_nonnegative(call_features(cb, cs, cp), ct)
+    else:
+        call = np.zeros(len(CALL_TERMS))
     if dev.memory:
         m = np.array([[x.rows, x.tokens, x.prefix, x.workspace_bytes] for x in dev.memory],
                      dtype=np.float64)
@@ -124,6 +135,7 @@ def fit_device(dev: DeviceProfile) -> DeviceFit:
         layer=tuple(float(v) for v in layer),
         embedding=tuple(float(v) for v in fit_nonnegative(embed_features(eb, es, ep), et)),
         head=tuple(float(v) for v in fit_nonnegative(head_features(hb, hs, hp), ht)),
+        call=tuple(float(v) for v in call),
         memory=tuple(float(v) for v in mem),
         layer_rel_error_max=rel,
     )
@@ -160,6 +172,7 @@ class FittedCost:
         for d in devices:
             fit = self.fits[d]
             t = (layer_stop - layer_start) * _eval(layer_features, fit.layer, batch, tokens, prefix)
+            t += _eval(call_features, fit.call, batch, tokens, prefix)
             if has_embedding:
                 t += _eval(embed_features, fit.embedding, batch, tokens, prefix)
             if has_head:

@@ -59,7 +59,11 @@ class DeviceProfile:
     slowdown: float  # emulation knob in force while measuring; > 1 means emulated
     layer: tuple[TimeSample, ...]  # one transformer block
     embedding: tuple[TimeSample, ...]  # token embedding (prefix is 0: it ignores the cache)
-    head: tuple[TimeSample, ...]  # final norm + LM head on what the runtime sends to it
+    head: tuple[TimeSample, ...]  # final norm + LM head on the last position, as the runtime
+    # Per stage call, outside embedding, blocks and head: input checks, rotary tables, the
+    # prefix mask. Paid once per compute however many layers the stage has, so it must not be
+    # folded into the per-layer time (15 layers would pay it 15 times).
+    call: tuple[TimeSample, ...]
     memory: tuple[MemorySample, ...]
     context_bytes: int  # resident before any weight was loaded (the torch runtime itself)
     layer_weight_bytes: int  # one block's parameters, counted from the real tensors
@@ -131,6 +135,7 @@ class Profile:
                 "layer": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.layer],
                 "embedding": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.embedding],
                 "head": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.head],
+                "call": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.call],
                 "memory": [[m.rows, m.tokens, m.prefix, m.workspace_bytes] for m in d.memory],
                 "context_bytes": d.context_bytes,
                 "layer_weight_bytes": d.layer_weight_bytes,
@@ -181,7 +186,7 @@ class Profile:
                     name=dv["name"], kind=dv["kind"], torch_device=dv["torch_device"],
                     num_threads=int(dv["num_threads"]), slowdown=float(dv["slowdown"]),
                     layer=times(dv["layer"]), embedding=times(dv["embedding"]),
-                    head=times(dv["head"]),
+                    head=times(dv["head"]), call=times(dv["call"]),
                     memory=tuple(MemorySample(int(r), int(t), int(p), int(b))
                                  for r, t, p, b in dv["memory"]),
                     context_bytes=int(dv["context_bytes"]),

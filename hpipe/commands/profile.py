@@ -1,0 +1,114 @@
+"""``hpipe profile``: measure every device and link of a cluster for a model -> profile.json.
+
+    hpipe profile --model PATH|smollm2|PRESET --cluster local:N|FILE --out profile.json [--quick]
+
+Runs one worker per device, as ``hpipe run`` does (or, under torchrun, is one of them), times a
+real stage of the model over a (batch, slice, prefix) grid, ping-pongs every pair of devices,
+and writes the samples. ``hpipe plan/simulate/run --profile profile.json`` then plan with the
+fitted model (``hpipe.cost.fitted``). A PRESET (e.g. llama-7b) is profiled on random weights
+written to a temporary directory: a layer's time does not depend on its weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+from hpipe.errors import HPipeError, WorkerFailedError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("profile", help="measure devices and links -> profile.json",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model dir, .gguf file, 'smollm2' or a preset")
+    p.add_argument("--cluster", required=True, help="'local:N' or a cluster YAML file")
+    p.add_argument("--out", type=Path, required=True, help="profile file to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest prompt to plan for: the grid spans it (default 2048, 1024 quick)")
+    p.add_argument("--max-batch", type=int, default=2, help="largest batch in the grid")
+    p.add_argument("--quick", action="store_true",
+                   help="a small grid and fewer repeats: under a minute for a small model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+@contextlib.contextmanager
+def _model_path(arg: str):
+    """A path open_model reads: the argument itself, or random weights for a preset."""
+    if Path(arg).exists() or arg == "smollm2":
+        yield arg
+        return
+    from hpipe.spec import model_preset
+
+    spec = model_preset(arg)  # UnknownPresetError lists the presets
+    from hpipe.profile.random_model import write_random_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="hpipe-profile-") as tmp:
+        yield str(write_random_checkpoint(spec, Path(tmp), max_layers=2))
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpipe.cluster import load_cluster
+    from hpipe.cost.fitted import fit_device
+    from hpipe.profile.launch import make_job, profile_local, profile_torchrun
+    from hpipe.profile.measure import default_grid
+    from hpipe.runtime.launch import torchrun_env
+
+    try:
+        cluster = load_cluster(args.cluster)
+        max_tokens = args.max_tokens or (1024 if args.quick else 2048)
+        grid = default_grid(max_tokens, quick=args.quick, max_batch=args.max_batch)
+        bars: dict = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if args.no_progress:
+                return
+            from tqdm import tqdm
+
+            if what not in bars:
+                label = what
+                dev = next((d for d in cluster.devices if d.name == what), None)
+                if dev is not None and dev.emulated:
+                    label += f" (emulated x{dev.slowdown:g})"
+                bars[what] = tqdm(total=total, desc=label, unit="pt" if dev else "pair",
+                                  file=sys.stderr, leave=True)
+            bar = bars[what]
+            bar.update(done - bar.n)
+
+        with _model_path(args.model) as model_path:
+            job = make_job(model_path, cluster, args.dtype, grid, quick=args.quick)
+            env = torchrun_env()
+            profile = (profile_torchrun(job, env, on_progress) if env
+                       else profile_local(job, on_progress=on_progress))
+        for bar in bars.values():
+            bar.close()
+    except (HPipeError, WorkerFailedError) as e:
+        print(f"hpipe profile: error: {e}", file=sys.stderr)
+        return 2
+    if profile is None:  # a torchrun rank other than 0
+        return 0
+    if Path(args.model).exists() is False and args.model != "smollm2":
+        # Name the preset, not the temporary directory, so --profile matches --model PRESET.
+        import dataclasses
+
+        profile = dataclasses.replace(profile, model_name=args.model)
+    args.out.write_text(profile.to_json())
+    print(f"profiled {profile.model_name} ({profile.dtype}) on {cluster.name!r}: "
+          f"{len(grid.points())} grid points per device, {len(profile.links)} links"
+          + ("  [EMULATED devices: times include the slowdown sleep]" if profile.emulated else ""))
+    for dev in profile.devices:
+        fit = fit_device(dev)
+        one = next(s for s in dev.layer if s.rows == 1 and s.prefix == 0)
+        print(f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} ms "
+              f"@ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
+              + ("  (emulated)" if dev.slowdown != 1.0 else ""))
+    for lk in profile.links:
+        print(f"  {lk.src} <-> {lk.dst}: {lk.bandwidth_bytes_s * 8 / 1e9:.2f} Gbit/s, "
+              f"latency {lk.latency_s * 1e6:.0f} us")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,231 @@
+"""Device profiling: time a real stage of the model over a (batch, slice, prefix) grid.
+
+One stage of two blocks with the embedding and the head is built from the checkpoint on the
+device, and called exactly as the runtime's last stage calls it (``stage(x, cache,
+last_only=True)``), with the prefix already in the KV cache. Hooks split each call into its
+parts: the embedding, each block, the head (norm + LM head on the last position), and what is
+left (the stage call itself: input checks, rotary tables, the prefix mask). A stage of any
+layers on any position of the pipeline is then ``call + [embedding] + n * layer + [head]``.
+
+Honest timing: untimed warm-up calls first (allocator, oneDNN/cuBLAS kernel selection), a
+``cuda.synchronize`` before every clock read on a GPU, ``repeats`` timed calls, the median.
+
+[Note: emulated slowdown in the profile] A device with ``slowdown`` k is measured the way the
+worker runs it: after each call the profiler sleeps (k - 1) x the call's measured time, the
+same statement as ``StageRunner._compute``, and the samples are the call's parts scaled by
+(call + sleep) / call. The planner thus sees the slower device the runtime will produce, sleep
+overshoot included, and the profile is labelled emulated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hpipe.cluster import DeviceSpec
+from hpipe.profile.profile_file import DeviceProfile, MemorySample, TimeSample
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NUM_BLOCKS = 2  # blocks in the profiled stage: two medians per call, still cheap to load
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The (rows, tokens, prefix) points to time; prefix + tokens <= max_tokens."""
+
+    batches: tuple[int, ...]
+    tokens: tuple[int, ...]
+    prefixes: tuple[int, ...]
+    max_tokens: int
+    repeats: int
+    warmup: int
+
+    def points(self) -> tuple[tuple[int, int, int], ...]:
+        pts = [(b, s, p) for b in self.batches for s in self.tokens for p in self.prefixes
+               if p + s <= self.max_tokens]
+        return tuple(pts)
+
+
+def default_grid(max_tokens: int, *, quick: bool = False, max_batch: int = 2) -> Grid:
+    """Slices from 16 tokens to the whole prompt, prefixes across it, up to ``max_batch`` rows.
+
+    The slicing DP explores slices down to its grid step (tens of tokens) and the layer DP
+    asks for whole prompts, so the grid spans both ends; the fit's terms carry it between.
+    ``quick`` trades points and repeats for a profile in well under a minute on one CPU core.
+    """
+    assert max_tokens >= 32, max_tokens
+    if quick:
+        tokens = sorted({16, 64, max(32, max_tokens // 4), max_tokens // 2})
+        prefixes = (0, max_tokens // 2)
+        batches = tuple(sorted({1, max_batch}))
+        return Grid(tuple(batches), tuple(tokens), prefixes, max_tokens, repeats=3, warmup=1)
+    tokens = sorted({16, 64, 128, max_tokens // 4, max_tokens // 2, max_tokens})
+    prefixes = (0, max_tokens // 4, max_tokens // 2, (3 * max_tokens) // 4)
+    batches = tuple(sorted({1, 2, max_batch}))
+    return Grid(batches, tuple(tokens), prefixes, max_tokens, repeats=5, warmup=2)
+
+
+class _PartTimer:
+    """Forward hooks that clock the embedding, each block and the head inside one call."""
+
+    def __init__(self, stage, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.parts: dict[str, float] = {}
+        self._t0: dict[str, float] = {}
+        self.handles = []
+        named = [("embedding", stage.embed)] + [(f"block{k}", b) for k, b in
+                                                enumerate(stage.layers.values())]
+        for name, mod in named:
+            self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(mod.register_forward_hook(self._post(name)))
+        # The head is norm then the linear: start at the norm, stop after the linear.
+        self.handles.append(stage.norm.register_forward_pre_hook(self._pre("head")))
+        self.handles.append(stage.head.register_forward_hook(self._post("head")))
+
+    def _pre(self, name):
+        def hook(*_):
+            self.sync()
+            self._t0[name] = time.perf_counter()
+        return hook
+
+    def _post(self, name):
+        def hook(*_):
+            self.sync()
+            self.parts[name] = time.perf_counter() - self._t0[name]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS / VmHWM of this process from /proc (Linux), in bytes; 0 elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
+
+
+def profile_device(
+    source, device: DeviceSpec, *, dtype: str, grid: Grid,
+    progress: Callable[[int, int], None] | None = None,
+) -> DeviceProfile:
+    """Measure ``device`` (this process's device) on a two-block stage of ``source``.
+
+    ``source`` is a ``hpipe.model.source.ModelSource``; random-weight checkpoints time the same
+    as real ones. ``progress(done, total)`` is called after each grid point.
+    """
+    tdev = torch.device(device.torch_device)
+    on_cuda = tdev.type == "cuda"
+    if not on_cuda:
+        torch.set_num_threads(device.num_threads)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(tdev)
+
+    context_bytes = (torch.cuda.memory_allocated(tdev) if on_cuda else _rss_bytes("VmRSS"))
+    spec = source.spec
+    n = min(NUM_BLOCKS, spec.num_layers)
+    stage = source.load_stage(0, n, has_embedding=True, has_head=True,
+                              dtype=TORCH_DTYPES[dtype], device=tdev)
+    layer_weight_bytes = _param_bytes(next(iter(stage.layers.values())))
+    embedding_weight_bytes = _param_bytes(stage.embed)
+    # Each stage holds its own head copy, tied or not (ModelSpec.head_params says the same).
+    head_weight_bytes = (spec.vocab_size * spec.hidden + spec.hidden) * stage.head.weight.element_size()
+    timer = _PartTimer(stage, sync)
+    gen = torch.Generator().manual_seed(0)
+    points = grid.points()
+    layer, embedding, head, call, memory = [], [], [], [], []
+    kv_per_token = 0
+    try:
+        for done, (b, s, p) in enumerate(points, 1):
+            cache = stage.new_cache(batch=b, max_tokens=p + s)
+            kv_per_token = cache.mem_bytes // (n * b * (p + s))
+            ids = torch.randint(0, spec.vocab_size, (b, s), generator=gen).to(tdev)
+            runs: list[dict[str, float]] = []
+            with torch.inference_mode():
+                for r in range(grid.warmup + grid.repeats):
+                    cache.length = p  # the prefix is "cached" (zeros time like real K, V)
+                    sync()
+                    t0 = time.perf_counter()
+                    stage(ids, cache, last_only=True)
+                    sync()
+                    compute_s = time.perf_counter() - t0
+                    if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
+                        time.sleep((device.slowdown - 1.0) * compute_s)
+                    total_s = time.perf_counter() - t0
+                    if r < grid.warmup:
+                        continue
+                    scale = total_s / compute_s
+                    parts = {k: v * scale for k, v in timer.parts.items()}
+                    blocks = [parts[f"block{k}"] for k in range(n)]
+                    parts["layer"] = statistics.median(blocks)
+                    parts["call"] = max(0.0, total_s - sum(blocks) - parts["embedding"]
+                                        - parts["head"])
+                    runs.append(parts)
+                # Workspace: one more, untimed call with the peak-memory counter reset.
+                cache.length = p
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(tdev)
+                    before = torch.cuda.memory_allocated(tdev)
+                    stage(ids, cache, last_only=True)
+                    work = torch.cuda.max_memory_allocated(tdev) - before
+                else:
+                    # Without a resettable peak (not Linux) the workspace stays unmeasured (0).
+                    can_reset = _reset_hwm()
+                    before = _rss_bytes("VmRSS")
+                    stage(ids, cache, last_only=True)
+                    work = max(0, _rss_bytes("VmHWM") - before) if can_reset else 0
+            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            layer.append(TimeSample(b, s, p, med["layer"]))
+            embedding.append(TimeSample(b, s, 0, med["embedding"]))
+            head.append(TimeSample(b, s, p, med["head"]))
+            call.append(TimeSample(b, s, p, med["call"]))
+            memory.append(MemorySample(b, s, p, int(work)))
+            del cache
+            if progress is not None:
+                progress(done, len(points))
+    finally:
+        timer.remove()
+    peak = (torch.cuda.max_memory_allocated(tdev) if on_cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    log.info("profiled %s (pid %d): %d points", device.name, os.getpid(), len(points))
+    return DeviceProfile(
+        name=device.name, kind=device.kind, torch_device=device.torch_device,
+        num_threads=device.num_threads, slowdown=device.slowdown,
+        layer=tuple(layer), embedding=tuple(embedding), head=tuple(head), call=tuple(call),
+        memory=tuple(memory), context_bytes=int(context_bytes),
+        layer_weight_bytes=layer_weight_bytes,
+        kv_bytes_per_token_per_layer=int(kv_per_token),
+        embedding_weight_bytes=embedding_weight_bytes, head_weight_bytes=head_weight_bytes,
+        peak_memory_bytes=int(peak),
+    )
