@@ -59,9 +59,14 @@ def _panel_title(tl: Timeline, title: str | None, measured: Timeline | None) -> 
 
 
 def _draw(ax, tl: Timeline, *, style: str, x_span_s: float) -> None:
-    """Draw one timeline's bars; style 'filled' or 'outline' (the predicted half of an overlay)."""
+    """Draw one timeline's bars; style 'filled', 'measured' or 'outline' (predicted, overlaid).
+
+    Bars are grouped by (row strip, colour) into one ``broken_barh`` call each: a 128-slice,
+    6-device timeline has ~1500 bars and one artist per bar makes saving slow.
+    """
     cmap = _cmap()
     key = _colour_key(tl)
+    groups: dict[tuple[float, float, object], list[tuple[float, float]]] = {}
     for iv in tl.intervals:
         if iv.duration_s <= 0:
             continue
@@ -69,17 +74,18 @@ def _draw(ax, tl: Timeline, *, style: str, x_span_s: float) -> None:
             y, h, colour = iv.row + _SEND_Y, _SEND_H, _SEND_COLOR
         else:
             y, h, colour = iv.row + _COMPUTE_Y, _COMPUTE_H, _colour(iv, key, cmap)
-        if style == "outline":
-            ax.broken_barh([(iv.start_s, iv.duration_s)], (y, h), facecolors="none",
-                           edgecolors=[colour], hatch="///", linewidth=0.9)
-        else:
-            ax.broken_barh([(iv.start_s, iv.duration_s)], (y, h), facecolors=[colour],
-                           edgecolors="white", linewidth=0.3,
-                           alpha=0.75 if style == "measured" else 1.0)
+        groups.setdefault((y, h, colour), []).append((iv.start_s, iv.duration_s))
         if (style == "filled" and iv.kind == "compute" and iv.phase == "prefill"
                 and iv.duration_s >= _MIN_LABEL_FRACTION * x_span_s):
             ax.text(iv.start_s + iv.duration_s / 2, y + h / 2, str(iv.tokens), ha="center",
                     va="center", fontsize=7, color="white", clip_on=True)
+    for (y, h, colour), spans in groups.items():
+        if style == "outline":
+            ax.broken_barh(spans, (y, h), facecolors="none", edgecolors=[colour],
+                           hatch="///", linewidth=0.9)
+        else:
+            ax.broken_barh(spans, (y, h), facecolors=[colour], edgecolors="white",
+                           linewidth=0.3, alpha=0.75 if style == "measured" else 1.0)
 
 
 def _cmap():
@@ -98,6 +104,7 @@ def plot_timelines(
     path: str | Path,
     *,
     titles: Sequence[str] | None = None,
+    row_labels: Sequence[Sequence[str] | None] | None = None,
     share_x: bool = True,
     dpi: int = 130,
 ) -> Path:
@@ -105,12 +112,17 @@ def plot_timelines(
 
     An entry is a Timeline, or a ``(predicted, measured)`` pair to overlay. ``titles`` (one per
     panel) replace the method name in each panel's title. With ``share_x`` all panels use the
-    longest makespan, so a faster plan visibly ends earlier.
+    longest makespan, so a faster plan visibly ends earlier. ``row_labels`` (per panel, one per
+    row, or None) replace the device names on the y axis, e.g. to add each device's layers.
     """
     if not timelines:
         raise ValueError("plot_timelines needs at least one timeline")
     if titles is not None and len(titles) != len(timelines):
         raise ValueError(f"got {len(titles)} titles for {len(timelines)} panels; give one each")
+    for k, labels in enumerate(row_labels or ()):
+        if labels is not None and len(labels) != len(_rows(timelines[k])):
+            raise ValueError(f"panel {k}: {len(labels)} row labels for "
+                             f"{len(_rows(timelines[k]))} rows; give one per device row")
     heights = [max(1, len(_rows(p))) * 0.42 + 0.9 for p in timelines]
     fig = Figure(figsize=(13, sum(heights) + 0.6), dpi=dpi)
     axes = fig.subplots(len(timelines), 1, sharex=share_x, squeeze=False,
@@ -126,6 +138,8 @@ def plot_timelines(
             _draw(ax, measured, style="measured", x_span_s=span)
             _draw(ax, predicted, style="outline", x_span_s=span)
         rows = _rows(panel)
+        if row_labels is not None and row_labels[k] is not None:
+            rows = tuple(row_labels[k])
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(rows, fontsize=8)
         ax.set_ylim(len(rows) - 0.5, -0.6)  # row 0 at the top: pipeline order reads downward

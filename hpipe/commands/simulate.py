@@ -1,0 +1,131 @@
+"""``hpipe simulate``: plan one method (or all) and time it with the exact simulator.
+
+Prints a readable summary (or ``--json``), and writes the chosen method's timeline as a Chrome
+trace (``--trace``) and a PNG Gantt chart (``--png``); with ``--method all`` the table puts
+every method side by side and the PNG stacks them on one time axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpipe.errors import HPipeError, ModelSpecError
+from hpipe.spec import ModelSpec, model_preset
+
+METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
+
+
+def load_model_arg(arg: str) -> ModelSpec:
+    """A preset name, or a path to an HF model directory / config.json."""
+    path = Path(arg)
+    if not path.exists():
+        return model_preset(arg)  # raises UnknownPresetError listing the presets
+    if path.suffix == ".gguf":
+        raise ModelSpecError(f"--model {arg!r}: give the model's HF config.json (or a preset "
+                             "name) to simulate; GGUF files are read by 'hpipe run'")
+    from hpipe.model.config import spec_from_hf_config
+
+    return spec_from_hf_config(path)
+
+
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """The options ``plan`` and ``simulate`` share."""
+    p.add_argument("--cluster", default="paper", help="'paper', 'local:N' or a cluster YAML file")
+    p.add_argument("--model", default="llama-7b", help="model preset name or HF model dir")
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
+    p.add_argument("--batch", type=int, default=6, help="sequences per batch")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--grain-tokens", type=int, default=None,
+                   help="slicing grid in tokens (default: the planner's)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="plan a method (or all) and time it exactly",
+                              description=__doc__)
+    add_setting_args(p)
+    p.add_argument("--method", default="hpipe", choices=METHOD_CHOICES)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--trace", type=Path, help="write a Chrome trace (Perfetto) here")
+    p.add_argument("--png", type=Path, help="write a Gantt chart PNG here")
+    p.set_defaults(func=run)
+    return p
+
+
+def _plan_summary(plan) -> dict:
+    return {
+        "stages": [{"devices": [plan.cluster.devices[d].name for d in s.devices],
+                    "layers": [s.layer_start, s.layer_stop]} for s in plan.stages],
+        "slices": list(plan.slices),
+        "num_microbatches": plan.num_microbatches,
+    }
+
+
+def _describe(result) -> str:
+    plan = result.plan
+    lines = [f"{result.method}: {result.status}"]
+    if plan is not None:
+        for s in plan.stages:
+            names = "+".join(plan.cluster.devices[d].name for d in s.devices)
+            lines.append(f"  {names:<16} layers [{s.layer_start}, {s.layer_stop})")
+        sl = list(plan.slices)
+        lines.append(f"  slices ({len(sl)}): {sl if len(sl) <= 24 else sl[:24] + ['...']}"
+                     + (f", {plan.num_microbatches} micro-batches" if plan.num_microbatches > 1
+                        else ""))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpipe.cluster import load_cluster
+    from hpipe.report.evaluate import PAPER_METHODS, evaluate_methods
+    from hpipe.report.gantt import plot_timelines
+    from hpipe.report.tables import memory_table, performance_table
+    from hpipe.report.trace import write_chrome_trace
+
+    try:
+        cluster = load_cluster(args.cluster)
+        model = load_model_arg(args.model)
+        methods = PAPER_METHODS if args.method == "all" else (args.method,)
+        results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
+                                   seq_len=args.seq_len, dtype=args.dtype,
+                                   grain_tokens=args.grain_tokens)
+    except HPipeError as e:
+        print(f"hpipe simulate: error: {e}", file=sys.stderr)
+        return 2
+    if args.method != "all" and results[args.method].timeline is None:
+        print(f"hpipe simulate: error: {args.method} is infeasible: {results[args.method].error}",
+              file=sys.stderr)
+        return 2
+    drawn = [r for r in results.values() if r.timeline is not None]
+    titles = [f"{r.method}" + ("" if r.runs else f" [{r.status.split(':')[0]}]") for r in drawn]
+    if args.trace:
+        write_chrome_trace(args.trace, [r.timeline for r in drawn], labels=titles)
+    if args.png:
+        plot_timelines([r.timeline for r in drawn], args.png, titles=titles)
+
+    setting = {"cluster": cluster.name, "model": model.name, "batch": args.batch,
+               "seq_len": args.seq_len, "dtype": args.dtype}
+    if args.json:
+        out = {"setting": setting, "methods": {
+            name: {"status": r.status, "runs": r.runs,
+                   "plan": _plan_summary(r.plan) if r.plan else None,
+                   "memory_bytes": dict(zip(r.device_names, r.memory_bytes)),
+                   "summary": r.timeline.summary() if r.timeline else None}
+            for name, r in results.items()}}
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{model.name}, batch {args.batch} x {args.seq_len} tokens, {args.dtype}, "
+          f"cluster {cluster.name!r} ({cluster.num_devices} devices)"
+          + ("  (emulated devices)" if cluster.emulated else ""))
+    if args.method != "all":
+        print(_describe(results[args.method]))
+    print()
+    print(performance_table(results))
+    print()
+    print(memory_table(results))
+    for flag, path in (("trace", args.trace), ("png", args.png)):
+        if path:
+            print(f"wrote {flag}: {path}")
+    return 0
