@@ -132,7 +132,7 @@ def _root_cause(procs, failures, requests) -> Exception:
             return f"rank {rank} (stage {rank}, device {devs[stages[rank].device].name!r})"
         return f"rank {rank}"
 
-    for rank, tname, message, tb in failures:
+    for rank, tname, message, _tb in failures:
         cls = getattr(errors, tname, None)
         if isinstance(cls, type) and issubclass(cls, Exception) and cls is not WorkerFailedError:
             return cls(f"{where(rank)}: {message}")

@@ -1,0 +1,246 @@
+"""Failures end typed and fast: a killed worker, a refused plan, a shape mismatch, no rendezvous.
+
+Only the killed-worker and Ctrl-C tests start worker processes; the refusals must happen before
+any worker starts (the launcher is replaced by a tripwire), and the comm checks run two gloo
+ranks as threads of this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from runtime_harness import Case, plan_for, request_for
+
+from hpipe.cluster import parse_cluster
+from hpipe.errors import (
+    PlanMismatchError,
+    PromptTooLongError,
+    ShapeMismatchError,
+    WorkerFailedError,
+)
+from hpipe.runtime import check_request, launch_local
+from hpipe.runtime.comm import Expected, StageLink
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- a killed worker ---------------------------------------------------------------------------
+def _slow_cluster(num_workers: int, slowdown: float):
+    """Local CPU workers emulated `slowdown` x slower, so a tiny model's run lasts seconds."""
+    return parse_cluster({"name": "slow", "hosts": [{"name": "local", "intra_link": "loopback",
+                          "devices": [{"name": f"cpu{i}", "type": "cpu", "slowdown": slowdown}
+                                      for i in range(num_workers)]}]})
+
+
+def _long_request(tiny_checkpoints):
+    from hpipe.model.source import open_model
+
+    path = tiny_checkpoints["llama"]
+    spec = open_model(path).spec
+    case = Case("long", "llama", layers=(2, 2), slices=(4, 4), max_new_tokens=100)
+    req = request_for(case, path, spec, 2, cluster=_slow_cluster(2, 300.0))
+    return dataclasses.replace(req, eos_token_ids=(), stop_at_eos=False)
+
+
+def test_killed_worker_ends_the_run_naming_the_rank(tiny_checkpoints):
+    req = _long_request(tiny_checkpoints)
+    pids: list[int] = []
+    killed_at: list[float] = []
+
+    def kill_rank0_once_decoding(kind, done, total):
+        if kind == "decode" and done >= 2 and not killed_at:
+            os.kill(pids[0], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    with pytest.raises(WorkerFailedError) as info:
+        launch_local([req], on_started=pids.extend, on_progress=kill_rank0_once_decoding)
+    assert killed_at, "the run ended before the worker was killed"
+    assert time.monotonic() - killed_at[0] < 30
+    assert "rank 0" in str(info.value) and "SIGKILL" in str(info.value)
+    for pid in pids:  # every worker is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_ctrl_c_leaves_no_orphan_workers(tiny_checkpoints, tmp_path):
+    """SIGINT to a supervisor mid-run: it exits and none of its workers survive."""
+    req = _long_request(tiny_checkpoints)
+    req_file = tmp_path / "req.pt"
+    torch.save([req], req_file)
+    pid_file = tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from hpipe.runtime import launch_local
+        def started(pids):
+            open({str(pid_file)!r}, "w").write(" ".join(map(str, pids)))
+        if __name__ == "__main__":
+            try:
+                launch_local(torch.load({str(req_file)!r}, weights_only=False), on_started=started)
+            except KeyboardInterrupt:
+                sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the supervisor never started its workers"
+    time.sleep(2.0)  # let the workers get going
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    for pid in map(int, pid_file.read_text().split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# -- refused before any worker starts ----------------------------------------------------------
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Fail the test if anything tries to start workers."""
+    def no_launch(*_a, **_k):
+        raise AssertionError("a worker was started for a request that should be refused")
+
+    monkeypatch.setattr("hpipe.runtime.launch_local", no_launch)
+    monkeypatch.setattr("hpipe.runtime.launch.launch_local", no_launch)
+
+
+def _cli(*argv: str) -> int:
+    import argparse
+
+    from hpipe.commands import run as run_cmd
+
+    parser = argparse.ArgumentParser()
+    run_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["run", *argv])
+    return args.func(args)
+
+
+def test_plan_for_another_model_is_refused(tiny_checkpoints):
+    from hpipe.model.source import open_model
+
+    spec = open_model(tiny_checkpoints["llama"]).spec
+    case = Case("mismatch", "llama", layers=(2, 2), slices=(8,))
+    req = request_for(case, tiny_checkpoints["llama"], spec, 2)
+    other = dataclasses.replace(spec, num_layers=6)
+    with pytest.raises(PlanMismatchError, match=r"\(4, 64, 96\).*\(6, 64, 96\)"):
+        check_request(req, other)
+
+
+def test_cli_refuses_layer_count_dtype_and_length_before_launch(tiny_checkpoints, tmp_path,
+                                                                 tripwire, capsys):
+    from hpipe.cluster import local_cluster
+    from hpipe.model.source import open_model
+
+    path = str(tiny_checkpoints["llama"])
+    spec = open_model(path).spec
+    ids = ",".join(str(i) for i in range(3, 19))  # 16 tokens
+    # A plan made for a 6-layer variant of the model.
+    wrong = plan_for(Case("w", "llama", layers=(3, 3), slices=(16,)),
+                     dataclasses.replace(spec, num_layers=6), local_cluster(2))
+    (tmp_path / "wrong.json").write_text(wrong.to_json())
+    assert _cli("--model", path, "--prompt-ids", ids, "--max-new-tokens", "2",
+                "--plan", str(tmp_path / "wrong.json")) == 2
+    assert "re-plan" in capsys.readouterr().err
+    # A float16 plan run with --dtype float32.
+    f16 = dataclasses.replace(plan_for(Case("h", "llama", layers=(2, 2), slices=(16,)), spec,
+                                       local_cluster(2)), dtype="float16")
+    (tmp_path / "f16.json").write_text(f16.to_json())
+    assert _cli("--model", path, "--prompt-ids", ids, "--max-new-tokens", "2",
+                "--plan", str(tmp_path / "f16.json"), "--dtype", "float32") == 2
+    assert "float16" in capsys.readouterr().err
+    # --layers that do not add up to the model's 4 layers.
+    assert _cli("--model", path, "--prompt-ids", ids, "--max-new-tokens", "2",
+                "--layers", "3,3") == 2
+    assert capsys.readouterr().err
+    # Prompt + new tokens beyond the 128-token context.
+    long_ids = ",".join(["5"] * 120)
+    assert _cli("--model", path, "--prompt-ids", long_ids, "--max-new-tokens", "20") == 2
+    assert "context of 128" in capsys.readouterr().err
+
+
+def test_prompt_too_long_is_typed(tiny_checkpoints):
+    from hpipe.model.source import open_model
+
+    spec = open_model(tiny_checkpoints["llama"]).spec
+    with pytest.raises(PromptTooLongError, match="128"):
+        request_for(Case("long", "llama", layers=(2, 2), slices=(100, 20), max_new_tokens=10),
+                    tiny_checkpoints["llama"], spec, 2)
+
+
+# -- the wire: shape checks and timeouts, two gloo ranks as threads ----------------------------
+def _linked_pair(timeout_s: float = 10.0) -> tuple[StageLink, StageLink]:
+    store = dist.HashStore()
+    groups: dict[int, dist.ProcessGroup] = {}
+
+    def make(rank: int) -> None:
+        groups[rank] = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=timeout_s))
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cpu = torch.device("cpu")
+    return tuple(StageLink(groups[r], rank=r, compute_device=cpu, wire_device=cpu,
+                           recv_timeout_s=timeout_s) for r in range(2))
+
+
+def test_shape_mismatch_is_typed_names_both_and_does_not_hang():
+    a, b = _linked_pair()
+    sent = a.isend(torch.ones(1, 4, 8), dst=1, unit=3)
+    t0 = time.monotonic()
+    with pytest.raises(ShapeMismatchError) as info:
+        b.recv(Expected(src=0, unit=3, shape=(1, 4, 16), dtype=torch.float32))
+    assert "(1, 4, 16)" in str(info.value) and "(1, 4, 8)" in str(info.value)
+    sent.join()  # the payload was drained: the sender is not left blocked
+    assert time.monotonic() - t0 < 5
+    # The link still works for the next, well-formed message.
+    nxt = a.isend(torch.arange(6.0).view(1, 2, 3), dst=1, unit=4)
+    got = b.recv(Expected(src=0, unit=4, shape=(1, 2, 3), dtype=torch.float32))
+    nxt.join()
+    assert torch.equal(got.tensor, torch.arange(6.0).view(1, 2, 3))
+
+
+def test_dtype_and_unit_mismatches_are_typed():
+    a, b = _linked_pair()
+    a.isend(torch.ones(2, 3, dtype=torch.float16), dst=1, unit=0)
+    with pytest.raises(ShapeMismatchError, match="float16"):
+        b.recv(Expected(src=0, unit=0, shape=(2, 3), dtype=torch.float32))
+    a.isend(torch.ones(2, 3), dst=1, unit=5)
+    with pytest.raises(ShapeMismatchError, match="unit 4.*unit 5"):
+        b.recv(Expected(src=0, unit=4, shape=(2, 3), dtype=torch.float32))
+
+
+def test_stop_marker_and_silent_peer():
+    a, b = _linked_pair(timeout_s=1.0)
+    a.isend(None, dst=1, unit=9, stop=True)
+    assert b.recv(Expected(src=0, unit=9, shape=(1,), dtype=torch.int64)).stop
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="rank 1 waiting .* from rank 0"):
+        b.recv(Expected(src=0, unit=10, shape=(1,), dtype=torch.int64))
+    assert time.monotonic() - t0 < 5
+
+
+def test_unreachable_rendezvous_times_out_naming_the_address():
+    from hpipe.runtime.launch import free_port
+    from hpipe.runtime.rank import Rendezvous, join_group
+
+    port = free_port()
+    rv = Rendezvous(addr="127.0.0.1", port=port, rank=1, world_size=2, backend="gloo",
+                    connect_timeout_s=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailedError, match=f"rank 1 .*127.0.0.1:{port}"):
+        join_group(rv)
+    assert time.monotonic() - t0 < 30
+    assert not dist.is_initialized()
