@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
+
 from hpipe.cluster import ClusterSpec, DeviceSpec
 from hpipe.cost.memory import context_bytes, kv_bytes, weight_bytes, workspace_bytes
 from hpipe.plan.plan import dtype_bytes
@@ -116,22 +118,58 @@ class AnalyticCost:
                      has_head: bool) -> float:
         tp = len(devices)
         n = layer_stop - layer_start
+        ends = has_embedding or has_head
         # A tensor-parallel group runs in lock step: the slowest member sets the pace.
-        compute = max(
-            (n * self._layer_time_s(d, tp, batch, tokens, prefix)
-             + self._ends_time_s(self.cluster.devices[d], tp, batch=batch, tokens=tokens,
-                                 has_embedding=has_embedding, has_head=has_head))
-            * self.cluster.devices[d].slowdown  # emulated slower device
-            for d in devices
-        )
+        compute = 0.0
+        for d in devices:
+            dev = self.cluster.devices[d]
+            t = n * self._layer_time_s(d, tp, batch, tokens, prefix)
+            if ends:
+                t += self._ends_time_s(dev, tp, batch=batch, tokens=tokens,
+                                       has_embedding=has_embedding, has_head=has_head)
+            compute = max(compute, t * dev.slowdown)  # slowdown: an emulated slower device
         if tp > 1:
             # Megatron-LM: one all-reduce after attention, one after the MLP, per layer.
             compute += 2 * n * self._allreduce_time_s(
                 devices, batch * tokens * self.model.hidden * self.elem_bytes)
         return compute
 
+    def stage_times_many_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
+                           *, batch: int, tokens: np.ndarray, prefix: int, has_embedding: bool,
+                           has_head: bool) -> np.ndarray:
+        """``stage_time_s`` for many slice lengths at one prefix at once (same formulas, numpy).
+
+        An optional fast path the slicing DP uses when a cost model offers it: the tau grid
+        is O(Q^2) cells, too many for one Python call each on long prompts.
+        """
+        tokens = np.asarray(tokens, dtype=float)
+        tp = len(devices)
+        n = layer_stop - layer_start
+        params, hidden, kv_tok, e = self._shape
+        flops = (2.0 * batch * tokens * params
+                 + 4.0 * batch * hidden * tokens * (prefix + tokens / 2.0)) / tp
+        moved = (params * e + batch * (prefix + tokens) * kv_tok) / tp
+        moved = moved + 2 * batch * tokens * hidden * e
+        out = np.zeros_like(tokens)
+        for d in devices:
+            dev = self.cluster.devices[d]
+            rate = self.achievable_flops(dev, batch * tokens)
+            t = n * np.maximum(flops / rate, moved / (dev.mem_bandwidth_bytes_s * MEM_EFF))
+            if has_embedding:
+                t = t + 2 * batch * tokens * hidden * e / (dev.mem_bandwidth_bytes_s * MEM_EFF)
+            if has_head:
+                t = t + self._ends_time_s(dev, tp, batch=batch, tokens=1, has_embedding=False,
+                                          has_head=True)
+            out = np.maximum(out, t * dev.slowdown)
+        if tp > 1:
+            out = out + 2 * n * self._allreduce_time_s(devices, batch * tokens * hidden * e)
+        return out
+
     def transfer_time_s(self, src: int, dst: int, num_bytes: float) -> float:
-        return self.cluster.link(src, dst).transfer_time_s(num_bytes)
+        link = self._memo.get(("link", src, dst))
+        if link is None:
+            link = self._memo[("link", src, dst)] = self.cluster.link(src, dst)
+        return link.latency_s + num_bytes / link.bandwidth_bytes_s
 
     def stage_memory_bytes(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
                            *, batch: int, seq_len: int, units: tuple[tuple[int, int, int], ...],

@@ -20,12 +20,11 @@ from hpipe.errors import InfeasiblePlanError, PlanMismatchError
 from hpipe.plan.evaluate import (
     Problem,
     check_memory,
-    memory_overflows,
     scored,
     stage_slice_times,
 )
 from hpipe.plan.plan import Plan, StagePlan, check_slices
-from hpipe.plan.search import plan_hpipe_split, plan_slices_for
+from hpipe.plan.search import best_microbatches, plan_hpipe_split, plan_slices_for
 from hpipe.plan.slices import plan_slicing
 
 
@@ -59,22 +58,6 @@ def tp_pairs(pb: Problem) -> list[tuple[int, ...]]:
     return groups
 
 
-def _best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...]) -> Plan:
-    """GPipe's sweep: every micro-batch count 1..batch, keep the fastest that fits memory."""
-    best, last_err = None, None
-    for m in range(1, pb.batch + 1):
-        plan = pb.plan(method, stages, (pb.seq_len,), num_microbatches=m)
-        if memory_overflows(plan, pb.cost):
-            last_err = plan
-            continue
-        plan = scored(plan, pb.cost)
-        if best is None or plan.predicted_latency_s < best.predicted_latency_s:
-            best = plan
-    if best is None:
-        check_memory(last_err, pb.cost)  # raises, naming the device of the finest count
-    return best
-
-
 def plan_base(pb: Problem) -> Plan:
     stages = even_stages(pb, [(d,) for d in range(pb.cluster.num_devices)])
     plan = pb.plan("base", stages, (pb.seq_len,))
@@ -83,16 +66,16 @@ def plan_base(pb: Problem) -> Plan:
 
 
 def plan_gpipe(pb: Problem) -> Plan:
-    return _best_microbatches(pb, "gpipe",
+    return best_microbatches(pb, "gpipe",
                               even_stages(pb, [(d,) for d in range(pb.cluster.num_devices)]))
 
 
 def plan_gpb(pb: Problem) -> Plan:
-    return _best_microbatches(pb, "gpb", plan_hpipe_split(pb)[0])
+    return best_microbatches(pb, "gpb", plan_hpipe_split(pb)[0])
 
 
 def plan_megatron(pb: Problem) -> Plan:
-    return _best_microbatches(pb, "megatron", even_stages(pb, tp_pairs(pb)))
+    return best_microbatches(pb, "megatron", even_stages(pb, tp_pairs(pb)))
 
 
 def _terapipe_slicing(pb: Problem, method: str, stages: tuple[StagePlan, ...]) -> Plan:
@@ -102,7 +85,7 @@ def _terapipe_slicing(pb: Problem, method: str, stages: tuple[StagePlan, ...]) -
                              tokens=pb.seq_len, prefix=0, overlap_comm=pb.overlap_comm)
     slowest = max(range(len(stages)), key=lambda j: full[j])
     st = pb.slice_times(stages, only_stage=slowest)
-    res = plan_slicing(st.tau, fits_fn=st.fits, seq_len=pb.seq_len,
+    res = plan_slicing(st.tau, fits_fn=st.fits, tau_row_fn=st.tau_row, seq_len=pb.seq_len,
                        grain_tokens=pb.grain_tokens, num_stages=len(stages), num_candidates=1)
     if res is None:
         plan = pb.plan(method, stages, (pb.seq_len,))

@@ -13,6 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError
@@ -100,6 +102,30 @@ class SliceTimes:
                               rows=self.batch, tokens=tokens, prefix=prefix,
                               overlap_comm=self.overlap_comm)
         return t[self.only_stage] if self.only_stage is not None else max(t)
+
+    def tau_row(self, tokens: np.ndarray, prefix: int) -> np.ndarray:
+        """``tau`` for many slice lengths at one prefix: numpy when the cost model offers
+        ``stage_times_many_s`` (the analytic one does; its ``transfer_time_s`` then takes an
+        array of byte counts too), one call per cell otherwise."""
+        many = getattr(self.cost, "stage_times_many_s", None)
+        if many is None:
+            return np.array([self.tau(int(t), prefix) for t in tokens])
+        tokens = np.asarray(tokens)
+        act = self.batch * tokens * self.model.hidden * dtype_bytes(self.dtype)
+        last = len(self.stages) - 1
+        per_stage = []
+        for j, st in enumerate(self.stages):
+            comp = many(st.devices, st.layer_start, st.layer_stop, batch=self.batch,
+                        tokens=tokens, prefix=prefix, has_embedding=j == 0, has_head=j == last)
+            if j == last:
+                comm = np.zeros_like(comp)
+            else:
+                src, dst = st.device, self.stages[j + 1].device
+                comm = np.asarray(self.cost.transfer_time_s(src, dst, act.astype(float)))
+            per_stage.append(np.maximum(comp, comm) if self.overlap_comm else comp + comm)
+        if self.only_stage is not None:
+            return per_stage[self.only_stage]
+        return np.max(per_stage, axis=0)
 
     def tau_or_inf(self, tokens: int, prefix: int) -> float:
         return self.tau(tokens, prefix) if self.fits(tokens, prefix) else math.inf

@@ -229,3 +229,52 @@ def stops_fit(max_stop: dict, num_layers: int, orders: list[tuple[int, ...]]) ->
         if a >= num_layers:
             return True
     return False
+
+
+def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
+    """The split with the least *sum* of stage times and transfers: the optimum when the prompt
+    is too short to pipeline (one slice runs through the stages one after another).
+
+    Same receiver-indexed table as ``solve_split`` with + in place of max (a shortest path):
+    S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
+    A candidate for the search, which re-scores it; ``bottleneck_s`` is its DP bottleneck.
+    """
+    n, num = sc.num_layers, len(order)
+    S = np.full((n + 1, num), INF)
+    S[0, :] = 0.0
+    arg = {}
+    best, best_arg = INF, None
+    for b in range(1, n + 1):
+        for m in range(num):
+            dev = order[m]
+            ok = sc.max_stop[dev][:b] >= b
+            if not ok.any():
+                continue
+            comp = sc.prefix_s[dev][b] - sc.prefix_s[dev][:b]
+            comp[0] += sc.emb_s[dev]
+            w = np.where(ok, S[:b, m] + comp, INF)
+            if b == n:
+                w = w + sc.head_s[dev]
+                k = int(np.argmin(w))
+                if w[k] < best:
+                    best, best_arg = float(w[k]), (k, m)
+                continue
+            k = int(np.argmin(w))
+            for r in range(m + 1, num):
+                v = float(w[k]) + sc.comm_s[(dev, order[r])]
+                if v < S[b, r]:
+                    S[b, r] = v
+                    arg[(b, r)] = (k, m)
+    counts = [0] * num
+    if best_arg is not None:
+        k, m = best_arg
+        b = n
+        while True:
+            counts[m] = b - k
+            if k == 0:
+                break
+            b, r = k, m
+            k, m = arg[(b, r)]
+    return LayerSplit(order=tuple(order), counts=tuple(counts),
+                      bottleneck_s=split_bottleneck_s(sc, tuple(order), tuple(counts))
+                      if best_arg is not None else INF)

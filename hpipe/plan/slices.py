@@ -58,12 +58,14 @@ def grid_positions(seq_len: int, grain_tokens: int) -> np.ndarray:
 
 
 def tau_matrix(positions: np.ndarray, tau_fn: Callable[[int, int], float],
-               fits_fn: Callable[[int, int], bool] | None = None) -> np.ndarray:
+               fits_fn: Callable[[int, int], bool] | None = None,
+               tau_row_fn: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
     """tau[k, q] = tau_fn(tokens, prefix) of the slice from grid point k to q (inf if k >= q,
     or if ``fits_fn(tokens, prefix)`` says its workspace overflows a device).
 
     A slice's workspace grows with its length at a fixed start, so the longest slice that fits
     from each start is found by bisection: O(n log n) memory questions instead of O(n^2).
+    ``tau_row_fn(tokens array, prefix)``, when given, fills a row at once (numpy).
     """
     n = len(positions)
     tau = np.full((n, n), INF)
@@ -79,8 +81,13 @@ def tau_matrix(positions: np.ndarray, tau_fn: Callable[[int, int], float],
                 else:
                     hi = mid - 1
             last = lo
-        for q in range(k + 1, last + 1):
-            tau[k, q] = tau_fn(int(positions[q]) - p, p)
+        if last <= k:
+            continue
+        if tau_row_fn is not None:
+            tau[k, k + 1:last + 1] = tau_row_fn(positions[k + 1:last + 1] - p, p)
+        else:
+            for q in range(k + 1, last + 1):
+                tau[k, q] = tau_fn(int(positions[q]) - p, p)
     return tau
 
 
@@ -103,56 +110,72 @@ def _backtrack(parent: np.ndarray, positions: np.ndarray, q: int) -> tuple[int, 
     return tuple(reversed(out))
 
 
+def _cap_clusters(tau: np.ndarray, epsilon: float) -> list[tuple[float, float]]:
+    """(smallest, largest) of each run of distinct tau values within a factor 1 + epsilon."""
+    caps = np.unique(tau[np.isfinite(tau)])
+    out, i = [], 0
+    while i < len(caps):
+        j = i
+        while j + 1 < len(caps) and caps[j + 1] <= caps[i] * (1 + epsilon):
+            j += 1
+        out.append((float(caps[i]), float(caps[j])))
+        i = j + 1
+    return out
+
+
 def solve_slicing(tau: np.ndarray, positions: np.ndarray, *, num_stages: int,
-                  epsilon: float = 1e-2, num_candidates: int = 8) -> SlicingResult | None:
-    """Minimise the estimate over all slicings on the grid; None if no slicing is feasible."""
+                  epsilon: float = 1e-2, num_candidates: int = 8,
+                  caps_per_chunk: int = 64) -> SlicingResult | None:
+    """Minimise the estimate over all slicings on the grid; None if no slicing is feasible.
+
+    Caps are solved ``caps_per_chunk`` at a time (one numpy row per cap); the TeraPipe stop
+    test runs between chunks, so a chunk may solve a few caps past the stop, which changes
+    nothing but time.
+    """
     n = len(positions)
     Q = n - 1
-    caps = np.unique(tau[np.isfinite(tau)])
-    best = np.full(n, INF)  # best[q]: least estimate for length pos[q] over caps tried so far
-    best_parent: dict[int, np.ndarray] = {}  # cap index -> parent array of that cap's DP
-    best_src = np.full(n, -1)  # which cap's parent array holds best[q]'s scheme
+    clusters = _cap_clusters(tau, epsilon)
+    best = np.full(n, INF)  # best[q]: least charged estimate for length pos[q] so far
+    best_from: dict[int, tuple[np.ndarray, int]] = {}  # q -> (parent matrix, row) of best[q]
     heap: list[tuple[float, tuple[int, ...]]] = []  # (-charged estimate, slices): worst on top
     seen: set[tuple[int, ...]] = set()
-    i = 0
-    while i < len(caps):
-        lo = caps[i]
-        if np.all(np.isfinite(best[1:])) and (num_stages - 1) * lo >= best[1:].max():
+    for c0 in range(0, len(clusters), caps_per_chunk):
+        chunk = clusters[c0:c0 + caps_per_chunk]
+        if np.all(np.isfinite(best[1:])) and (num_stages - 1) * chunk[0][0] >= best[1:].max():
             break  # no larger cap can beat any length's best
-        j = i
-        while j + 1 < len(caps) and caps[j + 1] <= lo * (1 + epsilon):
-            j += 1
-        cap = caps[j]
-        i = j + 1
-        masked = np.where(tau <= cap, tau, INF)
-        # Lat[q]: least sum of tau over slicings of [0, pos[q]) whose slices all take <= cap.
-        lat = np.full(n, INF)
-        lat[0] = 0.0
-        parent = np.zeros(n, dtype=np.int64)
+        cap = np.array([hi for _, hi in chunk])[:, None]  # (C, 1)
+        C = len(chunk)
+        # lat[c, q]: least sum of tau over slicings of [0, pos[q]) whose slices all take
+        # <= cap[c]; parent[c, q]: the grid point where the last of those slices starts.
+        lat = np.full((C, n), INF)
+        lat[:, 0] = 0.0
+        parent = np.zeros((C, n), dtype=np.int64)
+        rows = np.arange(C)
         for q in range(1, n):
-            v = lat[:q] + masked[:q, q]
-            k = int(np.argmin(v))
-            lat[q] = v[k]
-            parent[q] = k
-        total = lat + (num_stages - 1) * cap
-        improved = total < best
-        improved[0] = False
-        if improved.any():
-            best = np.where(improved, total, best)
-            best_src = np.where(improved, j, best_src)
-            best_parent[j] = parent
-        if np.isfinite(total[Q]):
-            sl = _backtrack(parent, positions, Q)
+            t = tau[:q, q][None, :]  # (1, q)
+            v = lat[:, :q] + np.where(t <= cap, t, INF)  # (C, q)
+            k = np.argmin(v, axis=1)
+            lat[:, q] = v[rows, k]
+            parent[:, q] = k
+        total = lat + (num_stages - 1) * cap  # Lat[q] + (N - 1) t_m
+        row = np.argmin(total, axis=0)
+        top = total[row, np.arange(n)]
+        for q in np.nonzero(top < best)[0]:
+            if q > 0:
+                best[q] = top[q]
+                best_from[int(q)] = (parent, int(row[q]))
+        for c in np.nonzero(np.isfinite(total[:, Q]))[0]:
+            sl = _backtrack(parent[c], positions, Q)
             if sl not in seen:
                 seen.add(sl)
-                item = (-float(total[Q]), sl)
+                item = (-float(total[c, Q]), sl)
                 if len(heap) < num_candidates:
                     heapq.heappush(heap, item)
                 elif item > heap[0]:
                     heapq.heapreplace(heap, item)
     if not np.isfinite(best[Q]):
         return None
-    table = tuple((int(positions[q]), _backtrack(best_parent[int(best_src[q])], positions, q))
+    table = tuple((int(positions[q]), _backtrack(best_from[q][0][best_from[q][1]], positions, q))
                   for q in range(1, n) if np.isfinite(best[q]))
     slices = dict(table)[int(positions[Q])]
     cands = tuple(sorted(((sl, -neg) for neg, sl in heap), key=lambda c: c[1]))
@@ -161,8 +184,9 @@ def solve_slicing(tau: np.ndarray, positions: np.ndarray, *, num_stages: int,
 
 def plan_slicing(tau_fn: Callable[[int, int], float], *, seq_len: int, grain_tokens: int,
                  num_stages: int, fits_fn: Callable[[int, int], bool] | None = None,
+                 tau_row_fn: Callable[[np.ndarray, int], np.ndarray] | None = None,
                  epsilon: float = 1e-2, num_candidates: int = 8) -> SlicingResult | None:
     """Build the tau grid from ``tau_fn(tokens, prefix)`` (``fits_fn`` = memory) and solve it."""
     pos = grid_positions(seq_len, grain_tokens)
-    return solve_slicing(tau_matrix(pos, tau_fn, fits_fn), pos, num_stages=num_stages,
+    return solve_slicing(tau_matrix(pos, tau_fn, fits_fn, tau_row_fn), pos, num_stages=num_stages,
                          epsilon=epsilon, num_candidates=num_candidates)

@@ -1,0 +1,86 @@
+"""Exhaustive oracles for the DPs, scored by the very evaluators the DPs use.
+
+Small instances only: splits are all compositions of n layers into N parts (zeros allowed,
+C(n + N - 1, N - 1) of them) for every host order; slicings are all compositions of the
+prompt on the g-token grid (2^(Q-1) for Q grid steps). Tests compare the DPs against these.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+
+from hpipe.plan.evaluate import Problem, predicted_latency_s
+from hpipe.plan.layers import SplitCosts, split_bottleneck_s
+from hpipe.plan.plan import StagePlan
+from hpipe.plan.slices import estimate_s, grid_positions
+
+
+def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every way to write ``total`` as ``parts`` ordered non-negative integers."""
+    for cuts in itertools.combinations(range(total + parts - 1), parts - 1):
+        prev, out = -1, []
+        for c in cuts:
+            out.append(c - prev - 1)
+            prev = c
+        out.append(total + parts - 1 - prev - 1)
+        yield tuple(out)
+
+
+def brute_split(sc: SplitCosts, orders: list[tuple[int, ...]]
+                ) -> tuple[float, tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(least bottleneck, its order, its counts) over every split of every order; inf if none."""
+    best = (math.inf, None, None)
+    for order in orders:
+        for counts in compositions(sc.num_layers, len(order)):
+            v = split_bottleneck_s(sc, order, counts)
+            if v < best[0]:
+                best = (v, order, counts)
+    return best
+
+
+def grid_slicings(seq_len: int, grain_tokens: int) -> Iterator[tuple[int, ...]]:
+    """Every slicing whose boundaries lie on the DP's grid (see ``slices.grid_positions``)."""
+    pos = [int(x) for x in grid_positions(seq_len, grain_tokens)]
+    inner = pos[1:-1]
+    for r in range(len(inner) + 1):
+        for chosen in itertools.combinations(inner, r):
+            cuts = [0, *chosen, seq_len]
+            yield tuple(b - a for a, b in zip(cuts, cuts[1:]))
+
+
+def _fits_all(slices: tuple[int, ...], fits_fn: Callable[[int, int], bool] | None) -> bool:
+    p = 0
+    for s in slices:
+        if fits_fn is not None and not fits_fn(s, p):
+            return False
+        p += s
+    return True
+
+
+def brute_slicing_estimate(tau_fn: Callable[[int, int], float], *, seq_len: int,
+                           grain_tokens: int, num_stages: int,
+                           fits_fn: Callable[[int, int], bool] | None = None
+                           ) -> tuple[float, tuple[int, ...] | None]:
+    """Least closed-form estimate over every grid slicing that fits memory."""
+    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    for sl in grid_slicings(seq_len, grain_tokens):
+        if _fits_all(sl, fits_fn):
+            v = estimate_s(sl, tau_fn, num_stages)
+            if v < best[0]:
+                best = (v, sl)
+    return best
+
+
+def brute_slicing_simulated(pb: Problem, stages: tuple[StagePlan, ...]
+                            ) -> tuple[float, tuple[int, ...] | None]:
+    """Least *simulated* latency over every grid slicing that fits memory."""
+    st = pb.slice_times(stages)
+    best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
+    for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
+        if _fits_all(sl, st.fits):
+            v = predicted_latency_s(pb.plan("manual", stages, sl), pb.cost)
+            if v < best[0]:
+                best = (v, sl)
+    return best

@@ -1,0 +1,277 @@
+"""The DPs against exhaustive enumeration on seeded random small instances, and properties.
+
+Instances vary device speeds (50x range), memory tightness (from "nothing fits" to "all on
+one device"), link bandwidths (slow Ethernet to fast PCIe) and per-layer cost (a skew factor
+per layer, so the workload DP's prefix sums are exercised on non-uniform layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from hpipe.cluster import parse_cluster
+from hpipe.cost.analytic import AnalyticCost
+from hpipe.cost.memory import CONTEXT_BYTES_GPU, kv_bytes, weight_bytes
+from hpipe.errors import InfeasiblePlanError
+from hpipe.plan.api import plan_method
+from hpipe.plan.brute import (
+    brute_slicing_estimate,
+    brute_slicing_simulated,
+    brute_split,
+    grid_slicings,
+)
+from hpipe.plan.evaluate import Problem, predicted_latency_s
+from hpipe.plan.layers import build_split_costs, plan_layers, split_bottleneck_s
+from hpipe.plan.search import hpipe_units, plan_slices_for
+from hpipe.plan.slices import estimate_s, plan_slicing
+from hpipe.spec import ModelSpec
+
+GIB = 1024**3
+
+
+class SkewedCost:
+    """An AnalyticCost whose layer l costs ``factors[l]`` times a plain layer, times ``scale``."""
+
+    def __init__(self, base: AnalyticCost, factors: list[float], scale: float = 1.0):
+        self.base, self.factors, self.scale = base, factors, scale
+
+    def stage_time_s(self, devices, layer_start, layer_stop, *, batch, tokens, prefix,
+                     has_embedding, has_head):
+        kw = dict(batch=batch, tokens=tokens, prefix=prefix)
+        one = self.base.stage_time_s(devices, 0, 1, has_embedding=False, has_head=False, **kw)
+        ends = self.base.stage_time_s(devices, 0, 0, has_embedding=has_embedding,
+                                      has_head=has_head, **kw)
+        return self.scale * (one * sum(self.factors[layer_start:layer_stop]) + ends)
+
+    def transfer_time_s(self, src, dst, num_bytes):
+        return self.scale * self.base.transfer_time_s(src, dst, num_bytes)
+
+    def stage_memory_bytes(self, *args, **kw):
+        return self.base.stage_memory_bytes(*args, **kw)
+
+
+def random_instance(seed: int, *, max_devices: int = 4, max_layers: int = 7, max_grid: int = 6):
+    rng = random.Random(seed)
+    heads = rng.choice([2, 4])
+    model = ModelSpec(name=f"rand{seed}", family="llama", num_layers=rng.randint(2, max_layers),
+                      hidden=32 * heads, num_heads=heads, num_kv_heads=heads,
+                      intermediate=64 * heads, vocab_size=256, max_seq_len=4096)
+    batch = rng.randint(1, 4)
+    grain = 16
+    seq_len = grain * rng.randint(1, max_grid) + rng.choice([0, 0, 5])
+    e = 2
+    whole = (weight_bytes(model, num_layers=model.num_layers, has_embedding=True, has_head=True,
+                          elem_bytes=e)
+             + kv_bytes(model, num_layers=model.num_layers, batch=batch, seq_len=seq_len,
+                        elem_bytes=e))
+    num_dev = rng.randint(1, max_devices)
+    num_hosts = rng.randint(1, min(3, num_dev))
+    tight = rng.choice([0.15, 0.4, 0.8, 2.0])  # each device's room as a share of the whole model
+    hosts, di = [], 0
+    for h in range(num_hosts):
+        count = num_dev - di if h == num_hosts - 1 else rng.randint(1, num_dev - di - (num_hosts - h - 1))
+        devs = []
+        for _ in range(count):
+            room = whole * tight * rng.uniform(0.5, 2.0)
+            devs.append({"name": f"d{di}", "memory_gb": (CONTEXT_BYTES_GPU + room) / GIB,
+                         "fp16_tflops": rng.uniform(0.002, 0.1), "fp32_tflops": 0.01,
+                         "mem_bandwidth_gbs": rng.uniform(5, 200), "busy_power_w": 100,
+                         "idle_power_w": 10})
+            di += 1
+        hosts.append({"name": f"h{h}", "devices": devs,
+                      "intra_link": {"bandwidth_gbps": rng.uniform(1, 100), "latency_s": 1e-5}})
+    links = [{"between": [f"h{a}", f"h{b}"], "bandwidth_gbps": rng.uniform(0.05, 5),
+              "latency_s": 1e-4} for a in range(num_hosts) for b in range(a + 1, num_hosts)]
+    cluster = parse_cluster({"name": f"rand{seed}", "hosts": hosts, "links": links})
+    base = AnalyticCost(model, cluster, "float16")
+    cost = SkewedCost(base, [rng.uniform(0.3, 3.0) for _ in range(model.num_layers)])
+    pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype="float16",
+                 cost=cost, grain_tokens=grain, overlap_comm=seed % 2 == 0)
+    return pb
+
+
+def split_costs(pb: Problem):
+    units = hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)
+    return build_split_costs(pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch,
+                             seq_len=pb.seq_len, dtype=pb.dtype, units=units,
+                             overlap_comm=pb.overlap_comm)
+
+
+def test_workload_dp_equals_exhaustive_on_200_instances():
+    feasible = infeasible = 0
+    for seed in range(200):
+        pb = random_instance(seed)
+        sc = split_costs(pb)
+        orders = pb.cluster.host_orders()
+        dp = plan_layers(sc, orders)[0]
+        oracle, _, _ = brute_split(sc, orders)
+        if math.isinf(oracle):
+            assert math.isinf(dp.bottleneck_s), f"seed {seed}: DP found {dp} where nothing fits"
+            infeasible += 1
+            continue
+        feasible += 1
+        assert dp.bottleneck_s == pytest.approx(oracle, rel=1e-9), f"seed {seed}"
+        # Re-score the DP's own split independently.
+        assert split_bottleneck_s(sc, dp.order, dp.counts) == pytest.approx(dp.bottleneck_s)
+    assert feasible > 100 and infeasible > 10, (feasible, infeasible)
+
+
+def test_infeasible_instances_raise_in_the_planner_too():
+    raised = 0
+    for seed in range(200):
+        pb = random_instance(seed)
+        sc = split_costs(pb)
+        if math.isfinite(brute_split(sc, pb.cluster.host_orders())[0]):
+            continue
+        with pytest.raises(InfeasiblePlanError, match="fits no split.*fits:"):
+            plan_method("hpipe", model=pb.model, cluster=pb.cluster, batch=pb.batch,
+                        seq_len=pb.seq_len, cost=pb.cost, grain_tokens=pb.grain_tokens)
+        raised += 1
+    assert raised > 10
+
+
+def _feasible_stages(pb):
+    sc = split_costs(pb)
+    split = plan_layers(sc, pb.cluster.host_orders())[0]
+    return split.stages() if math.isfinite(split.bottleneck_s) else None
+
+
+def test_slicing_dp_estimate_equals_exhaustive_on_200_instances():
+    checked = 0
+    for seed in range(200):
+        pb = random_instance(seed)
+        stages = _feasible_stages(pb)
+        if stages is None:
+            continue
+        st = pb.slice_times(stages)
+        res = plan_slicing(st.tau, fits_fn=st.fits, seq_len=pb.seq_len,
+                           grain_tokens=pb.grain_tokens, num_stages=len(stages), epsilon=0.0)
+        oracle, _ = brute_slicing_estimate(st.tau, fits_fn=st.fits, seq_len=pb.seq_len,
+                                           grain_tokens=pb.grain_tokens, num_stages=len(stages))
+        if math.isinf(oracle):
+            assert res is None, f"seed {seed}"
+            continue
+        assert res.estimate_s == pytest.approx(oracle, rel=1e-9), f"seed {seed}"
+        assert estimate_s(res.slices, st.tau, len(stages)) == pytest.approx(oracle, rel=1e-9)
+        # With cap clustering the estimate stays within (1 + epsilon) of the optimum.
+        loose = plan_slicing(st.tau, fits_fn=st.fits, seq_len=pb.seq_len,
+                             grain_tokens=pb.grain_tokens, num_stages=len(stages), epsilon=0.05)
+        assert estimate_s(loose.slices, st.tau, len(stages)) <= oracle * 1.05 + 1e-12
+        checked += 1
+    assert checked > 100
+
+
+def test_rescored_slicing_against_exhaustive_simulation():
+    gaps = []
+    for seed in range(100):
+        pb = random_instance(seed, max_grid=5)
+        stages = _feasible_stages(pb)
+        if stages is None:
+            continue
+        plan = plan_slices_for(pb, stages, method="hpipe")
+        oracle, oracle_slices = brute_slicing_simulated(pb, stages)
+        if plan is None:
+            assert math.isinf(oracle), f"seed {seed}"
+            continue
+        # Independent re-score of the planner's own slicing.
+        assert predicted_latency_s(plan, pb.cost) == pytest.approx(plan.predicted_latency_s)
+        # The exhaustive grid optimum bounds every grid slicing; the uniform candidates may
+        # fall between grid points and then beat it.
+        if plan.slices in set(grid_slicings(pb.seq_len, pb.grain_tokens)):
+            assert plan.predicted_latency_s >= oracle * (1 - 1e-9)
+        # Never worse than the estimate's own favourite, which is among the re-scored.
+        st = pb.slice_times(stages)
+        est_best, est_slices = brute_slicing_estimate(
+            st.tau, fits_fn=st.fits, seq_len=pb.seq_len, grain_tokens=pb.grain_tokens,
+            num_stages=len(stages))
+        fav = predicted_latency_s(pb.plan("manual", stages, est_slices), pb.cost)
+        assert plan.predicted_latency_s <= fav * (1 + 1e-2), f"seed {seed}"
+        gaps.append(plan.predicted_latency_s / oracle - 1)
+    assert len(gaps) > 30
+    # The closed form is an estimate, but re-scoring keeps the true optimum close.
+    assert max(gaps) < 0.10, sorted(gaps)[-5:]
+
+
+def _scaled(pb: Problem, c: float) -> Problem:
+    return dataclasses.replace(pb, cost=SkewedCost(pb.cost.base, pb.cost.factors, scale=c))
+
+
+def test_scaling_all_times_scales_the_optimum():
+    for seed in range(0, 200, 10):
+        pb = random_instance(seed)
+        stages = _feasible_stages(pb)
+        if stages is None:
+            continue
+        a = plan_slices_for(pb, stages, method="hpipe")
+        b = plan_slices_for(_scaled(pb, 3.0), stages, method="hpipe")
+        if a is None:
+            continue
+        assert b.predicted_latency_s == pytest.approx(3.0 * a.predicted_latency_s, rel=1e-9)
+        sa = plan_layers(split_costs(pb), pb.cluster.host_orders())[0]
+        sb = plan_layers(split_costs(_scaled(pb, 3.0)), pb.cluster.host_orders())[0]
+        assert sb.bottleneck_s == pytest.approx(3.0 * sa.bottleneck_s, rel=1e-9)
+
+
+def _with_device(pb: Problem, *, extra: bool = False, faster: bool = False) -> Problem:
+    d = pb.cluster.to_dict()
+    host = d["hosts"][-1]
+    if extra:  # one more device at the end of the last host (it may stay empty)
+        host["devices"].append({**host["devices"][-1], "name": "extra"})
+    if faster:  # the first device gets 4x the FLOP/s and bandwidth
+        dev = d["hosts"][0]["devices"][0]
+        dev["peak_flops_fp16"] *= 4
+        dev["mem_bandwidth_bytes_s"] *= 4
+    cluster = parse_cluster(d)
+    base = AnalyticCost(pb.model, cluster, pb.dtype)
+    return dataclasses.replace(pb, cluster=cluster, cost=SkewedCost(base, pb.cost.factors))
+
+
+@pytest.mark.parametrize("change", ["extra", "faster"])
+def test_an_extra_or_faster_device_never_makes_hpipe_worse(change):
+    """Exact for the workload DP. The whole planner is a search (DP splits, then re-scored
+    slicings), so a new device can move the DP's optimum to a split with one more stage whose
+    pipeline fill costs more than its better bottleneck saves: seen once in 50 instances, by
+    4.7%. We allow 5% there rather than pretend the search is exact."""
+    checked = 0
+    for seed in range(0, 200, 4):
+        pb = random_instance(seed, max_devices=3)
+        other = _with_device(pb, **{change: True})
+        before = plan_layers(split_costs(pb), pb.cluster.host_orders())[0].bottleneck_s
+        after = plan_layers(split_costs(other), other.cluster.host_orders())[0].bottleneck_s
+        assert after <= before * (1 + 1e-9), f"seed {seed}: {before} -> {after}"
+        if math.isfinite(before):
+            kw = dict(batch=pb.batch, seq_len=pb.seq_len, grain_tokens=pb.grain_tokens)
+            lat0 = plan_method("hpipe", model=pb.model, cluster=pb.cluster, cost=pb.cost, **kw)
+            lat1 = plan_method("hpipe", model=other.model, cluster=other.cluster,
+                               cost=other.cost, **kw)
+            assert lat1.predicted_latency_s <= lat0.predicted_latency_s * 1.05, f"seed {seed}"
+            checked += 1
+    assert checked > 20
+
+
+def test_hpipe_never_worse_than_any_pipeline_baseline_on_random_clusters():
+    """Base, GPipe, GP-B and TeraPipe live inside HPipe's search space, so HPipe never loses.
+    Megatron and TP-T use tensor parallelism, which HPipe does not: on random clusters with
+    fast intra-host links and short prompts they win on ~6 of 45 instances (by up to 1.9x);
+    on the paper's PCIe + 1 GbE cluster they lose (test_plan_api)."""
+    compared = 0
+    for seed in range(0, 200, 5):
+        pb = random_instance(seed)
+        kw = dict(model=pb.model, cluster=pb.cluster, batch=pb.batch, seq_len=pb.seq_len,
+                  cost=pb.cost, grain_tokens=pb.grain_tokens)
+        try:
+            hp = plan_method("hpipe", **kw).predicted_latency_s
+        except InfeasiblePlanError:
+            continue
+        for m in ("base", "gpipe", "gpb", "terapipe"):
+            try:
+                other = plan_method(m, **kw).predicted_latency_s
+            except InfeasiblePlanError:
+                continue
+            assert hp <= other * (1 + 1e-9), f"seed {seed}: hpipe {hp} > {m} {other}"
+            compared += 1
+    assert compared > 50
