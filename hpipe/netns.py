@@ -22,6 +22,11 @@ and namespaces left by a process that died without either (SIGKILL) are removed 
 a network is built, recognised by the dead pid in their name. Processes started with
 ``NetnsNetwork.popen`` are terminated before their namespace is deleted.
 
+Workers: ``launch_netns(requests, hosts=..., rates_mbit=...)`` runs the runtime's requests with
+one ``torchrun`` per emulated host (``ip netns exec NS python -m torch.distributed.run
+--nnodes H --node-rank h ...``, static rendezvous at host 0's veth address), each rank being
+``python -m hpipe.netns --rank-of requests.pkl``, i.e. the runtime's own torchrun mode.
+
 Script: ``python -m hpipe.netns --hosts 2 --rate-mbit 1000 -- CMD`` runs CMD (in the machine's
 namespace) with HPIPE_NETNS_HOSTS="ns0=addr0,ns1=addr1" set, then cleans up;
 ``python -m hpipe.netns --cleanup`` removes leftovers.
@@ -230,7 +235,69 @@ def netns_network(
         atexit.unregister(cleanup)
 
 
+def torchrun_argv(net: NetnsNetwork, host: int, hosts: Sequence[int], program: Sequence[str],
+                  *, port: int = 29533) -> list[str]:
+    """torchrun for emulated host ``host``: one process per device it holds.
+
+    ``hosts`` gives the host of each rank; ranks of a host must be consecutive and hosts in
+    order, so torchrun's node ranks give every process its pipeline rank. Every namespace has
+    all ports free, so a fixed port is safe.
+    """
+    assert list(hosts) == sorted(hosts), f"ranks of a host must be consecutive: {hosts}"
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={max(hosts) + 1}",
+            f"--node-rank={host}", f"--nproc-per-node={list(hosts).count(host)}",
+            f"--master-addr={net.hosts[0].address}", f"--master-port={port}", *program]
+
+
+def run_torchrun_netns(hosts: Sequence[int], program: Sequence[str], *,
+                       rates_mbit: Sequence[float | None] | float | None = None,
+                       timeout_s: float = 1200.0, quiet: bool = True) -> None:
+    """Build the network, run ``program`` under torchrun on every host, wait, clean up."""
+    with netns_network(max(hosts) + 1, rates_mbit=rates_mbit) as net:
+        out = subprocess.DEVNULL if quiet else None
+        procs = [net.popen(h, torchrun_argv(net, h, hosts, program), stdout=out)
+                 for h in range(max(hosts) + 1)]
+        codes = [p.wait(timeout=timeout_s) for p in procs]
+        if any(codes):
+            raise NetnsError(f"torchrun exited with codes {codes} on hosts {net.env_value()}")
+
+
+def launch_netns(requests: list, *, hosts: Sequence[int],
+                 rates_mbit: Sequence[float | None] | float | None = None) -> list:
+    """The runtime's ``launch_local`` across emulated hosts: rank r (stage r) on host hosts[r].
+
+    Returns rank 0's ``RunResult`` list, like ``launch_local``.
+    """
+    import pickle
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="hpipe-netns-") as tmp:
+        req_path, out_path = Path(tmp) / "requests.pkl", Path(tmp) / "results.pkl"
+        req_path.write_bytes(pickle.dumps(requests))
+        run_torchrun_netns(hosts, ["-m", "hpipe.netns", "--rank-of", str(req_path),
+                                   "--out", str(out_path)], rates_mbit=rates_mbit)
+        return pickle.loads(out_path.read_bytes())
+
+
+def _rank_main(requests_path: str, out_path: str) -> int:
+    """One torchrun rank of ``launch_netns``: the runtime's torchrun mode on pickled requests."""
+    import pickle
+    from pathlib import Path
+
+    from hpipe.runtime.launch import run_as_torchrun_rank, torchrun_env
+
+    results = run_as_torchrun_rank(pickle.loads(Path(requests_path).read_bytes()),
+                                   env=torchrun_env())
+    if results is not None:
+        Path(out_path).write_bytes(pickle.dumps(results))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--rank-of"]:
+        return _rank_main(argv[1], argv[argv.index("--out") + 1])
     ap = argparse.ArgumentParser(prog="python -m hpipe.netns", description=__doc__.split("\n")[0])
     ap.add_argument("--hosts", type=int, default=2)
     ap.add_argument("--rate-mbit", type=float, default=None, help="uplink rate, e.g. 1000")

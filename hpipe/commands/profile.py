@@ -112,3 +112,16 @@ def run(args: argparse.Namespace) -> int:
               f"latency {lk.latency_s * 1e6:.0f} us")
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hpipe.commands.profile ...``: the command without the hpipe front door, for
+    ``torchrun -m`` (one rank per device on emulated or real hosts)."""
+    ap = argparse.ArgumentParser(prog="hpipe")
+    add_parser(ap.add_subparsers())
+    args = ap.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
