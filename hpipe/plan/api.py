@@ -87,10 +87,39 @@ def plan_method(
                  grain_tokens=grain_tokens or default_grain_tokens(seq_len))
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
+    elif method == "hpipe":
+        plan = plan_hpipe(pb)  # its error already says what would fit
     else:
-        plan = _PLANNERS[method](pb)
+        try:
+            plan = _PLANNERS[method](pb)
+        except InfeasiblePlanError as e:
+            if "fits:" in str(e):
+                raise
+            raise InfeasiblePlanError(f"{e}; fits: {_baseline_fix(pb, method)}") from None
     assert plan.predicted_latency_s is not None and math.isfinite(plan.predicted_latency_s)
     return plan
+
+
+def _baseline_fix(pb: Problem, method: str) -> str:
+    """The largest batch at which a baseline's fixed split fits, found by bisection."""
+    import dataclasses
+
+    def fits(b: int) -> bool:
+        try:
+            _PLANNERS[method](dataclasses.replace(pb, batch=b))
+            return True
+        except InfeasiblePlanError:
+            return False
+
+    lo, hi = 0, pb.batch - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    batch = f"batch <= {lo}, or " if lo else ""
+    return f"{batch}method 'hpipe' (its split and slicing adapt to memory)"
 
 
 def plan_all(

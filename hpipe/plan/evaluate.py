@@ -23,7 +23,7 @@ from hpipe.schedule import prefill_units
 from hpipe.sim import simulate
 from hpipe.spec import ModelSpec
 
-GB = 1e9
+GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,9 @@ def memory_overflows(plan: Plan, cost: CostModel) -> list[str]:
         for d in st.devices:
             dev = plan.cluster.devices[d]
             if need > dev.memory_bytes:
-                out.append(f"layers [{st.layer_start}, {st.layer_stop}) need {need / GB:.1f} GB "
-                           f"on {dev.name!r} ({dev.memory_bytes / GB:.1f} GB, over by "
-                           f"{(need - dev.memory_bytes) / GB:.1f} GB)")
+                out.append(f"layers [{st.layer_start}, {st.layer_stop}) need {need / GIB:.1f} GiB "
+                           f"on {dev.name!r} ({dev.memory_bytes / GIB:.1f} GiB, over by "
+                           f"{(need - dev.memory_bytes) / GIB:.1f} GiB)")
     return out
 
 

@@ -15,7 +15,7 @@ from hpipe.cost.base import CostModel
 from hpipe.plan.layers import max_stops, stops_fit
 from hpipe.spec import ModelSpec
 
-GB = 1e9
+GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 
 # units(batch, seq_len) -> the (rows, tokens, prefix) work units whose workspace must fit.
 UnitsFn = Callable[[int, int], tuple[tuple[int, int, int], ...]]
@@ -68,8 +68,8 @@ def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec,
     if worst is not None and worst[0] > 0:
         _, j, a, b, need = worst
         dev = cluster.devices[j]
-        msg += (f"; e.g. layers [{a}, {b}) need {need / GB:.1f} GB on {dev.name!r} "
-                f"({dev.memory_bytes / GB:.1f} GB)")
+        msg += (f"; e.g. layers [{a}, {b}) need {need / GIB:.1f} GiB on {dev.name!r} "
+                f"({dev.memory_bytes / GIB:.1f} GiB)")
     fixes = []
     b_ok = _largest(lambda b: split_fits(cost, model=model, cluster=cluster, batch=b,
                                          seq_len=seq_len, units=units), batch - 1)

@@ -1,0 +1,136 @@
+"""``hpipe plan``: plan one method and print it (devices, layers, memory, slices, latency).
+
+    hpipe plan --cluster paper --model llama-7b --seq-len 2048 --batch 6
+    hpipe plan --cluster my.yaml --model ./Llama-2-7b-hf --method manual --layers 4,4,4,4,8,8
+    hpipe plan ... --json        # Plan.to_dict() plus a "summary" (a plan file for hpipe run)
+
+When nothing fits, it says which device runs out of memory by how much and what would fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpipe.errors import HPipeError
+from hpipe.plan.plan import DTYPES, METHODS
+from hpipe.spec import ModelSpec, model_preset
+
+GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 8,8,4,4,4,4") from None
+
+
+def load_model_spec(arg: str) -> ModelSpec:
+    """A preset name, an HF model directory / config.json, or a GGUF file (metadata only)."""
+    path = Path(arg)
+    if not path.exists():
+        return model_preset(arg)  # raises UnknownPresetError listing the presets
+    if path.suffix == ".gguf":
+        from hpipe.model.source import open_model
+
+        return open_model(path).spec
+    from hpipe.model.config import spec_from_hf_config
+
+    return spec_from_hf_config(path)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="plan a method: devices, layers, memory, slices",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster", default="paper", help="'paper', 'local:N' or a cluster YAML file")
+    p.add_argument("--model", default="llama-7b",
+                   help="model preset name, HF model dir / config.json, or .gguf file")
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
+    p.add_argument("--batch", type=int, default=6, help="sequences per batch")
+    p.add_argument("--method", default="hpipe", choices=METHODS)
+    p.add_argument("--layers", type=_int_tuple, default=None,
+                   help="manual layer counts per device in cluster order, 0 = unused")
+    p.add_argument("--slices", type=_int_tuple, default=None,
+                   help="manual token slices summing to --seq-len, e.g. 512,512,512,512")
+    p.add_argument("--dtype", default="float16", choices=DTYPES)
+    p.add_argument("--grain-tokens", type=int, default=None,
+                   help="slicing grid in tokens (default 16, coarser past 4k tokens)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def summarise(plan, cost) -> dict:
+    """Per-stage devices, layers and memory, and the prediction; what the text view prints."""
+    from hpipe.plan.evaluate import plan_memory_bytes
+
+    mem = dict(plan_memory_bytes(plan, cost))
+    return {
+        "method": plan.method,
+        "predicted_latency_s": plan.predicted_latency_s,
+        "throughput_tok_s": plan.batch * plan.seq_len / plan.predicted_latency_s,
+        "stages": [
+            {"devices": [plan.cluster.devices[d].name for d in s.devices],
+             "layers": [s.layer_start, s.layer_stop],
+             "memory_bytes": mem[j],
+             "device_memory_bytes": min(plan.cluster.devices[d].memory_bytes for d in s.devices)}
+            for j, s in enumerate(plan.stages)
+        ],
+        "unused_devices": [d.name for i, d in enumerate(plan.cluster.devices)
+                           if all(i not in s.devices for s in plan.stages)],
+        "num_slices": len(plan.slices),
+        "num_microbatches": plan.num_microbatches,
+        "slice_table_lengths": len(plan.slice_table),
+    }
+
+
+def describe(plan, summary: dict) -> str:
+    lines = [f"{plan.method}: {plan.model.name}, batch {plan.batch} x {plan.seq_len} tokens, "
+             f"{plan.dtype}, cluster {plan.cluster.name!r}"
+             + ("  (emulated devices)" if plan.cluster.emulated else "")]
+    for s in summary["stages"]:
+        used, cap = s["memory_bytes"], s["device_memory_bytes"]
+        lines.append(f"  {'+'.join(s['devices']):<18} layers [{s['layers'][0]:>3}, "
+                     f"{s['layers'][1]:>3})  memory {used / GIB:5.1f} / {cap / GIB:5.1f} GiB")
+    if summary["unused_devices"]:
+        lines.append(f"  unused: {', '.join(summary['unused_devices'])}")
+    sl = list(plan.slices)
+    shown = sl if len(sl) <= 32 else sl[:32] + ["..."]
+    lines.append(f"  slices ({len(sl)}): {shown}"
+                 + (f"; {plan.num_microbatches} micro-batches" if plan.num_microbatches > 1
+                    else ""))
+    if plan.slice_table:
+        lines.append(f"  slicing schemes stored for {len(plan.slice_table)} prompt lengths "
+                     f"({plan.slice_table[0][0]}..{plan.slice_table[-1][0]} tokens)")
+    lines.append(f"  predicted latency {plan.predicted_latency_s:.3f} s, "
+                 f"{summary['throughput_tok_s']:.0f} tokens/s (simulated)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpipe.cluster import load_cluster
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.plan.api import plan_method
+
+    try:
+        cluster = load_cluster(args.cluster)
+        model = load_model_spec(args.model)
+        cost = AnalyticCost(model, cluster, args.dtype)
+        plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
+                           seq_len=args.seq_len, dtype=args.dtype, cost=cost,
+                           layers=args.layers, slices=args.slices,
+                           grain_tokens=args.grain_tokens)
+    except HPipeError as e:
+        print(f"hpipe plan: error: {e}", file=sys.stderr)
+        return 2
+    summary = summarise(plan, cost)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "summary": summary}, indent=1))
+    else:
+        print(describe(plan, summary))
+    return 0
