@@ -16,9 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Emulated hosts: host index -> rate of its uplink in Mbit/s (None: unshaped).
-Rates = tuple[float | None, ...]
-
 
 @dataclass(frozen=True)
 class Measured:
@@ -49,38 +46,57 @@ def _collect(results, num_plans: int) -> list[Measured]:
 
 
 def run_plans(model: str, plans, prompt_ids, *, repeats: int = 2,
-              hosts: tuple[int, ...] | None = None, rates_mbit: Rates | None = None
-              ) -> list[Measured]:
-    """Run each plan (all on the same cluster) ``repeats`` times; median prefill latencies.
+              rates_mbit: dict[str, float | None] | None = None) -> list[Measured]:
+    """Run each plan (all for one cluster) ``repeats`` times; median prefill latencies.
 
-    ``hosts``: host index of each rank (rank r runs stage r); given, the ranks run in network
-    namespaces, one per host, joined by uplinks shaped to ``rates_mbit``.
+    ``rates_mbit`` (cluster host name -> uplink rate, None unshaped): given, each cluster host
+    becomes a network namespace and rank r runs in the namespace of its stage's device's host.
+    Plans that order the hosts differently (the planner tries host orders) get one launch each.
     """
-    world = max(p.num_stages for p in plans)
-    reqs = _requests(model, plans, prompt_ids, repeats)
-    if hosts is None:
+    if rates_mbit is None:
         from hpipe.runtime.launch import launch_local
 
-        return _collect(launch_local(reqs, world_size=world), len(plans))
+        world = max(p.num_stages for p in plans)
+        return _collect(launch_local(_requests(model, plans, prompt_ids, repeats),
+                                     world_size=world), len(plans))
     from hpipe.netns import launch_netns
 
-    assert len(hosts) == world, (hosts, world)
-    return _collect(launch_netns(reqs, hosts=hosts, rates_mbit=rates_mbit), len(plans))
+    out: list[Measured | None] = [None] * len(plans)
+    by_order: dict[tuple[str, ...], list[int]] = {}
+    for i, plan in enumerate(plans):
+        order = tuple(plan.cluster.devices[st.device].host for st in plan.stages)
+        by_order.setdefault(order, []).append(i)
+    for order, idx in by_order.items():
+        names = list(dict.fromkeys(order))  # hosts in pipeline order -> namespace 0, 1, ...
+        assert list(order) == sorted(order, key=names.index), f"a host appears twice: {order}"
+        hosts = tuple(names.index(h) for h in order)
+        group = [plans[i] for i in idx]
+        results = launch_netns(_requests(model, group, prompt_ids, repeats), hosts=hosts,
+                               rates_mbit=[rates_mbit.get(h) for h in names])
+        for i, m in zip(idx, _collect(results, len(group))):
+            out[i] = m
+    return out  # type: ignore[return-value]
 
 
 def profile_cluster(model: str, cluster_arg: str, out: Path, *, max_tokens: int,
-                    quick: bool = True, hosts: tuple[int, ...] | None = None,
-                    rates_mbit: Rates | None = None, max_batch: int = 1) -> Path:
-    """``hpipe profile`` on the cluster, locally or across the namespaces like ``run_plans``."""
+                    quick: bool = True, rates_mbit: dict[str, float | None] | None = None,
+                    max_batch: int = 1) -> Path:
+    """``hpipe profile`` on the cluster, locally, or with every cluster host in its own
+    namespace (``rates_mbit`` given) like ``run_plans``."""
     argv = ["--model", model, "--cluster", cluster_arg, "--out", str(out),
             "--max-tokens", str(max_tokens), "--max-batch", str(max_batch), "--no-progress"]
     if quick:
         argv.append("--quick")
-    if hosts is None:
+    if rates_mbit is None:
         subprocess.run([sys.executable, "-m", "hpipe.commands.profile", *argv], check=True,
                        stdout=subprocess.DEVNULL)
         return out
+    from hpipe.cluster import load_cluster
     from hpipe.netns import run_torchrun_netns
 
-    run_torchrun_netns(hosts, ["-m", "hpipe.commands.profile", *argv], rates_mbit=rates_mbit)
+    cluster = load_cluster(cluster_arg)
+    names = [h.name for h in cluster.hosts]
+    hosts = tuple(names.index(d.host) for d in cluster.devices)
+    run_torchrun_netns(hosts, ["-m", "hpipe.commands.profile", *argv],
+                       rates_mbit=[rates_mbit.get(h) for h in names])
     return out

@@ -111,9 +111,11 @@ def main(argv=None) -> int:
         cluster_file.write_text(yaml.safe_dump(cluster_dict(cfg)))
         cluster = load_cluster(str(cluster_file))
         spec = open_model(model_path).spec
+        rates = (None if cfg.hosts is None
+                 else {f"h{h}": r for h, r in enumerate(cfg.rates_mbit)})
         prof_path = profile_cluster(model_path, str(cluster_file), tmp / f"{cfg.name}.json",
                                     max_tokens=cfg.seq_len, max_batch=cfg.batch,
-                                    hosts=cfg.hosts, rates_mbit=cfg.rates_mbit)
+                                    rates_mbit=rates)
         fitted = FittedCost(read_profile(prof_path), spec, cluster, "float32")
         analytic = AnalyticCost(spec, cluster, "float32")
         plans = [plan_method(m, model=spec, cluster=cluster, batch=cfg.batch,
@@ -123,8 +125,7 @@ def main(argv=None) -> int:
         ids = __import__("torch").randint(3, spec.vocab_size, (cfg.batch, cfg.seq_len),
                                           generator=gen)
         prompt = tuple(tuple(int(t) for t in row) for row in ids)
-        measured = run_plans(model_path, plans, prompt, repeats=args.repeats, hosts=cfg.hosts,
-                             rates_mbit=cfg.rates_mbit)
+        measured = run_plans(model_path, plans, prompt, repeats=args.repeats, rates_mbit=rates)
         for plan, m in zip(plans, measured):
             pred = simulate(plan, fitted).prefill_latency_s
             ana = simulate(plan, analytic).prefill_latency_s

@@ -1,0 +1,190 @@
+"""The real runtime on this machine's CPUs: HPipe against Base, torch's ScheduleGPipe, the simulator
+and a single process. One run, side by side; every pipeline worker has ONE torch thread.
+
+    .venv/bin/python benchmarks/runtime_cpu.py [--tokens 4096] [--batch-tokens 1024]
+
+1. SmolLM2-135M on 2 workers, a 4096-token prompt, batch 1: HPipe's measured prefill latency vs
+   Base's (the whole prompt through stage 0, then stage 1). Goal <= 0.6x; ideal 0.5x: with two
+   equal stages and fine slices, both workers compute at once.
+2. The same 2-stage split under ``torch.distributed.pipelining.ScheduleGPipe``, batch 4 x 1024
+   tokens in 4 micro-batches, vs HPipe's runtime on the same input.
+3. HPipe measured vs the simulator's prediction from the analytic cost model (no profile).
+4. For context: the same 4096-token prompt in one process with 2 threads (``generate``).
+
+The two workers of a 2-core machine only run in parallel when nothing else needs the CPU, so the
+load average is printed beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENT = REPO / "data" / "metric_system.md"
+
+
+def prompt_ids(tokenizer, num_tokens: int) -> list[int]:
+    """The bundled document, repeated until it reaches ``num_tokens`` tokens, then cut."""
+    ids = tokenizer.encode(DOCUMENT.read_text())
+    while len(ids) < num_tokens:
+        ids = ids + ids
+    return ids[:num_tokens]
+
+
+# -- torch.distributed.pipelining -------------------------------------------------------------
+class _NoCacheStage(torch.nn.Module):
+    """Our stage as a plain tensor -> tensor module for PipelineStage: a fresh KV cache per call
+    (one call = one whole micro-batch, so the cache only serves attention within it)."""
+
+    def __init__(self, stage, *, is_last: bool) -> None:
+        super().__init__()
+        self.stage, self.is_last = stage, is_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self.stage.new_cache(batch=x.shape[0], max_tokens=x.shape[1])
+        return self.stage(x, cache, last_only=self.is_last)
+
+
+def _torch_gpipe_worker(rank: int, port: int, layers: tuple[tuple[int, int], ...], batch: int,
+                        tokens: int, ids: list[int], out_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    from hpipe.model.source import open_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    src = open_model("smollm2")
+    start, stop = layers[rank]
+    stage = src.load_stage(start, stop, has_embedding=rank == 0, has_head=rank == 1)
+    module = _NoCacheStage(stage, is_last=rank == 1)
+    micro = batch  # one row per micro-batch, as GPipe sweeps would pick for 4 rows here
+    hidden = src.spec.hidden
+    example_in = (torch.zeros(1, tokens, dtype=torch.int64) if rank == 0
+                  else torch.zeros(1, tokens, hidden))
+    example_out = (torch.zeros(1, tokens, hidden) if rank == 0
+                   else torch.zeros(1, 1, src.spec.vocab_size))
+    pstage = PipelineStage(module, rank, 2, torch.device("cpu"), input_args=(example_in,),
+                           output_args=example_out)
+    schedule = ScheduleGPipe(pstage, n_microbatches=micro)
+    x = torch.tensor([ids[:tokens]] * batch, dtype=torch.int64)
+    with torch.no_grad():
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = schedule.step(x) if rank == 0 else schedule.step()
+        dist.barrier()  # the last stage's finish is the end of the prefill
+        latency_s = time.perf_counter() - t0
+    if rank == 1:
+        Path(out_file).write_text(f"{latency_s} {tuple(out.shape)}")
+    dist.destroy_process_group()
+
+
+def run_torch_gpipe(layers, *, batch: int, tokens: int, ids: list[int]) -> float:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from hpipe.runtime.launch import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "latency")
+        mp.spawn(_torch_gpipe_worker, args=(free_port(), layers, batch, tokens, ids, out_file),
+                 nprocs=2, join=True)
+        return float(Path(out_file).read_text().split()[0])
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    args = ap.parse_args()
+
+    from hpipe.cluster import local_cluster
+    from hpipe.model.generate import generate
+    from hpipe.model.source import open_model
+    from hpipe.plan.api import plan_method
+    from hpipe.runtime import RunRequest, check_request, launch_local
+
+    src = open_model("smollm2")
+    spec = src.spec
+    cluster = local_cluster(2, num_threads=1)
+    long_ids = prompt_ids(src.tokenizer, args.tokens)
+    short_ids = prompt_ids(src.tokenizer, args.batch_tokens)
+    load_before = os.getloadavg()
+
+    def plan(method, batch, seq_len):
+        return plan_method(method, model=spec, cluster=cluster, batch=batch, seq_len=seq_len,
+                           dtype="float32")
+
+    hp_long = plan("hpipe", 1, args.tokens)
+    base_long = plan("base", 1, args.tokens)
+    hp_batch = plan("hpipe", args.batch, args.batch_tokens)
+    reqs = [RunRequest(model="smollm2", plan=p, prompt_ids=rows, max_new_tokens=1,
+                       label=label)
+            for label, p, rows in (
+                ("hpipe-4096", hp_long, (tuple(long_ids),)),
+                ("base-4096", base_long, (tuple(long_ids),)),
+                ("hpipe-batch", hp_batch, (tuple(short_ids),) * args.batch))]
+    for r in reqs:
+        check_request(r, spec)
+    t0 = time.perf_counter()
+    results = {r.label: r for r in launch_local(reqs)}
+    wall_s = time.perf_counter() - t0
+
+    split = tuple((s.layer_start, s.layer_stop) for s in hp_batch.stages)
+    torch_gpipe_s = run_torch_gpipe(split, batch=args.batch, tokens=args.batch_tokens,
+                                    ids=short_ids)
+
+    torch.set_num_threads(2)
+    model = src.load_model()
+    generate(model, [long_ids[:256]], max_new_tokens=1)  # warm-up: first-touch allocations
+    single = generate(model, [long_ids], max_new_tokens=1)
+    load_after = os.getloadavg()
+
+    hp = results["hpipe-4096"].timeline.prefill_latency_s
+    base = results["base-4096"].timeline.prefill_latency_s
+    hpb = results["hpipe-batch"].timeline.prefill_latency_s
+    rows = [
+        ("HPipe, 2 workers x 1 thread", f"1 x {args.tokens}", hp_long, hp),
+        ("Base, 2 workers x 1 thread", f"1 x {args.tokens}", base_long, base),
+        ("HPipe, 2 workers x 1 thread", f"{args.batch} x {args.batch_tokens}", hp_batch, hpb),
+        ("torch ScheduleGPipe, 2 x 1 thread", f"{args.batch} x {args.batch_tokens}", None,
+         torch_gpipe_s),
+        ("one process, 2 threads", f"1 x {args.tokens}", None, single.prefill_s),
+    ]
+    print(f"SmolLM2-135M float32 prefill on {os.cpu_count()} CPU cores; load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (2 = both cores busy "
+          "elsewhere)")
+    print(f"{'run':<36} {'input':>10} {'layers':>10} {'slices':>7} {'measured s':>11} "
+          f"{'predicted s':>12}")
+    for name, shape, p, measured in rows:
+        layers = "/".join(str(s.num_layers) for s in p.stages) if p else "15/15"
+        slices = str(len(p.slices)) if p else "-"
+        pred = f"{p.predicted_latency_s:12.2f}" if p else f"{'-':>12}"
+        print(f"{name:<36} {shape:>10} {layers:>10} {slices:>7} {measured:11.2f} {pred}")
+    print()
+    print(f"HPipe / Base prefill latency ({args.tokens} tokens):  {hp / base:.2f}x   "
+          "(goal <= 0.6x, ideal 0.5x)")
+    print(f"HPipe / torch ScheduleGPipe ({args.batch} x {args.batch_tokens}):    "
+          f"{hpb / torch_gpipe_s:.2f}x")
+    print(f"HPipe measured / simulated (analytic cost): {hp / hp_long.predicted_latency_s:.2f}x")
+    print(f"HPipe 2 workers / one process 2 threads:    {hp / single.prefill_s:.2f}x")
+    for label in ("hpipe-4096", "base-4096"):
+        res = results[label]
+        busy = res.timeline.busy_s("prefill")
+        print(f"{label}: stage busy {', '.join(f'{b:.2f}' for b in busy)} s wall, "
+              f"{', '.join(f'{c:.2f}' for c in res.prefill_cpu_s)} s CPU (CPU/wall < 1: the "
+              "stage waited for a core)")
+    print(f"HPipe slices {list(hp_long.slices)}; launch wall time {wall_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
