@@ -78,7 +78,9 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
     else:
         text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         if args.question:
-            text = tokenizer.chat_prompt(f"{text.strip()}\n\nQuestion: {args.question}")
+            from hpipe.demo import demo_prompt_text  # the demo's wording, kept in one place
+
+            text = tokenizer.chat_prompt(demo_prompt_text(text, args.question))
         rows = [tokenizer.encode(text)]
     if args.batch is not None:
         if args.batch < 1:
@@ -157,9 +159,11 @@ def result_summary(result, plan, predicted, tokenizer) -> dict:
         "predicted_latency_s": predicted.latency_s,
         "stages": [
             {"device": name, "layers": [st.layer_start, st.layer_stop],
-             "busy_prefill_s": bp, "busy_decode_s": bd, "peak_memory_bytes": mem}
-            for name, st, bp, bd, mem in zip(tl.row_names, plan.stages, busy_prefill,
-                                             busy_decode, tl.peak_memory_bytes)
+             "busy_prefill_s": bp, "busy_decode_s": bd, "prefill_cpu_s": cpu,
+             "peak_memory_bytes": mem}
+            for name, st, bp, bd, cpu, mem in zip(tl.row_names, plan.stages, busy_prefill,
+                                                  busy_decode, result.prefill_cpu_s,
+                                                  tl.peak_memory_bytes)
         ],
     }
 

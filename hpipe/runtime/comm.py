@@ -18,9 +18,10 @@ waiter thread per send stamps when the transfer finished (for the measured timel
 stage uses gloo everywhere, and a CUDA stage then stages its activations through host memory
 (``wire_device="cpu"``). An all-CUDA pipeline uses NCCL and sends from device memory.
 
-The ProcessGroup is passed in, never fetched from a global, and ranks are the group's own ranks,
-so the same code runs on the default group under ``torchrun`` and on groups built in-process by
-the tests.
+The ProcessGroup is passed in, never fetched from a global. ``src``/``dst`` are *stage* indices;
+``rank_of_stage`` maps them to the group's ranks (the identity in a local launch; under torchrun
+the rendezvous may number hosts in any order, see rank.py), so the same code runs on the default
+group under ``torchrun`` and on groups built in-process by the tests.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ class StageLink:
         compute_device: torch.device,
         wire_device: torch.device,
         recv_timeout_s: float,
+        rank_of_stage: dict[int, int] | None = None,
         clock=time.perf_counter,
     ) -> None:
         self.group = group
+        self.rank_of_stage = rank_of_stage
         self.rank = rank
         self.compute_device = compute_device
         self.wire_device = wire_device
@@ -130,7 +133,7 @@ class StageLink:
     # -- send ----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor | None, *, dst: int, unit: int,
               stop: bool = False) -> PendingSend:
-        """Post ``tensor`` (or a STOP marker when ``stop``) to rank ``dst``; returns at once."""
+        """Post ``tensor`` (or a STOP marker when ``stop``) to stage ``dst``; returns at once."""
         if stop:
             header = _header(unit, FLAG_STOP, torch.float32, ())
             payload = None
@@ -139,19 +142,21 @@ class StageLink:
             payload = tensor.detach().to(self.wire_device).contiguous()
             header = _header(unit, 0, payload.dtype, tuple(payload.shape))
         header = header.to(self.wire_device)
-        works = [self.group.send([header], dst, TAG)]
+        peer = self._rank(dst)
+        works = [self.group.send([header], peer, TAG)]
         buffers = [header]
         if payload is not None and payload.numel() > 0:
-            works.append(self.group.send([payload], dst, TAG))
+            works.append(self.group.send([payload], peer, TAG))
             buffers.append(payload)
         return PendingSend(works, buffers, clock=self.clock,
                            label=f"rank {self.rank} -> {dst} unit {unit}")
 
     # -- receive -------------------------------------------------------------------------
     def recv(self, expected: Expected) -> Received:
-        """Receive the next message from ``expected.src`` and check it against the plan."""
+        """Receive the next message from stage ``expected.src`` and check it against the plan."""
         header = torch.zeros(HEADER_SLOTS, dtype=torch.int64, device=self.wire_device)
-        self._wait(self.group.recv([header], expected.src, TAG), expected, "header")
+        peer = self._rank(expected.src)
+        self._wait(self.group.recv([header], peer, TAG), expected, "header")
         unit, flags, code, ndim, *dims = (int(v) for v in header.tolist())
         if flags & FLAG_STOP:
             return Received(None, stop=True)
@@ -164,7 +169,7 @@ class StageLink:
         payload = torch.empty(shape, dtype=dtype, device=self.wire_device)
         if payload.numel() > 0:
             # Drain even on a mismatch: the sender's transfer then completes and nobody hangs.
-            self._wait(self.group.recv([payload], expected.src, TAG), expected, "payload")
+            self._wait(self.group.recv([payload], peer, TAG), expected, "payload")
         if (unit, shape, dtype) != (expected.unit, tuple(expected.shape), expected.dtype):
             got = f"unit {unit} {shape} {str(dtype).removeprefix('torch.')}"
             raise ShapeMismatchError(
@@ -172,6 +177,9 @@ class StageLink:
                 f"but got {got}: the sender runs another plan, model or dtype; give every rank "
                 "the same plan")
         return Received(payload.to(self.compute_device), stop=False)
+
+    def _rank(self, stage: int) -> int:
+        return stage if self.rank_of_stage is None else self.rank_of_stage[stage]
 
     def _wait(self, work, expected: Expected, what: str) -> None:
         try:

@@ -228,26 +228,44 @@ def torchrun_env() -> dict[str, str] | None:
 
 def run_as_torchrun_rank(requests: list[RunRequest], *, env: dict[str, str],
                          connect_timeout_s: float = 300.0) -> list[RunResult] | None:
-    """This process is one rank of a torchrun job; rank 0 returns the results."""
+    """This process is one rank of a torchrun job; rank 0 returns the results.
+
+    Ranks find their device by host (see rank.ranks_by_host), so the c10d rendezvous may number
+    the nodes in any order.
+    """
+    import socket
+
     import torch
     import torch.distributed as dist
 
-    from hpipe.runtime.rank import Rendezvous, join_group, pick_backend, run_requests
+    from hpipe.runtime.rank import (
+        Rendezvous,
+        join_group,
+        pick_backend,
+        ranks_by_host,
+        run_requests,
+    )
 
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    need = max(r.plan.num_stages for r in requests)
-    if world < need:
+    cluster = requests[0].plan.cluster
+    if world != cluster.num_devices:
         raise errors.ClusterError(
-            f"torchrun started {world} processes but the plan has {need} stages; "
-            f"run torchrun with --nproc-per-node/--nnodes giving {need} processes in total")
+            f"torchrun started {world} processes but cluster {cluster.name!r} has "
+            f"{cluster.num_devices} devices; start one process per device "
+            "(--nnodes x --nproc-per-node)")
     backend = pick_backend(requests)
-    if backend == "nccl":
-        torch.cuda.set_device(cuda_device_of(requests, rank))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    host = os.environ.get("HPIPE_HOST", socket.gethostname())
     rv = Rendezvous(addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), rank=rank,
                     world_size=world, backend=backend, connect_timeout_s=connect_timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)  # the k-th device of a host is its LOCAL_RANK k
     data, ctrl = join_group(rv)
     try:
+        members: list = [None] * world
+        dist.all_gather_object(members, (host, local_rank), group=ctrl)
+        rank_of_device = ranks_by_host(cluster, [tuple(m) for m in members])
         return run_requests(requests, rank=rank, world_size=world, data_group=data,
-                            ctrl_group=ctrl, backend=backend)
+                            ctrl_group=ctrl, backend=backend, rank_of_device=rank_of_device)
     finally:
         dist.destroy_process_group()

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hpipe.errors import WorkerFailedError
+from hpipe.cluster import ClusterSpec
+from hpipe.errors import ClusterError, WorkerFailedError
 from hpipe.runtime.comm import StageLink, wire_device_for
 from hpipe.runtime.request import RunRequest, RunResult, dtype_of
 from hpipe.runtime.worker import Progress, StageOutcome, StageRunner
@@ -77,8 +78,13 @@ def join_group(rv: Rendezvous) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
 def run_requests(
     requests: list[RunRequest], *, rank: int, world_size: int, data_group: dist.ProcessGroup,
     ctrl_group: dist.ProcessGroup, backend: str, progress: Progress | None = None,
+    rank_of_device: dict[int, int] | None = None,
 ) -> list[RunResult] | None:
-    """Run every request; rank 0 returns the results, the others None."""
+    """Run every request; rank 0 returns the results, the others None.
+
+    ``rank_of_device`` (cluster device index -> rank) says which process holds which device;
+    None means rank r runs stage r (a local launch spawns them so).
+    """
     from hpipe.model.source import open_model
 
     sources: dict[str, object] = {}
@@ -87,22 +93,27 @@ def run_requests(
         plan = req.plan
         outcome: StageOutcome | None = None
         runner = None
-        if rank < plan.num_stages:
-            st = plan.stages[rank]
+        rank_of_stage = ({s: rank_of_device[st.device] for s, st in enumerate(plan.stages)}
+                         if rank_of_device is not None else None)
+        stage_of_rank = ({r: s for s, r in rank_of_stage.items()} if rank_of_stage is not None
+                         else {r: r for r in range(plan.num_stages)})
+        me = stage_of_rank.get(rank)
+        if me is not None:
+            st = plan.stages[me]
             dev_spec = plan.cluster.devices[st.device]
             device = torch.device(dev_spec.torch_device)
             torch.set_num_threads(dev_spec.num_threads)
             if req.model not in sources:
                 sources[req.model] = open_model(req.model)
             stage = sources[req.model].load_stage(
-                st.layer_start, st.layer_stop, has_embedding=rank == 0,
-                has_head=rank == plan.num_stages - 1, dtype=dtype_of(plan), device=device)
+                st.layer_start, st.layer_stop, has_embedding=me == 0,
+                has_head=me == plan.num_stages - 1, dtype=dtype_of(plan), device=device)
             link = StageLink(data_group, rank=rank, compute_device=device,
                              wire_device=wire_device_for(backend),
-                             recv_timeout_s=req.recv_timeout_s)
-            runner = StageRunner(req, stage_index=rank, stage_module=stage, link=link,
+                             recv_timeout_s=req.recv_timeout_s, rank_of_stage=rank_of_stage)
+            runner = StageRunner(req, stage_index=me, stage_module=stage, link=link,
                                  device=device, slowdown=dev_spec.slowdown, progress=progress)
-            log.info("rank %d: stage %d layers [%d, %d) on %s (%s, %d threads)%s", rank, rank,
+            log.info("rank %d: stage %d layers [%d, %d) on %s (%s, %d threads)%s", rank, me,
                      st.layer_start, st.layer_stop, dev_spec.name, device, dev_spec.num_threads,
                      f", emulated slowdown x{dev_spec.slowdown:g}" if dev_spec.emulated else "")
         dist.barrier(group=ctrl_group)
@@ -117,6 +128,30 @@ def run_requests(
         if rank == 0:
             results.append(assemble_result(req, [g for g in gathered if g is not None]))
     return results if rank == 0 else None
+
+
+def ranks_by_host(cluster: ClusterSpec, members: list[tuple[str, int]]) -> dict[int, int]:
+    """Cluster device index -> rank, from each rank's (host name, LOCAL_RANK).
+
+    torchrun's c10d rendezvous numbers nodes in the order they join, not in the cluster file's
+    order, so a rank finds its device by host: the k-th device of host H is LOCAL_RANK k on
+    the machine whose ``HPIPE_HOST`` (default: its hostname) is H. A one-host cluster needs no
+    names: rank r holds device r.
+    """
+    if len(cluster.hosts) == 1:
+        return {d: d for d in range(cluster.num_devices)}
+    where = {member: rank for rank, member in enumerate(members)}
+    out = {}
+    for host in cluster.hosts:
+        for k, name in enumerate(host.device_names):
+            if (host.name, k) not in where:
+                seen = sorted({h for h, _ in members})
+                raise ClusterError(
+                    f"cluster host {host.name!r} device {name!r} (local rank {k}) has no torchrun "
+                    f"process; processes came from hosts {seen}: set HPIPE_HOST={host.name} on "
+                    f"that machine and start {len(host.device_names)} processes per node there")
+            out[cluster.device_index(name)] = where[(host.name, k)]
+    return out
 
 
 def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
@@ -141,4 +176,5 @@ def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
     return RunResult(label=req.label or plan.method,
                      output_ids=tuple(tuple(r) for r in (last.output_ids or [[]] * req.batch)),
                      prefill_logits=logits, timeline=timeline,
-                     num_decode_steps=last.num_decode_steps)
+                     num_decode_steps=last.num_decode_steps,
+                     prefill_cpu_s=tuple(o.prefill_cpu_s for o in outcomes))

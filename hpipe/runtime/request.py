@@ -77,6 +77,7 @@ class RunResult:
     prefill_logits: torch.Tensor  # (batch, vocab) float32, at the prompt's last position
     timeline: Timeline
     num_decode_steps: int  # decode steps actually run (fewer than planned after an early EOS)
+    prefill_cpu_s: tuple[float, ...] = ()  # per stage: CPU time of its prefill computes
 
 
 def fit_plan(plan: Plan, *, batch: int, prompt_len: int) -> Plan:

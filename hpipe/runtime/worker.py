@@ -23,7 +23,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,9 @@ class StageOutcome:
     output_ids: list[list[int]] | None = None  # last stage only
     prefill_logits: torch.Tensor | None = None  # last stage only, (batch, vocab)
     num_decode_steps: int = 0
-    notes: list[str] = field(default_factory=list)
+    # CPU seconds this process's compute thread used in the prefill's computes. Beside the
+    # busy (wall) time it shows contention: cpu/busy < 1 means the stage waited for a core.
+    prefill_cpu_s: float = 0.0
 
 
 class StageRunner:
@@ -71,6 +73,7 @@ class StageRunner:
         self.caches = [stage_module.new_cache(batch=r, max_tokens=req.max_tokens) for r in self.rows]
         self.prompt = torch.tensor(req.prompt_ids, dtype=torch.int64, device=device)  # (B, T)
         self.intervals: list[Interval] = []
+        self.prefill_cpu_s = 0.0
         self.sends: list[tuple[PendingSend, Interval]] = []
         # Last stage only: sampling state.
         self.mb_logits: dict[int, torch.Tensor] = {}
@@ -151,6 +154,7 @@ class StageRunner:
         """Run the stage on one unit; times it, and sleeps (slowdown - 1) x that when emulating."""
         clock = self.link.clock
         start = clock()
+        cpu_start = time.thread_time()
         with torch.inference_mode():
             if u.phase == "prefill":
                 # The last stage needs logits only at a slice's last position: the full
@@ -162,6 +166,8 @@ class StageRunner:
                 out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock must see the kernels finish
+        if u.phase == "prefill":
+            self.prefill_cpu_s += time.thread_time() - cpu_start
         if self.slowdown > 1.0:
             # Emulation: this device behaves as if it were `slowdown` times slower. The
             # timeline is flagged emulated=True so nobody mistakes it for a real device.
@@ -202,7 +208,7 @@ class StageRunner:
             # workspace and the torch runtime itself, over the process's whole life.
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         outcome = StageOutcome(stage=self.s, intervals=self.intervals, peak_memory_bytes=peak,
-                               num_decode_steps=steps_run)
+                               num_decode_steps=steps_run, prefill_cpu_s=self.prefill_cpu_s)
         if self.s == self.last:
             outcome.output_ids = _trim_rows(self.generated, self.eos, self.req.batch)
             if self.mb_logits:
