@@ -50,8 +50,7 @@ def run_plans(model: str, plans, prompt_ids, *, repeats: int = 2,
     """Run each plan (all for one cluster) ``repeats`` times; median prefill latencies.
 
     ``rates_mbit`` (cluster host name -> uplink rate, None unshaped): given, each cluster host
-    becomes a network namespace and rank r runs in the namespace of its stage's device's host.
-    Plans that order the hosts differently (the planner tries host orders) get one launch each.
+    becomes a network namespace holding its devices' ranks (``hpipe.netns.launch_netns``).
     """
     if rates_mbit is None:
         from hpipe.runtime.launch import launch_local
@@ -61,21 +60,8 @@ def run_plans(model: str, plans, prompt_ids, *, repeats: int = 2,
                                      world_size=world), len(plans))
     from hpipe.netns import launch_netns
 
-    out: list[Measured | None] = [None] * len(plans)
-    by_order: dict[tuple[str, ...], list[int]] = {}
-    for i, plan in enumerate(plans):
-        order = tuple(plan.cluster.devices[st.device].host for st in plan.stages)
-        by_order.setdefault(order, []).append(i)
-    for order, idx in by_order.items():
-        names = list(dict.fromkeys(order))  # hosts in pipeline order -> namespace 0, 1, ...
-        assert list(order) == sorted(order, key=names.index), f"a host appears twice: {order}"
-        hosts = tuple(names.index(h) for h in order)
-        group = [plans[i] for i in idx]
-        results = launch_netns(_requests(model, group, prompt_ids, repeats), hosts=hosts,
-                               rates_mbit=[rates_mbit.get(h) for h in names])
-        for i, m in zip(idx, _collect(results, len(group))):
-            out[i] = m
-    return out  # type: ignore[return-value]
+    results = launch_netns(_requests(model, plans, prompt_ids, repeats), rates_mbit=rates_mbit)
+    return _collect(results, len(plans))
 
 
 def profile_cluster(model: str, cluster_arg: str, out: Path, *, max_tokens: int,

@@ -22,10 +22,11 @@ and namespaces left by a process that died without either (SIGKILL) are removed 
 a network is built, recognised by the dead pid in their name. Processes started with
 ``NetnsNetwork.popen`` are terminated before their namespace is deleted.
 
-Workers: ``launch_netns(requests, hosts=..., rates_mbit=...)`` runs the runtime's requests with
-one ``torchrun`` per emulated host (``ip netns exec NS python -m torch.distributed.run
---nnodes H --node-rank h ...``, static rendezvous at host 0's veth address), each rank being
-``python -m hpipe.netns --rank-of requests.pkl``, i.e. the runtime's own torchrun mode.
+Workers: ``launch_netns(requests, rates_mbit=...)`` runs the runtime's requests with one
+``torchrun`` per host of their cluster (``ip netns exec NS python -m torch.distributed.run
+--nnodes H --node-rank h --nproc-per-node <its devices> ...``, static rendezvous at host 0's
+veth address, ``HPIPE_HOST`` naming the cluster host), each rank being ``python -m hpipe.netns
+--rank-of requests.pkl``, i.e. the runtime's own torchrun mode.
 
 Script: ``python -m hpipe.netns --hosts 2 --rate-mbit 1000 -- CMD`` runs CMD (in the machine's
 namespace) with HPIPE_NETNS_HOSTS="ns0=addr0,ns1=addr1" set, then cleans up;
@@ -42,7 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -235,48 +236,58 @@ def netns_network(
         atexit.unregister(cleanup)
 
 
-def torchrun_argv(net: NetnsNetwork, host: int, hosts: Sequence[int], program: Sequence[str],
+def torchrun_argv(net: NetnsNetwork, host: int, num_procs: int, program: Sequence[str],
                   *, port: int = 29533) -> list[str]:
-    """torchrun for emulated host ``host``: one process per device it holds.
+    """torchrun for emulated host ``host`` with ``num_procs`` processes (one per device).
 
-    ``hosts`` gives the host of each rank; ranks of a host must be consecutive and hosts in
-    order, so torchrun's node ranks give every process its pipeline rank. Every namespace has
-    all ports free, so a fixed port is safe.
+    Static rendezvous at host 0's veth address; every namespace has all ports free, so a fixed
+    port is safe.
     """
-    assert list(hosts) == sorted(hosts), f"ranks of a host must be consecutive: {hosts}"
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={max(hosts) + 1}",
-            f"--node-rank={host}", f"--nproc-per-node={list(hosts).count(host)}",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(net.hosts)}",
+            f"--node-rank={host}", f"--nproc-per-node={num_procs}",
             f"--master-addr={net.hosts[0].address}", f"--master-port={port}", *program]
 
 
-def run_torchrun_netns(hosts: Sequence[int], program: Sequence[str], *,
-                       rates_mbit: Sequence[float | None] | float | None = None,
+def run_torchrun_netns(cluster, program: Sequence[str], *,
+                       rates_mbit: Mapping[str, float | None] | float | None = None,
                        timeout_s: float = 1200.0, quiet: bool = True) -> None:
-    """Build the network, run ``program`` under torchrun on every host, wait, clean up."""
-    with netns_network(max(hosts) + 1, rates_mbit=rates_mbit) as net:
+    """One namespace per host of ``cluster`` (a ClusterSpec), ``program`` under torchrun in
+    each with one process per device, then clean up.
+
+    ``rates_mbit``: one uplink rate for every host, or host name -> rate (None: unshaped).
+    Each process gets ``HPIPE_HOST=<cluster host name>``: every namespace shares the machine's
+    hostname, and the runtime finds a rank's device by (HPIPE_HOST, LOCAL_RANK).
+    """
+    names = [h.name for h in cluster.hosts]
+    if isinstance(rates_mbit, Mapping):
+        rates = [rates_mbit.get(n) for n in names]
+    else:
+        rates = [rates_mbit] * len(names)
+    with netns_network(len(names), rates_mbit=rates) as net:
         out = subprocess.DEVNULL if quiet else None
-        procs = [net.popen(h, torchrun_argv(net, h, hosts, program), stdout=out)
-                 for h in range(max(hosts) + 1)]
+        procs = [net.popen(k, torchrun_argv(net, k, len(h.device_names), program), stdout=out,
+                           env={**net.env(), "HPIPE_HOST": h.name})
+                 for k, h in enumerate(cluster.hosts)]
         codes = [p.wait(timeout=timeout_s) for p in procs]
         if any(codes):
-            raise NetnsError(f"torchrun exited with codes {codes} on hosts {net.env_value()}")
+            raise NetnsError(f"torchrun exited with codes {codes} on hosts {names} "
+                             f"({net.env_value()})")
 
 
-def launch_netns(requests: list, *, hosts: Sequence[int],
-                 rates_mbit: Sequence[float | None] | float | None = None) -> list:
-    """The runtime's ``launch_local`` across emulated hosts: rank r (stage r) on host hosts[r].
-
-    Returns rank 0's ``RunResult`` list, like ``launch_local``.
-    """
+def launch_netns(requests: list, *,
+                 rates_mbit: Mapping[str, float | None] | float | None = None) -> list:
+    """The runtime's ``launch_local`` across emulated hosts: one namespace per host of the
+    requests' cluster, shaped per ``rates_mbit``. Returns rank 0's ``RunResult`` list."""
     import pickle
     import tempfile
     from pathlib import Path
 
+    cluster = requests[0].plan.cluster
     with tempfile.TemporaryDirectory(prefix="hpipe-netns-") as tmp:
         req_path, out_path = Path(tmp) / "requests.pkl", Path(tmp) / "results.pkl"
         req_path.write_bytes(pickle.dumps(requests))
-        run_torchrun_netns(hosts, ["-m", "hpipe.netns", "--rank-of", str(req_path),
-                                   "--out", str(out_path)], rates_mbit=rates_mbit)
+        run_torchrun_netns(cluster, ["-m", "hpipe.netns", "--rank-of", str(req_path),
+                                     "--out", str(out_path)], rates_mbit=rates_mbit)
         return pickle.loads(out_path.read_bytes())
 
 

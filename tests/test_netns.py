@@ -85,7 +85,7 @@ def test_two_host_pipeline_over_shaped_link_matches_one_process(tmp_path):
     cases = [Case("netns-sliced", "llama", layers=(1, 3), slices=(24, 16, 8), max_new_tokens=5),
              Case("netns-batch", "llama", layers=(3, 1), slices=(30, 18), batch=2)]
     reqs = [request_for(c, path, source.spec, 2, cluster=cluster) for c in cases]
-    results = launch_netns(reqs, hosts=(0, 1), rates_mbit=100)
+    results = launch_netns(reqs, rates_mbit=100)
     assert [r.label for r in results] == [c.name for c in cases]
     model = source.load_model()
     for case, result in zip(cases, results):

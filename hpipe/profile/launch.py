@@ -69,8 +69,13 @@ def make_job(model: str, cluster: ClusterSpec, dtype: str, grid: Grid, *, quick:
 
 
 def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
-                 report: OnProgress | None = None) -> Profile | None:
-    """This rank's share of the profile, in an initialised process group; rank 0 returns it."""
+                 report: OnProgress | None = None,
+                 rank_of_device: dict[int, int] | None = None) -> Profile | None:
+    """This rank's share of the profile, in an initialised process group; rank 0 returns it.
+
+    ``rank_of_device``: cluster device index -> rank (torchrun across hosts numbers nodes in
+    join order); default rank r holds device r.
+    """
     import torch
     import torch.distributed as dist
 
@@ -79,24 +84,25 @@ def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
 
     cluster = job.cluster
     assert world_size == cluster.num_devices, (world_size, cluster.num_devices)
+    rank_of = rank_of_device or {d: d for d in range(world_size)}
+    me = next(d for d, r in rank_of.items() if r == rank)
     source = open_model(job.model)
     mine = None
-    dev = cluster.devices[rank]
+    dev = cluster.devices[me]
     progress = (lambda d, t: report(dev.name, d, t)) if report else None
     together = concurrent_profiling(cluster)
-    for r in range(world_size):  # see [Note: concurrent or one at a time]
-        if r == rank or together:
-            if mine is None:
-                mine = profile_device(source, dev, dtype=job.dtype, grid=job.grid,
-                                      progress=progress)
+    for d in range(world_size):  # see [Note: concurrent or one at a time]
+        if (d == me or together) and mine is None:
+            mine = profile_device(source, dev, dtype=job.dtype, grid=job.grid, progress=progress)
         dist.barrier()
     pairs = [(a, b) for a in range(world_size) for b in range(a + 1, world_size)]
     links: list[LinkProfile] = []
     for k, (a, b) in enumerate(pairs):
-        if rank in (a, b):
-            samples = measure_link(b if rank == a else a, initiator=rank == a,
-                                   sizes_bytes=job.link_sizes_bytes, repeats=job.link_repeats)
-            if rank == a:
+        if me in (a, b):
+            peer = rank_of[b if me == a else a]
+            samples = measure_link(peer, initiator=me == a, sizes_bytes=job.link_sizes_bytes,
+                                   repeats=job.link_repeats)
+            if me == a:
                 lat, bw = fit_link(samples)
                 links.append(LinkProfile(cluster.devices[a].name, cluster.devices[b].name,
                                          samples, latency_s=lat, bandwidth_bytes_s=bw))
@@ -104,16 +110,17 @@ def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
         if report and rank == 0:
             report("links", k + 1, len(pairs))
     gathered: list | None = [None] * world_size if rank == 0 else None
-    dist.gather_object((mine, links), gathered, dst=0)
+    dist.gather_object((me, mine, links), gathered, dst=0)
     if rank != 0:
         return None
     assert gathered is not None
+    gathered.sort(key=lambda g: g[0])
     return Profile(
         model_name=source.spec.name, model_shape=model_shape(source.spec), dtype=job.dtype,
         torch_version=torch.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         cluster_name=cluster.name, device_names=tuple(d.name for d in cluster.devices),
-        devices=tuple(g[0] for g in gathered), links=tuple(lk for g in gathered for lk in g[1]),
+        devices=tuple(g[1] for g in gathered), links=tuple(lk for g in gathered for lk in g[2]),
         quick=job.quick,
     )
 
@@ -218,7 +225,17 @@ def profile_torchrun(job: ProfileJob, env: dict[str, str],
             f"{job.cluster.num_devices} devices; start one process per device")
     _join(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank, world, init_method="env://")
     try:
-        return profile_rank(job, rank=rank, world_size=world,
+        # Find this process's device as the runtime does: by (HPIPE_HOST or hostname,
+        # LOCAL_RANK), since torchrun numbers nodes in the order they joined.
+        import socket
+
+        from hpipe.runtime.rank import ranks_by_host
+
+        members: list = [None] * world
+        dist.all_gather_object(members, (os.environ.get("HPIPE_HOST", socket.gethostname()),
+                                         int(os.environ.get("LOCAL_RANK", "0"))))
+        rank_of = ranks_by_host(job.cluster, [tuple(m) for m in members])
+        return profile_rank(job, rank=rank, world_size=world, rank_of_device=rank_of,
                             report=on_progress if rank == 0 else None)
     finally:
         dist.destroy_process_group()
