@@ -1,0 +1,80 @@
+"""The device profiler on a real (tiny, random) stage in-process, and ``hpipe profile`` end to end."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import yaml
+
+from hpipe.cluster import parse_cluster
+from hpipe.cost.fitted import FittedCost
+from hpipe.model.source import open_model
+from hpipe.profile import read_profile
+from hpipe.profile.measure import Grid, default_grid, profile_device
+from hpipe.profile.random_model import write_random_checkpoint
+from hpipe.spec import ModelSpec
+
+TINY = ModelSpec(name="tiny-llama", family="llama", num_layers=4, hidden=64, num_heads=4,
+                 num_kv_heads=2, intermediate=112, vocab_size=96, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_random_checkpoint(TINY, tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def _cluster(slowdowns):
+    return parse_cluster({"name": "t", "hosts": [{"name": "local", "intra_link": "loopback",
+                          "devices": [{"name": f"cpu{i}", "type": "cpu", "slowdown": s}
+                                      for i, s in enumerate(slowdowns)]}]})
+
+
+def test_profile_device_measures_every_grid_point_and_counts_real_tensors(tiny_path):
+    grid = Grid(batches=(1, 2), tokens=(8, 32), prefixes=(0, 64), max_tokens=128, repeats=2,
+                warmup=1)
+    prof = profile_device(open_model(tiny_path), _cluster([1.0]).devices[0], dtype="float32",
+                          grid=grid)
+    assert [(s.rows, s.tokens, s.prefix) for s in prof.layer] == list(grid.points())
+    assert all(s.time_s > 0 for s in prof.layer + prof.head + prof.embedding)
+    # Counted from the real tensors: K and V of kv_dim floats per token per layer.
+    assert prof.kv_bytes_per_token_per_layer == 2 * TINY.kv_dim * 4
+    assert prof.layer_weight_bytes == TINY.params_per_layer() * 4
+    assert prof.head_weight_bytes == TINY.head_params() * 4
+    assert prof.peak_memory_bytes > prof.context_bytes > 0
+
+
+def test_emulated_slowdown_is_in_the_measured_times(tiny_path):
+    # The profiler sleeps (k - 1) x each call like the worker, so a k = 4 device measures
+    # about 4x slower (sleep overshoot only adds to it). Wide bounds: the two profiles run
+    # one after the other on a CPU that other work shares, and 2x noise has been seen.
+    grid = Grid(batches=(1,), tokens=(32, 64), prefixes=(0, 64), max_tokens=128, repeats=3,
+                warmup=1)
+    source = open_model(tiny_path)
+    fast, slow = (profile_device(source, d, dtype="float32", grid=grid)
+                  for d in _cluster([1.0, 4.0]).devices)
+    ratios = [s.time_s / f.time_s for s, f in zip(slow.layer, fast.layer)]
+    assert 2.0 < statistics.median(ratios) < 8.0, ratios
+    assert slow.slowdown == 4.0 and fast.slowdown == 1.0
+
+
+def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
+    from hpipe.cli import main
+
+    cluster_file = tmp_path / "slow2.yaml"
+    cluster_file.write_text(yaml.safe_dump(_cluster([1.0, 2.0]).to_dict()))
+    out = tmp_path / "profile.json"
+    code = main(["profile", "--model", str(tiny_path), "--cluster", str(cluster_file),
+                 "--out", str(out), "--quick", "--max-tokens", "128", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "EMULATED" in printed and "wrote" in printed
+    prof = read_profile(out)
+    assert prof.device_names == ("cpu0", "cpu1") and prof.emulated
+    assert len(prof.links) == 1 and prof.links[0].bandwidth_bytes_s > 0
+    assert len(prof.devices[0].layer) == len(default_grid(128, quick=True, max_batch=2).points())
+    # The file plugs into the planner's cost interface for the same model and cluster.
+    cost = FittedCost(prof, open_model(tiny_path).spec, _cluster([1.0, 2.0]), "float32")
+    t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
+                          has_head=True)
+    assert t > 0
