@@ -1,0 +1,143 @@
+"""The ``hpipe`` command line: a thin table of subcommands; the only place that prints.
+
+Each subcommand is one ``add_parser(subparsers)`` function that declares its options and sets
+``func`` (a ``run(args) -> int``), listed in ``SUBCOMMANDS``; modules under ``hpipe.commands``
+follow the same shape. A user error (any ``HPipeError``) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpipe.commands import experiment, plan, profile, run, simulate
+from hpipe.errors import HPipeError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text with one process (the reference)")
+    p.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, or 'smollm2'")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="file whose text is the prompt")
+    prompt.add_argument("--prompt-ids", type=_int_list, help="token ids, e.g. 1,2,3 (no chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--slices", type=_int_list, default=None,
+                   help="prefill in these token slices, e.g. 512,256,...; they must sum to the prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: if it has one)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    from hpipe.model.generate import PromptError
+
+    if args.prompt_ids is not None:
+        return list(args.prompt_ids)
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise PromptError(f"--prompt-file {str(args.prompt_file)!r} does not exist")
+        text = args.prompt_file.read_text()
+    else:
+        text = args.prompt
+    chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
+    return tokenizer.encode(tokenizer.chat_prompt(text) if chat else text)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hpipe.model.generate import Sampler, generate
+    from hpipe.model.source import open_model
+    from hpipe.model.tokenizer import TokenizerNotFoundError
+
+    src = open_model(args.model)
+    ids = _prompt_ids(args, src.tokenizer)
+    sampler = Sampler(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    model = src.load_model(dtype=getattr(torch, args.dtype), device=args.device)
+    result = generate(model, [ids], max_new_tokens=args.max_new_tokens, slices=args.slices,
+                      sampler=sampler, eos_token_ids=src.tokenizer.eos_token_ids)
+    out = list(result.output_ids[0])
+    try:
+        text = src.tokenizer.decode(out)
+    except TokenizerNotFoundError:  # a checkpoint without a tokenizer: ids only
+        text = None
+    if args.json:
+        print(json.dumps({
+            "model": str(src.path), "prompt_tokens": result.prompt_tokens, "output_ids": out,
+            "text": text, "slices": list(result.slices), "prefill_s": result.prefill_s,
+            "prefill_tok_s": result.prefill_tok_s, "decode_s": result.decode_s,
+            "decode_tok_s": result.decode_tok_s}))
+        return 0
+    print(text if text is not None else " ".join(map(str, out)))
+    print(f"[{result.prompt_tokens} prompt tokens in {len(result.slices)} slices: "
+          f"{result.prefill_tok_s:.0f} tok/s prefill; {len(out)} new tokens, "
+          f"{result.decode_tok_s:.1f} tok/s decode]")
+    return 0
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="SmolLM2 answers a question about a long document")
+    p.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, or 'smollm2'")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_demo)
+    return p
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from hpipe.demo import run_single_process_demo
+
+    out = run_single_process_demo(model=args.model, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(out.to_dict()))
+        return 0
+    print(f"document: {out.document} ({out.prompt_tokens} prompt tokens)")
+    print(f"question: {out.question}")
+    print(f"answer:   {out.answer.strip()}")
+    print(f"prefill:  {out.prefill_tok_s:.0f} tokens/s ({out.prefill_s:.2f} s, one process); "
+          f"decode {out.decode_tok_s:.1f} tokens/s")
+    return 0
+
+
+# The subcommand table: add one ``add_parser(subparsers)`` per subcommand here.
+SUBCOMMANDS = (add_generate_parser, add_demo_parser, plan.add_parser, simulate.add_parser,
+               experiment.add_parser, run.add_parser, profile.add_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpipe", description="Long-context LLM inference pipelined across heterogeneous devices")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HPipeError as e:  # the user's input: one clear line, no traceback
+        print(f"hpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

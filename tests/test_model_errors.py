@@ -1,0 +1,89 @@
+"""Errors a user can cause are typed ValueErrors whose message names the values and the fix."""
+
+import json
+
+import pytest
+import torch
+
+from hpipe.cli import main
+from hpipe.errors import (
+    PromptTooLongError,
+    SliceError,
+    UnsupportedArchitectureError,
+    WeightsNotFoundError,
+)
+from hpipe.model.config import spec_from_gguf_metadata, spec_from_hf_config
+from hpipe.model.generate import Sampler, SamplingError, generate, validate_slices
+from hpipe.model.source import open_model
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(WeightsNotFoundError, match=r"no model at .*no-such-model.*smollm2"):
+        open_model(missing)
+
+
+def test_dir_without_safetensors(tmp_path, tiny_checkpoints):
+    (tmp_path / "config.json").write_text((tiny_checkpoints["llama"] / "config.json").read_text())
+    with pytest.raises(WeightsNotFoundError, match=r"no \*\.safetensors in"):
+        open_model(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path, tiny_checkpoints):
+    cfg = json.loads((tiny_checkpoints["llama"] / "config.json").read_text())
+    cfg.update(model_type="mamba", architectures=["MambaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"'mamba' \(MambaForCausalLM\).*gpt2, gpt_neox, llama, mistral, qwen2"):
+        open_model(tmp_path)
+
+
+def test_unsupported_rope_type_and_gguf_arch():
+    with pytest.raises(UnsupportedArchitectureError, match=r"rope scaling type 'yarn'.*llama3"):
+        spec_from_hf_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                             "num_attention_heads": 2, "num_hidden_layers": 1,
+                             "intermediate_size": 16,
+                             "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UnsupportedArchitectureError, match=r"GGUF architecture 'phi3'.*llama, qwen2"):
+        spec_from_gguf_metadata({"general.architecture": "phi3"}, (), name="x")
+
+
+def test_prompt_longer_than_context(tiny_checkpoints):
+    src = open_model(tiny_checkpoints["llama"])  # max_position_embeddings = 128
+    with pytest.raises(PromptTooLongError, match=r"prompt of 130 tokens exceeds .*context of 128"):
+        generate(src, [[5] * 130], max_new_tokens=1)
+    with pytest.raises(PromptTooLongError, match=r"120 tokens \+ 20 new tokens.*<= 8"):
+        generate(src, [[5] * 120], max_new_tokens=20)
+
+
+def test_cache_overflow_is_typed(tiny_checkpoints):
+    model = open_model(tiny_checkpoints["gpt2"]).load_model()
+    cache = model.new_cache(batch=1, max_tokens=4)
+    with pytest.raises(PromptTooLongError, match=r"holds 0 of 4 tokens and cannot take 5"):
+        model(torch.ones(1, 5, dtype=torch.long), cache)
+
+
+def test_slices_not_summing_to_prompt():
+    with pytest.raises(SliceError, match=r"sum to 7 but the prompt has 10 tokens"):
+        validate_slices([4, 3], 10)
+    with pytest.raises(SliceError, match=r"length <= 0"):
+        validate_slices([10, 0], 10)
+
+
+def test_bad_sampling_settings():
+    with pytest.raises(SamplingError, match=r"top_p 1.5 outside"):
+        Sampler(temperature=1.0, top_p=1.5)
+
+
+def test_cli_prints_one_line_and_exits_2(tiny_checkpoints, capsys):
+    code = main(["generate", "--model", str(tiny_checkpoints["llama"]),
+                 "--prompt-ids", "5,6,7,8,9", "--slices", "2,2", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "slices [2, 2] sum to 4 but the prompt has 5 tokens" in err
+
+
+def test_cli_missing_model_exits_2(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "hi"]) == 2
+    assert "no model at" in capsys.readouterr().err
