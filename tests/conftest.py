@@ -13,6 +13,11 @@ Reuse them in any test that needs a real model on disk:
 - ``smollm2_gguf`` / ``smollm2`` / ``smollm2_model``  (session) the SmolLM2-135M-Instruct GGUF
   path, its ModelSource, and the whole model as one float32 Stage (loaded once: ~4 s).
 
+- ``torch_one_thread``  run a test with ``torch.set_num_threads(1)``. The model tests use it
+  (``pytestmark``): their tensors are tiny, and on a 2-core machine shared with any other busy
+  process two OpenMP threads spin at every barrier, which made the tiny-model tests ~6x slower
+  (50 s vs 8 s measured).
+
 transformers is imported lazily so that test files which do not use these fixtures do not pay
 for it.
 """
@@ -81,6 +86,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=PARITY_VARIANTS)
 def tiny_checkpoint(request, tiny_checkpoints) -> Path:
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture
+def torch_one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

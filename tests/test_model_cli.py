@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from hpipe.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _json_run(capsys, *argv) -> dict:

@@ -16,6 +16,8 @@ from hpipe.model.config import spec_from_gguf_metadata, spec_from_hf_config
 from hpipe.model.generate import Sampler, SamplingError, generate, validate_slices
 from hpipe.model.source import open_model
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def test_missing_path(tmp_path):
     missing = tmp_path / "no-such-model"

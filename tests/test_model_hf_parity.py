@@ -12,6 +12,8 @@ import torch
 from hpipe.model.generate import generate
 from hpipe.model.source import open_model
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 LOGIT_ATOL = 1e-4
 
 

@@ -14,6 +14,8 @@ import torch
 from hpipe.model.generate import generate
 from hpipe.model.source import open_model
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 SLICE_ATOL = 1e-4
 VARIANTS = ("llama", "gpt2", "neox")  # qwen2 is llama + biases: parity covers it
 T = 30

@@ -14,6 +14,8 @@ import torch
 from hpipe.demo import DOCUMENT_PATH, EXPECTED_ANSWER, demo_prompt_text
 from hpipe.model.generate import generate
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 SMOLLM2_LOGIT_ATOL = 1e-4
 
 

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from hpipe.model.source import open_model
 from hpipe.model.weights import unpermute_qk
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _layers_in(names):
