@@ -5,7 +5,7 @@ Reuse them in any test that needs a real model on disk:
 - ``tiny_checkpoints``  (session) dict variant name -> HF model dir, written once by
   transformers' ``save_pretrained`` and loaded through our real loader (``open_model(path)``).
   Variants (see ``TINY_VARIANTS``): llama (GQA, tied), llama_untied, llama3_rope (LLaMA-3 rope
-  scaling), qwen2 (q/k/v bias), gpt2 (Conv1D weights), neox (partial rotary + parallel
+  scaling), qwen2 (q/k/v bias), llama_bias_linear_rope, mistral, qwen2_tied, gpt2 (Conv1D weights), neox (partial rotary + parallel
   residual), neox_sequential, and llama_sharded (same shapes as llama, many safetensors shards
   with an index json, for partial-read tests).
 - ``tiny_checkpoint``   (parametrised) one dir per parity variant, for tests that should run
@@ -43,6 +43,13 @@ TINY_VARIANTS: dict[str, tuple[str, dict]] = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}}),
     "qwen2": ("Qwen2Config", {**_LLAMA, "tie_word_embeddings": False}),
+    # Switches a user's own checkpoint may carry: biases everywhere in LLaMA, linear rope
+    # scaling; Mistral's model_type; Qwen2 with tied embeddings (as Qwen2-0.5B ships).
+    "llama_bias_linear_rope": ("LlamaConfig", {**_LLAMA, "attention_bias": True, "mlp_bias": True,
+                                               "rope_scaling": {"rope_type": "linear",
+                                                                "factor": 2.0}}),
+    "mistral": ("MistralConfig", {**_LLAMA, "sliding_window": None}),
+    "qwen2_tied": ("Qwen2Config", _LLAMA),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=128,
                                 bos_token_id=0, eos_token_id=2, **_COMMON)),
     "neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
