@@ -196,6 +196,7 @@ class Stage(nn.Module):
         self.spec = spec
         self.layer_start, self.layer_stop = layer_start, layer_stop
         self.has_embedding, self.has_head = has_embedding, has_head
+        self.empty_dtype = torch.float32  # what an empty stage accepts; load_stage sets it
         self.embed = Embedding(spec) if has_embedding else None
         self.layers = nn.ModuleDict(
             {str(i): Block(spec) for i in range(layer_start, layer_stop)})
@@ -214,11 +215,13 @@ class Stage(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+        floats = (p.dtype for p in self.parameters() if p.is_floating_point())
+        # A middle stage with no layers (a device the plan leaves empty) has no parameters.
+        return next(floats, self.empty_dtype)
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
 
     def new_cache(self, *, batch: int = 1, max_tokens: int | None = None) -> KVCache:
         """A KV cache for this stage's layers; ``max_tokens`` defaults to the model's context."""

@@ -77,6 +77,7 @@ class ModelSource:
             stage = Stage(self.spec, layer_start=layer_start, layer_stop=layer_stop,
                           has_embedding=has_embedding, has_head=has_head)
         stage.load_state_dict(tensors, strict=True, assign=True)
+        stage.empty_dtype = dtype
         if has_embedding and has_head and self.spec.tie_embeddings:
             stage.head.weight = stage.embed.tok.weight  # one tensor, as in the checkpoint
         return stage.to(device).eval().requires_grad_(False)
