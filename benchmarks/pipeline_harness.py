@@ -80,9 +80,6 @@ def profile_cluster(model: str, cluster_arg: str, out: Path, *, max_tokens: int,
     from hpipe.cluster import load_cluster
     from hpipe.netns import run_torchrun_netns
 
-    cluster = load_cluster(cluster_arg)
-    names = [h.name for h in cluster.hosts]
-    hosts = tuple(names.index(d.host) for d in cluster.devices)
-    run_torchrun_netns(hosts, ["-m", "hpipe.commands.profile", *argv],
-                       rates_mbit=[rates_mbit.get(h) for h in names])
+    run_torchrun_netns(load_cluster(cluster_arg), ["-m", "hpipe.commands.profile", *argv],
+                       rates_mbit=rates_mbit)
     return out

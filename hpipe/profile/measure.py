@@ -8,7 +8,8 @@ left (the stage call itself: input checks, rotary tables, the prefix mask). A st
 layers on any position of the pipeline is then ``call + [embedding] + n * layer + [head]``.
 
 Honest timing: untimed warm-up calls first (allocator, oneDNN/cuBLAS kernel selection), a
-``cuda.synchronize`` before every clock read on a GPU, ``repeats`` timed calls, the median.
+``cuda.synchronize`` before every clock read on a GPU, ``repeats`` timed calls spread over the
+whole profile (see [Note: repeats spread over time]), the median.
 
 [Note: emulated slowdown in the profile] A device with ``slowdown`` k is measured the way the
 worker runs it: after each call the profiler sleeps (k - 1) x the call's measured time, the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import resource
 import statistics
 import time
@@ -132,6 +134,21 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _workspace_bytes(stage, ids, cache, prefix: int, tdev: torch.device) -> int:
+    """Peak bytes one untimed call allocates above what is resident (weights, cache)."""
+    cache.length = prefix
+    if tdev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tdev)
+        before = torch.cuda.memory_allocated(tdev)
+        stage(ids, cache, last_only=True)
+        return int(torch.cuda.max_memory_allocated(tdev) - before)
+    # Without a resettable peak (not Linux) the workspace stays unmeasured (0).
+    can_reset = _reset_hwm()
+    before = _rss_bytes("VmRSS")
+    stage(ids, cache, last_only=True)
+    return max(0, _rss_bytes("VmHWM") - before) if can_reset else 0
+
+
 def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
 
@@ -169,53 +186,55 @@ def profile_device(
     layer, embedding, head, call, memory = [], [], [], [], []
     kv_per_token = 0
     try:
-        for done, (b, s, p) in enumerate(points, 1):
-            cache = stage.new_cache(batch=b, max_tokens=p + s)
-            kv_per_token = cache.mem_bytes // (n * b * (p + s))
-            ids = torch.randint(0, spec.vocab_size, (b, s), generator=gen).to(tdev)
-            runs: list[dict[str, float]] = []
-            with torch.inference_mode():
-                for r in range(grid.warmup + grid.repeats):
-                    cache.length = p  # the prefix is "cached" (zeros time like real K, V)
-                    sync()
-                    t0 = time.perf_counter()
-                    stage(ids, cache, last_only=True)
-                    sync()
-                    compute_s = time.perf_counter() - t0
-                    if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
-                        time.sleep((device.slowdown - 1.0) * compute_s)
-                    total_s = time.perf_counter() - t0
-                    if r < grid.warmup:
-                        continue
+        # [Note: repeats spread over time] Pass k times every point once, in a shuffled order;
+        # a point's median is over passes. Back-to-back repeats of one point all land in the
+        # same burst of someone else's work on a shared machine; spread over the whole
+        # profile, a burst spoils one repeat of a point, which the median drops.
+        runs: dict[tuple[int, int, int], list[dict[str, float]]] = {pt: [] for pt in points}
+        work_of: dict[tuple[int, int, int], int] = {}
+        order = random.Random(0)
+        total = grid.repeats * len(points)
+        done = 0
+        for rep in range(grid.repeats):
+            todo = list(points)
+            order.shuffle(todo)
+            for b, s, p in todo:
+                cache = stage.new_cache(batch=b, max_tokens=p + s)
+                kv_per_token = cache.mem_bytes // (n * b * (p + s))
+                ids = torch.randint(0, spec.vocab_size, (b, s), generator=gen).to(tdev)
+                with torch.inference_mode():
+                    # Warm-up calls in the first pass only (allocator, kernel selection).
+                    for _ in range(grid.warmup + 1 if rep == 0 else 1):  # last one timed
+                        cache.length = p  # the prefix is "cached" (zeros time like real K, V)
+                        sync()
+                        t0 = time.perf_counter()
+                        stage(ids, cache, last_only=True)
+                        sync()
+                        compute_s = time.perf_counter() - t0
+                        if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
+                            time.sleep((device.slowdown - 1.0) * compute_s)
+                        total_s = time.perf_counter() - t0
                     scale = total_s / compute_s
                     parts = {k: v * scale for k, v in timer.parts.items()}
                     blocks = [parts[f"block{k}"] for k in range(n)]
                     parts["layer"] = statistics.median(blocks)
                     parts["call"] = max(0.0, total_s - sum(blocks) - parts["embedding"]
                                         - parts["head"])
-                    runs.append(parts)
-                # Workspace: one more, untimed call with the peak-memory counter reset.
-                cache.length = p
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(tdev)
-                    before = torch.cuda.memory_allocated(tdev)
-                    stage(ids, cache, last_only=True)
-                    work = torch.cuda.max_memory_allocated(tdev) - before
-                else:
-                    # Without a resettable peak (not Linux) the workspace stays unmeasured (0).
-                    can_reset = _reset_hwm()
-                    before = _rss_bytes("VmRSS")
-                    stage(ids, cache, last_only=True)
-                    work = max(0, _rss_bytes("VmHWM") - before) if can_reset else 0
-            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+                    runs[(b, s, p)].append(parts)
+                    if rep == 0:
+                        work_of[(b, s, p)] = _workspace_bytes(stage, ids, cache, p, tdev)
+                del cache
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        for pt in points:
+            b, s, p = pt
+            med = {k: statistics.median(run[k] for run in runs[pt]) for k in runs[pt][0]}
             layer.append(TimeSample(b, s, p, med["layer"]))
             embedding.append(TimeSample(b, s, 0, med["embedding"]))
             head.append(TimeSample(b, s, p, med["head"]))
             call.append(TimeSample(b, s, p, med["call"]))
-            memory.append(MemorySample(b, s, p, int(work)))
-            del cache
-            if progress is not None:
-                progress(done, len(points))
+            memory.append(MemorySample(b, s, p, work_of[pt]))
     finally:
         timer.remove()
     peak = (torch.cuda.max_memory_allocated(tdev) if on_cuda
