@@ -8,6 +8,8 @@ found with ``importlib.util.find_spec`` so that package's own import-time code n
 from __future__ import annotations
 
 import importlib.util
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from hpipe.model.weights import (
 from hpipe.spec import ModelSpec
 
 BUNDLED_MODELS = ("smollm2",)
+log = logging.getLogger(__name__)
 
 
 def find_smollm2_gguf() -> Path:
@@ -70,6 +73,7 @@ class ModelSource:
             raise PlanMismatchError(
                 f"layer range [{layer_start}, {layer_stop}) is not inside "
                 f"[0, {self.spec.num_layers}) of {self.spec.name}")
+        t0 = time.perf_counter()
         sources = stage_sources(self._layout, layer_start=layer_start, layer_stop=layer_stop,
                                 has_embedding=has_embedding, has_head=has_head)
         tensors = read_stage_tensors(self.reader, sources, dtype=dtype, device=device)
@@ -80,7 +84,11 @@ class ModelSource:
         stage.empty_dtype = dtype
         if has_embedding and has_head and self.spec.tie_embeddings:
             stage.head.weight = stage.embed.tok.weight  # one tensor, as in the checkpoint
-        return stage.to(device).eval().requires_grad_(False)
+        stage = stage.to(device).eval().requires_grad_(False)
+        mem_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        log.info("stage [%d, %d) of %s: %d tensors, %.1f MB, %.2f s", layer_start, layer_stop,
+                 self.spec.name, len(tensors), mem_bytes / 1e6, time.perf_counter() - t0)
+        return stage
 
     def load_model(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Stage:
         """All layers, embedding and head: the single-process model."""
