@@ -38,6 +38,10 @@ def _write_llama_gguf(hf_dir, out_path) -> None:
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_vocab_size(cfg["vocab_size"])
+    # Arrays of strings and numbers, as a real file's vocabulary has (no "gpt2" tokenizer model:
+    # the loader must then fall back to ids only).
+    writer.add_token_list([f"tok{i}" for i in range(cfg["vocab_size"])])
+    writer.add_token_types([1] * cfg["vocab_size"])
     names = {"embed_tokens": "token_embd", "norm": "output_norm"}
     sub = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
            "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -75,6 +79,27 @@ def test_gguf_written_like_llama_cpp_matches_transformers(tiny_checkpoints, tmp_
     ours = model(ids, model.new_cache(batch=1, max_tokens=24))
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_gguf_parser_agrees_with_gguf_reader(tiny_checkpoints, tmp_path):
+    import gguf
+    import numpy as np
+
+    from hpipe.model.gguf_file import GGUFFile
+
+    path = tmp_path / "tiny-llama.gguf"
+    _write_llama_gguf(tiny_checkpoints["llama"], path)
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    ref_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == ref_meta.keys()
+    for key, value in ref_meta.items():
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) else (
+            ours.metadata[key] == value), key
+    assert [t.name for t in ref.tensors] == list(ours.tensors)
+    for t in ref.tensors:
+        info = ours.tensors[t.name]
+        assert info.shape == tuple(int(d) for d in t.shape) and info.ggml_type == int(t.tensor_type)
+        assert np.array_equal(ours.tensor_data(info), t.data), t.name
 
 
 def test_hf_tokenizer_dir_roundtrip(smollm2, tmp_path):

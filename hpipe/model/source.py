@@ -18,6 +18,7 @@ import torch
 from hpipe.errors import PlanMismatchError, WeightsNotFoundError
 from hpipe.model.config import spec_from_gguf_metadata, spec_from_hf_config
 from hpipe.model.decoder import Stage
+from hpipe.model.gguf_file import GGUFFile
 from hpipe.model.tokenizer import NoTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from hpipe.model.weights import (
     GGUFTensorReader,
@@ -122,10 +123,8 @@ def _open_hf_dir(path: Path) -> ModelSource:
 
 
 def _open_gguf(path: Path) -> ModelSource:
-    from gguf import GGUFReader
-
-    gguf = GGUFReader(path)  # parses metadata and tensor infos; tensor data stays memory-mapped
-    metadata = {name: field.contents() for name, field in gguf.fields.items()}
+    gguf = GGUFFile(path)  # parses metadata and tensor infos; tensor data stays memory-mapped
+    metadata = gguf.metadata
     reader = GGUFTensorReader(gguf)
     spec = spec_from_gguf_metadata(metadata, reader.names(), name=path.stem)
     tokenizer = tokenizer_from_gguf(metadata, eos_token_ids=spec.eos_token_ids)

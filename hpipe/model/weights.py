@@ -66,21 +66,22 @@ class SafetensorsReader:
 class GGUFTensorReader:
     """Tensors of a GGUF file by GGUF name, dequantized to float32 in PyTorch's (out, in) layout."""
 
-    def __init__(self, reader) -> None:  # a gguf.GGUFReader: tensor infos parsed, data memory-mapped
-        self._tensors = {t.name: t for t in reader.tensors}
+    def __init__(self, gguf_file) -> None:  # a gguf_file.GGUFFile: header parsed, data memory-mapped
+        self._file = gguf_file
         self.names_read: list[str] = []
 
     def names(self) -> frozenset[str]:
-        return frozenset(self._tensors)
+        return frozenset(self._file.tensors)
 
     def read(self, name: str) -> torch.Tensor:
-        from gguf import dequantize
+        from gguf import GGMLQuantizationType, dequantize
 
-        t = self._tensors[name]
+        info = self._file.tensors[name]
         self.names_read.append(name)
-        array = dequantize(t.data, t.tensor_type)  # touches only this tensor's bytes of the mmap
+        # Touches only this tensor's bytes of the memory map.
+        array = dequantize(self._file.tensor_data(info), GGMLQuantizationType(info.ggml_type))
         # GGUF lists dims fastest-first (ne0 = columns); PyTorch wants them slowest-first.
-        shape = tuple(int(d) for d in reversed(t.shape))
+        shape = tuple(reversed(info.shape))
         return torch.from_numpy(np.array(array, dtype=np.float32, copy=True).reshape(shape))
 
 
