@@ -35,6 +35,18 @@ class SliceError(HPipeError):
     """Token slices that do not add up to the prompt, or are not positive."""
 
 
+class PromptError(HPipeError):
+    """A prompt batch that is empty or whose rows differ in length, or an unreadable prompt file."""
+
+
+class SamplingError(HPipeError):
+    """Sampling settings out of range (temperature < 0, top_p outside (0, 1])."""
+
+
+class TokenizerNotFoundError(HPipeError):
+    """A model opened without a usable tokenizer was asked to turn text into ids."""
+
+
 class ClusterError(HPipeError):
     """A cluster description that is malformed: the message names the field."""
 

@@ -14,17 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hpipe.errors import HPipeError, PromptTooLongError, SliceError
+from hpipe.errors import PromptError, PromptTooLongError, SamplingError, SliceError
 from hpipe.model.decoder import Stage
 from hpipe.spec import ModelSpec
 
-
-class SamplingError(HPipeError):
-    """Sampling settings out of range (temperature < 0, top_p outside (0, 1])."""
-
-
-class PromptError(HPipeError):
-    """A prompt batch that is empty or whose rows differ in length."""
+__all__ = ["GenerationResult", "PromptError", "Sampler", "SamplingError", "check_fits", "generate",
+           "validate_slices"]
 
 
 class Sampler:

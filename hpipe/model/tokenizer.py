@@ -16,11 +16,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from hpipe.errors import HPipeError, UnsupportedArchitectureError
-
-
-class TokenizerNotFoundError(HPipeError):
-    """A model opened without a usable tokenizer was asked to turn text into ids."""
+from hpipe.errors import TokenizerNotFoundError, UnsupportedArchitectureError
 
 
 class Tokenizer:

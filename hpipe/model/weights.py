@@ -138,7 +138,7 @@ def hf_layout(spec: ModelSpec, names: frozenset[str]) -> Callable[[str], dict[st
     else:
         p = _find_prefix(names, "layers.0.input_layernorm.weight", ("gpt_neox.", ""))
         embed, norm, head = p + "embed_in.weight", p + "final_layer_norm.weight", "embed_out.weight"
-    if spec.tie_embeddings or head not in names:
+    if spec.tie_embeddings:  # an untied config without its head tensor fails in the read, by name
         head = embed
 
     def part(which: str | int) -> dict[str, TensorSource]:
