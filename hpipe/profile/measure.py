@@ -67,8 +67,10 @@ def default_grid(max_tokens: int, *, quick: bool = False, max_batch: int = 2) ->
     assert max_tokens >= 32, max_tokens
     if quick:
         # Three prefixes, not two: the prefix terms (b*p, b*s*p) are fitted, not guessed, and
-        # the slicing DP's late slices sit at prefixes near the end of the prompt.
-        tokens = sorted({16, 64, max(32, max_tokens // 4), max_tokens // 2})
+        # the slicing DP's late slices sit at prefixes near the end of the prompt. The whole
+        # prompt (s = max_tokens, p = 0) is measured because Base and GPipe run it as one
+        # unit: extrapolating the b*s^2 term to it over-predicted them by up to 2x.
+        tokens = sorted({16, 64, max(32, max_tokens // 4), max_tokens // 2, max_tokens})
         prefixes = (0, max_tokens // 3, (2 * max_tokens) // 3)
         batches = tuple(sorted({1, max_batch}))
         return Grid(tuple(batches), tuple(tokens), prefixes, max_tokens, repeats=3, warmup=1)
