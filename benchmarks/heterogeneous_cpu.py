@@ -57,7 +57,9 @@ def main(argv=None) -> int:
     ids = torch.randint(3, spec.vocab_size, (args.batch, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
     prompt = tuple(tuple(int(t) for t in row) for row in ids)
-    tmp = Path(tempfile.mkdtemp(prefix="hpipe-hetero-"))
+    # Profiles and random checkpoints (~0.6 GB) live only as long as the run.
+    tmp_dir = tempfile.TemporaryDirectory(prefix="hpipe-hetero-")
+    tmp = Path(tmp_dir.name)
     ok = True
     print(f"{spec.name}, batch {args.batch} x {args.seq_len} tokens, float32; "
           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

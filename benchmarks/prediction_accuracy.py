@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     from hpipe.spec import ModelSpec
 
     netns_reason = netns_unavailable_reason()
-    tmp = Path(tempfile.mkdtemp(prefix="hpipe-accuracy-"))
+    # Profiles and random checkpoints (~0.6 GB) live only as long as the run.
+    tmp_dir = tempfile.TemporaryDirectory(prefix="hpipe-accuracy-")
+    tmp = Path(tmp_dir.name)
     llama_path = str(write_random_checkpoint(ModelSpec(**RANDOM_LLAMA), tmp / "random-llama"))
     rows = []
     print(f"{'config':<17} {'plan':<9} {'measured':>9} {'fitted':>9} {'err':>6} "
