@@ -150,6 +150,21 @@ class ClusterSpec:
         return parse_cluster(d)
 
 
+def _number(value) -> float | None:
+    """A finite number, or None. PyYAML (YAML 1.1) reads ``5e-05`` (no dot) as a string, so
+    numeric strings count too; booleans do not."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return None
+
+
 def _link_from(value, where: str) -> LinkSpec:
     """A link given by catalog kind ('pcie3') or by explicit bandwidth_gbps/latency_s."""
     if isinstance(value, str):
@@ -168,10 +183,11 @@ def _link_from(value, where: str) -> LinkSpec:
     lat = value.get("latency_s", base.latency_s if base else 0.0)
     if bw is None:
         raise ClusterError(f"{where}: a custom link needs bandwidth_gbps")
-    if not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
+    if _number(bw) is None or _number(bw) <= 0:
         raise ClusterError(f"{where}.bandwidth_gbps must be a positive number, got {bw!r}")
-    if not isinstance(lat, (int, float)) or lat < 0:
+    if _number(lat) is None or _number(lat) < 0:
         raise ClusterError(f"{where}.latency_s must be >= 0, got {lat!r}")
+    bw, lat = _number(bw), _number(lat)
     return LinkSpec(kind=kind, bandwidth_gbps=float(bw), latency_s=float(lat))
 
 
@@ -201,10 +217,10 @@ def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
         fields.update(DEVICE_CATALOG[kind].as_fields())
     for key, (attr, scale) in _EXPLICIT.items():
         if key in value:
-            v = value[key]
+            v = _number(value[key])
             # idle power may be 0 (a figure nobody measured); everything else must be > 0
-            if not isinstance(v, (int, float)) or (v < 0 if attr == "idle_power_w" else v <= 0):
-                raise ClusterError(f"{where}.{key} must be a positive number, got {v!r}")
+            if v is None or (v < 0 if attr == "idle_power_w" else v <= 0):
+                raise ClusterError(f"{where}.{key} must be a positive number, got {value[key]!r}")
             fields[attr] = v * scale
         elif attr in value:
             fields[attr] = value[attr]
@@ -212,8 +228,9 @@ def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
     if missing:
         raise ClusterError(f"{where}: custom device {value['name']!r} is missing {', '.join(missing)}")
     slowdown = value.get("slowdown", 1.0)
-    if not isinstance(slowdown, (int, float)) or slowdown < 1.0:
+    if _number(slowdown) is None or _number(slowdown) < 1.0:
         raise ClusterError(f"{where}.slowdown must be a number >= 1 (an emulated slower device), got {slowdown!r}")
+    slowdown = _number(slowdown)
     threads = value.get("num_threads", 1)
     if not isinstance(threads, int) or threads < 1:
         raise ClusterError(f"{where}.num_threads must be a positive integer, got {threads!r}")

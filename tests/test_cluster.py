@@ -77,3 +77,15 @@ def test_unknown_cluster_arg_and_yaml_round_trip(tmp_path):
     f.write_text("hosts:\n- name: h\n  devices:\n  - {name: g0, type: a10}\n  - {name: g1, type: a10}\n")
     c = load_cluster(str(f))
     assert c.num_devices == 2 and parse_cluster(c.to_dict()) == c
+
+
+def test_cluster_written_as_json_reads_back_as_yaml():
+    # PyYAML reads JSON's 5e-05 (no dot) as a string; the loader must still take it as a number.
+    import json
+
+    import yaml
+
+    from hpipe.cluster import paper_cluster, parse_cluster
+
+    cluster = paper_cluster()
+    assert parse_cluster(yaml.safe_load(json.dumps(cluster.to_dict()))) == cluster

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec
 from hpipe.errors import HPipeError
-from hpipe.plan.plan import DTYPES, METHODS
-from hpipe.spec import ModelSpec, model_preset
+from hpipe.plan.plan import METHODS
 
 GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 
@@ -29,37 +28,16 @@ def _int_tuple(text: str) -> tuple[int, ...]:
             f"{text!r} is not a comma-separated list of integers, e.g. 8,8,4,4,4,4") from None
 
 
-def load_model_spec(arg: str) -> ModelSpec:
-    """A preset name, an HF model directory / config.json, or a GGUF file (metadata only)."""
-    path = Path(arg)
-    if not path.exists():
-        return model_preset(arg)  # raises UnknownPresetError listing the presets
-    if path.suffix == ".gguf":
-        from hpipe.model.source import open_model
-
-        return open_model(path).spec
-    from hpipe.model.config import spec_from_hf_config
-
-    return spec_from_hf_config(path)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="plan a method: devices, layers, memory, slices",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cluster", default="paper", help="'paper', 'local:N' or a cluster YAML file")
-    p.add_argument("--model", default="llama-7b",
-                   help="model preset name, HF model dir / config.json, or .gguf file")
-    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
-    p.add_argument("--batch", type=int, default=6, help="sequences per batch")
+    add_setting_args(p)
     p.add_argument("--method", default="hpipe", choices=METHODS)
     p.add_argument("--layers", type=_int_tuple, default=None,
                    help="manual layer counts per device in cluster order, 0 = unused")
     p.add_argument("--slices", type=_int_tuple, default=None,
                    help="manual token slices summing to --seq-len, e.g. 512,512,512,512")
-    p.add_argument("--dtype", default="float16", choices=DTYPES)
-    p.add_argument("--grain-tokens", type=int, default=None,
-                   help="slicing grid in tokens (default 16, coarser past 4k tokens)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -114,13 +92,12 @@ def describe(plan, summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hpipe.cluster import load_cluster
-    from hpipe.cost.analytic import AnalyticCost
     from hpipe.plan.api import plan_method
 
     try:
         cluster = load_cluster(args.cluster)
         model = load_model_spec(args.model)
-        cost = AnalyticCost(model, cluster, args.dtype)
+        cost = cost_model(args, model, cluster, args.dtype)
         plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
                            seq_len=args.seq_len, dtype=args.dtype, cost=cost,
                            layers=args.layers, slices=args.slices,

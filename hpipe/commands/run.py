@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
+from hpipe.profile import add_profile_argument, load_cost
 
 RUN_METHODS = ("hpipe", "base", "gpipe", "terapipe", "gpb", "manual")
 
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", choices=("base",), help="also run Base for real and compare")
+    add_profile_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", type=Path, help="write the measured timeline as a Chrome trace")
     p.add_argument("--png", type=Path, help="write measured-over-predicted timelines as a PNG")
@@ -92,8 +94,10 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
     return rows
 
 
-def build_plans(args, spec, cluster, *, batch: int, prompt_len: int) -> list:
-    """The plan to run (and Base's for --compare), all checked against the model."""
+def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> list:
+    """The plan to run (and Base's for --compare), all checked against the model.
+
+    ``cost`` is the fitted model of ``--profile`` or None for the analytic one."""
     from hpipe.plan.api import plan_method
     from hpipe.plan.plan import Plan
     from hpipe.runtime.request import fit_plan
@@ -115,21 +119,22 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int) -> list:
             raise PlanMismatchError(f"--layers/--slices make a manual plan; they do not go "
                                     f"with --method {method}")
         plan = plan_method(method, model=spec, cluster=cluster, batch=batch, seq_len=prompt_len,
-                           dtype=args.dtype or "float32", layers=layers, slices=slices)
+                           dtype=args.dtype or "float32", layers=layers, slices=slices,
+                           cost=cost)
     plans = [plan]
     if args.compare == "base":
         plans.append(plan_method("base", model=spec, cluster=plan.cluster, batch=batch,
-                                 seq_len=prompt_len, dtype=plan.dtype))
+                                 seq_len=prompt_len, dtype=plan.dtype, cost=cost))
     return plans
 
 
-def predicted_timeline(result, plan):
+def predicted_timeline(result, plan, cost):
     """The simulator's timeline for the same plan and the decode steps that really ran."""
     from hpipe.cost.analytic import AnalyticCost
     from hpipe.sim import simulate
 
-    return simulate(plan, AnalyticCost(plan.model, plan.cluster, plan.dtype),
-                    num_decode_steps=result.num_decode_steps)
+    cost = cost or AnalyticCost(plan.model, plan.cluster, plan.dtype)
+    return simulate(plan, cost, num_decode_steps=result.num_decode_steps)
 
 
 def result_summary(result, plan, predicted, tokenizer) -> dict:
@@ -216,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
         spec = source.spec
         cluster = load_cluster(args.cluster)
         rows = prompt_rows(args, source.tokenizer)
-        plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]))
+        cost = load_cost(args, spec, cluster, args.dtype or "float32")
+        plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]),
+                            cost=cost)
         requests = [
             RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -251,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     bars.close()
 
-    predicted = [predicted_timeline(r, p) for r, p in zip(results, plans)]
+    predicted = [predicted_timeline(r, p, cost) for r, p in zip(results, plans)]
     summaries = [result_summary(r, p, pr, source.tokenizer)
                  for r, p, pr in zip(results, plans, predicted)]
     main = summaries[0]

@@ -12,34 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.errors import HPipeError, ModelSpecError
-from hpipe.spec import ModelSpec, model_preset
+from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec
+from hpipe.errors import HPipeError
 
 METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
-
-
-def load_model_arg(arg: str) -> ModelSpec:
-    """A preset name, or a path to an HF model directory / config.json."""
-    path = Path(arg)
-    if not path.exists():
-        return model_preset(arg)  # raises UnknownPresetError listing the presets
-    if path.suffix == ".gguf":
-        raise ModelSpecError(f"--model {arg!r}: give the model's HF config.json (or a preset "
-                             "name) to simulate; GGUF files are read by 'hpipe run'")
-    from hpipe.model.config import spec_from_hf_config
-
-    return spec_from_hf_config(path)
-
-
-def add_setting_args(p: argparse.ArgumentParser) -> None:
-    """The options ``plan`` and ``simulate`` share."""
-    p.add_argument("--cluster", default="paper", help="'paper', 'local:N' or a cluster YAML file")
-    p.add_argument("--model", default="llama-7b", help="model preset name or HF model dir")
-    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
-    p.add_argument("--batch", type=int, default=6, help="sequences per batch")
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--grain-tokens", type=int, default=None,
-                   help="slicing grid in tokens (default: the planner's)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -86,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cluster = load_cluster(args.cluster)
-        model = load_model_arg(args.model)
+        model = load_model_spec(args.model)
         methods = PAPER_METHODS if args.method == "all" else (args.method,)
         results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
                                    seq_len=args.seq_len, dtype=args.dtype,
+                                   cost=cost_model(args, model, cluster, args.dtype),
                                    grain_tokens=args.grain_tokens)
     except HPipeError as e:
         print(f"hpipe simulate: error: {e}", file=sys.stderr)
