@@ -72,7 +72,8 @@ LINK_CATALOG: dict[str, LinkKind] = {
     "pcie3": LinkKind(12 * 8, 10e-6, "PCIe 3.0 x16, ~12 GB/s achieved"),
     # PCIe 4.0 x16: 31.5 GB/s line rate, ~24 GB/s achieved.
     "pcie4": LinkKind(24 * 8, 10e-6, "PCIe 4.0 x16, ~24 GB/s achieved"),
-    # NVLink 3 (A100): 600 GB/s total, ~ 50 GB/s per direction per link; we use one pair's share.
+    # NVLink 3 (A100): 600 GB/s total over 12 links (25 GB/s per direction each); a GPU pair
+    # talking through NVSwitch gets ~100 GB/s one way in practice, which is what we use.
     "nvlink": LinkKind(100 * 8, 5e-6, "NVLink 3, one pair's share"),
     # 1 GbE: 1000 Mbit/s line rate, ~940 Mbit/s TCP goodput; ~100 us per message through the stack.
     "1gbe": LinkKind(0.94, 100e-6, "1 Gbit Ethernet, TCP goodput"),

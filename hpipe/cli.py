@@ -13,14 +13,8 @@ import sys
 from pathlib import Path
 
 from hpipe.commands import experiment, plan, profile, run, simulate
+from hpipe.commands.settings import int_list
 from hpipe.errors import HPipeError
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,9 +23,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="file whose text is the prompt")
-    prompt.add_argument("--prompt-ids", type=_int_list, help="token ids, e.g. 1,2,3 (no chat template)")
+    prompt.add_argument("--prompt-ids", type=int_list, help="token ids, e.g. 1,2,3 (no chat template)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--slices", type=_int_list, default=None,
+    p.add_argument("--slices", type=int_list, default=None,
                    help="prefill in these token slices, e.g. 512,256,...; they must sum to the prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -13,19 +13,17 @@ import argparse
 import json
 import sys
 
-from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec
+from hpipe.commands.settings import (
+    add_setting_args,
+    cost_model,
+    int_list,
+    load_model_spec,
+    resolve_dtype,
+)
 from hpipe.errors import HPipeError
 from hpipe.plan.plan import METHODS
 
 GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 8,8,4,4,4,4") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p)
     p.add_argument("--method", default="hpipe", choices=METHODS)
-    p.add_argument("--layers", type=_int_tuple, default=None,
+    p.add_argument("--layers", type=int_list, default=None,
                    help="manual layer counts per device in cluster order, 0 = unused")
-    p.add_argument("--slices", type=_int_tuple, default=None,
+    p.add_argument("--slices", type=int_list, default=None,
                    help="manual token slices summing to --seq-len, e.g. 512,512,512,512")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
@@ -95,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.plan.api import plan_method
 
     try:
+        args.dtype = resolve_dtype(args)
         cluster = load_cluster(args.cluster)
         model = load_model_spec(args.model)
         cost = cost_model(args, model, cluster, args.dtype)

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from hpipe.commands.settings import int_list
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
 from hpipe.profile import add_profile_argument, load_cost
 
@@ -42,8 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="run the prompt as a batch of B identical rows (default: 1, or the "
                         "rows of --prompt-ids)")
     p.add_argument("--plan", type=Path, help="a plan JSON from 'hpipe plan --json'")
-    p.add_argument("--layers", help="layer count per device, e.g. 12,18 (overrides the planner)")
-    p.add_argument("--slices", help="token slices, e.g. 1024,512,... (overrides the planner)")
+    p.add_argument("--layers", type=int_list,
+                   help="layer count per device, e.g. 12,18 (overrides the planner)")
+    p.add_argument("--slices", type=int_list,
+                   help="token slices, e.g. 1024,512,... (overrides the planner)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="compute and wire dtype (default float32, or the --plan's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -112,8 +115,7 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
                 f"{plan.dtype}; drop --dtype or re-plan with --dtype {args.dtype}")
         plan = fit_plan(plan, batch=batch, prompt_len=prompt_len)
     else:
-        layers = _ints(args.layers, "--layers") if args.layers else None
-        slices = _ints(args.slices, "--slices") if args.slices else None
+        layers, slices = args.layers, args.slices
         method = args.method
         if (layers or slices) and method not in ("hpipe", "manual"):
             raise PlanMismatchError(f"--layers/--slices make a manual plan; they do not go "

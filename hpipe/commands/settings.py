@@ -16,15 +16,43 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                    help="model preset name, HF model dir / config.json, or .gguf file")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
     p.add_argument("--batch", type=int, default=6, help="sequences per batch")
-    p.add_argument("--dtype", default="float16", choices=DTYPES)
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: the --profile's dtype, else float16")
     p.add_argument("--grain-tokens", type=int, default=None,
                    help="slicing grid in tokens (default 16, coarser past 4k tokens)")
     add_profile_argument(p)
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type for comma-separated integers (--layers, --slices, --prompt-ids)."""
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 8,8,4,4,4,4") from None
+
+
+def resolve_dtype(args) -> str:
+    """--dtype if given, else the profile's (so a profile plans as measured), else float16."""
+    if getattr(args, "dtype", None):
+        return args.dtype
+    if getattr(args, "profile", None):
+        from hpipe.profile import read_profile
+
+        return read_profile(args.profile).dtype
+    return "float16"
+
+
 def load_model_spec(arg: str) -> ModelSpec:
-    """A preset name, an HF model directory / config.json, or a GGUF file (metadata only)."""
+    """A preset name, a bundled model ('smollm2'), an HF model directory / config.json, or a
+    GGUF file (metadata only)."""
+    from hpipe.model.source import BUNDLED_MODELS
+
     path = Path(arg)
+    if arg in BUNDLED_MODELS:
+        from hpipe.model.source import open_model
+
+        return open_model(arg).spec
     if not path.exists():
         return model_preset(arg)  # raises UnknownPresetError listing the presets
     if path.suffix == ".gguf":

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec
+from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec, resolve_dtype
 from hpipe.errors import HPipeError
 
 METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.report.trace import write_chrome_trace
 
     try:
+        args.dtype = resolve_dtype(args)
         cluster = load_cluster(args.cluster)
         model = load_model_spec(args.model)
         methods = PAPER_METHODS if args.method == "all" else (args.method,)

@@ -139,13 +139,25 @@ class Plan:
             )
         except KeyError as e:
             raise PlanMismatchError(f"plan file is missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, PlanMismatchError):
+                raise
+            raise PlanMismatchError(f"plan file has a malformed value: {e}; write it with "
+                                    "'hpipe plan --json'") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanMismatchError(f"plan file is not valid JSON ({e}); write it with "
+                                    "'hpipe plan --json > plan.json'") from None
+        if not isinstance(data, dict):
+            raise PlanMismatchError("plan file must hold a JSON object from 'hpipe plan --json'")
+        return cls.from_dict(data)
 
 
 def rescale_slices(slices: tuple[int, ...], length: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
-from hpipe.errors import HPipeError
+from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.sim import simulate
 from hpipe.spec import ModelSpec
@@ -124,7 +124,7 @@ def evaluate_methods(
             plan = plan_method(method, model=model, cluster=cluster, batch=batch,
                                seq_len=seq_len, dtype=dtype, cost=cost,
                                grain_tokens=grain_tokens)
-        except HPipeError as e:
+        except InfeasiblePlanError as e:  # argument errors (seq-len, dtype) propagate
             if method == "base":
                 unchecked = base_plan_unchecked(model, cluster, batch=batch, seq_len=seq_len,
                                                 dtype=dtype)

@@ -1,0 +1,36 @@
+"""Bad input through the planning CLI: one clear line, exit 2, nothing half-done."""
+
+import pytest
+
+from hpipe.cli import main
+from hpipe.errors import PlanMismatchError
+from hpipe.plan.plan import Plan
+
+
+def test_simulate_all_refuses_a_sequence_beyond_context_instead_of_a_table(capsys):
+    assert main(["simulate", "--method", "all", "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds" in err and "2048" in err
+
+
+@pytest.mark.parametrize("text,match", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"method": "hpipe"}', "missing field"),
+])
+def test_malformed_plan_files_are_refused_by_name(text, match):
+    with pytest.raises(PlanMismatchError, match=match):
+        Plan.from_json(text)
+
+
+def test_plan_accepts_the_bundled_model_name(capsys):
+    assert main(["plan", "--model", "smollm2", "--cluster", "local:2", "--seq-len", "512",
+                 "--batch", "1", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "layers [  0," in out and "cpu1" in out
+
+
+def test_layer_lists_are_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--method", "manual", "--layers", "8,x"])
+    assert "not a comma-separated list of integers" in capsys.readouterr().err
