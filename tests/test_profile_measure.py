@@ -78,3 +78,16 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
                           has_head=True)
     assert t > 0
+
+
+def test_profiler_worker_error_arrives_typed(tmp_path):
+    # The profiler's workers run under the runtime's supervisor, which re-raises a worker's
+    # typed error as that type (not WorkerFailedError), naming the rank and its device.
+    from hpipe.errors import WeightsNotFoundError
+    from hpipe.profile.launch import make_job, profile_local
+
+    grid = Grid(batches=(1,), tokens=(8,), prefixes=(0,), max_tokens=16, repeats=1, warmup=0)
+    job = make_job(str(tmp_path / "missing"), _cluster([1.0]), "float32", grid, quick=True)
+    with pytest.raises(WeightsNotFoundError,
+                       match=r"profiler rank 0 \(device 'cpu0'\): no model at .*missing"):
+        profile_local(job)

@@ -10,40 +10,31 @@ all at once: they share this machine's cores, caches and memory bandwidth, and a
 keeps them busy together, so that is the speed the planner must see (measured alone, two
 workers on two cores were ~1.5x faster per compute than inside the running pipeline).
 
-Local launch spawns the ranks (``spawn``: clean interpreters, as the runtime) and supervises
-them: a worker that raises or dies stops the others and its error is re-raised. Under torchrun
-(``ip netns exec NS torchrun ...`` for emulated hosts) this process is one rank.
-
-[design] The runtime's ``launch_local`` takes RunRequests and its worker entry runs them, so it
-cannot run a profiling job; this module mirrors its supervision in a few lines instead. A
-``target=`` hook on ``launch_local`` would let both share one supervisor.
+Launching is the runtime's (``hpipe.runtime.launch``): locally ``launch_ranks`` spawns and
+supervises one process per device, so a worker's typed error (a missing model) reaches the
+caller as that type and a killed worker is named; under torchrun (``ip netns exec NS torchrun
+...`` for emulated hosts) ``run_torchrun_rank`` joins this process as one rank. Both run
+``profile_rank`` through ``_profile_target``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime
-import logging
-import multiprocessing as mp
-import os
-import queue
-import signal
-import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpipe.cluster import ClusterSpec
-from hpipe.errors import WorkerFailedError
 from hpipe.profile.links import QUICK_SIZES_BYTES, SIZES_BYTES, fit_link, measure_link
 from hpipe.profile.measure import Grid
 from hpipe.profile.profile_file import LinkProfile, Profile, model_shape
-
-log = logging.getLogger(__name__)
+from hpipe.runtime.launch import RankContext, launch_ranks, run_torchrun_rank
 
 # on_progress(what, done, total) in the supervisor; ``what`` names the device or the link.
 OnProgress = Callable[[str, int, int], None]
+
+# The gloo timeout for joining and for every collective: while GPUs are profiled one at a time
+# the others wait in a barrier, so one device's profile must finish within it.
+JOIN_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -125,117 +116,24 @@ def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
     )
 
 
-def _join(addr: str, port: int, rank: int, world_size: int, init_method: str | None = None):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init_method or f"tcp://{addr}:{port}",
-                            rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-
-
-def _worker_main(job, rank, world_size, addr, port, inbox, parent_pid) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # die with the supervisor: no orphans
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
-    logging.basicConfig(level=os.environ.get("HPIPE_LOG", "WARNING").upper(),
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        import torch.distributed as dist
-
-        _join(addr, port, rank, world_size)
-        prof = profile_rank(job, rank=rank, world_size=world_size,
-                            report=lambda what, d, t: inbox.put(("progress", what, d, t)))
-        if rank == 0:
-            inbox.put(("result", prof.to_json()))
-        dist.destroy_process_group()
-    except Exception as e:  # report to the supervisor, then exit non-zero
-        inbox.put(("error", rank, type(e).__name__, str(e), traceback.format_exc()))
-        inbox.close()
-        inbox.join_thread()
-        os._exit(1)
-    inbox.close()
-    inbox.join_thread()
+def _profile_target(job: ProfileJob, ctx: RankContext) -> Profile | None:
+    """The per-rank target the runtime's launchers run (module level: spawn pickles it)."""
+    return profile_rank(job, rank=ctx.rank, world_size=ctx.world_size, report=ctx.progress,
+                        rank_of_device=ctx.rank_of_device)
 
 
 def profile_local(job: ProfileJob, *, on_progress: OnProgress | None = None) -> Profile:
     """Profile every device of ``job.cluster`` with one local worker process each."""
-    from hpipe.runtime.launch import free_port
-
-    addr, port = "127.0.0.1", free_port()
-    n = job.cluster.num_devices
-    ctx = mp.get_context("spawn")
-    inbox = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, name=f"hpipe-profile{r}",
-                         args=(job, r, n, addr, port, inbox, os.getpid())) for r in range(n)]
-    for p in procs:
-        p.start()
-    try:
-        result, failed_at = None, None
-        while True:
-            try:
-                msg = inbox.get(timeout=0.2)
-            except queue.Empty:
-                msg = None
-            if msg is not None:
-                if msg[0] == "progress" and on_progress:
-                    on_progress(*msg[1:])
-                elif msg[0] == "result":
-                    result = Profile.from_json(msg[1])
-                elif msg[0] == "error":
-                    _, rank, tname, text, tb = msg
-                    log.debug("profiler rank %d traceback:\n%s", rank, tb)
-                    raise WorkerFailedError(
-                        f"profiler rank {rank} (device {job.cluster.devices[rank].name!r}) "
-                        f"failed: {tname}: {text}")
-                continue
-            codes = [p.exitcode for p in procs]
-            if result is not None and all(c == 0 for c in codes):
-                return result
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                failed_at = failed_at or time.monotonic()
-                if time.monotonic() - failed_at > 1.0:  # let a reported error arrive first
-                    r, c = bad[0]
-                    raise WorkerFailedError(
-                        f"profiler rank {r} (device {job.cluster.devices[r].name!r}) exited "
-                        f"with code {c}; the other workers were stopped")
-    finally:
-        for p in procs:
-            if p.exitcode is None:
-                p.terminate()
-        for p in procs:
-            p.join(timeout=3)
-            if p.exitcode is None:
-                p.kill()
-                p.join()
-        inbox.close()
+    names = [d.name for d in job.cluster.devices]
+    return launch_ranks(_profile_target, job, world_size=job.cluster.num_devices,
+                        connect_timeout_s=JOIN_TIMEOUT_S, on_progress=on_progress,
+                        describe_rank=lambda r: f"profiler rank {r} (device {names[r]!r})",
+                        process_name="hpipe-profile")
 
 
 def profile_torchrun(job: ProfileJob, env: dict[str, str],
                      on_progress: OnProgress | None = None) -> Profile | None:
     """This process is one rank of a torchrun job (env from ``torchrun_env``); rank 0 returns."""
-    import torch.distributed as dist
-
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    if world != job.cluster.num_devices:
-        raise WorkerFailedError(
-            f"torchrun started {world} processes but cluster {job.cluster.name!r} has "
-            f"{job.cluster.num_devices} devices; start one process per device")
-    _join(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank, world, init_method="env://")
-    try:
-        # Find this process's device as the runtime does: by (HPIPE_HOST or hostname,
-        # LOCAL_RANK), since torchrun numbers nodes in the order they joined.
-        import socket
-
-        from hpipe.runtime.rank import ranks_by_host
-
-        members: list = [None] * world
-        dist.all_gather_object(members, (os.environ.get("HPIPE_HOST", socket.gethostname()),
-                                         int(os.environ.get("LOCAL_RANK", "0"))))
-        rank_of = ranks_by_host(job.cluster, [tuple(m) for m in members])
-        return profile_rank(job, rank=rank, world_size=world, rank_of_device=rank_of,
-                            report=on_progress if rank == 0 else None)
-    finally:
-        dist.destroy_process_group()
+    return run_torchrun_rank(_profile_target, job, env=env, cluster=job.cluster,
+                             connect_timeout_s=JOIN_TIMEOUT_S,
+                             on_progress=on_progress if int(env["RANK"]) == 0 else None)

@@ -15,7 +15,13 @@ each worker starts a clean interpreter with its own torch thread pool), which me
   (``PR_SET_PDEATHSIG``), so nothing is orphaned even when the supervisor is killed.
 
 Under torchrun, ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` are set by torchrun's c10d
-rendezvous; ``run_as_torchrun_rank`` joins with ``env://`` and runs this process's stage.
+rendezvous; ``run_torchrun_rank`` joins ``tcp://MASTER_ADDR:MASTER_PORT`` through
+``rank.join_group`` (torch serves that the same way as ``env://``, torchrun's agent store
+included, and the wrapper names the address when it cannot be reached) and runs this rank.
+
+Both paths run a per-rank *target*, ``target(payload, RankContext) -> result``, and return rank
+0's result: ``launch_local`` / ``run_as_torchrun_rank`` run RunRequests with it, and the profiler
+(``hpipe.profile.launch``) runs its measurements with it, so there is one supervisor.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
 
 from hpipe import errors
+from hpipe.cluster import ClusterSpec
 from hpipe.errors import WorkerFailedError
 from hpipe.runtime.request import RunRequest, RunResult
 
@@ -46,6 +55,24 @@ PR_SET_PDEATHSIG = 1
 
 # on_progress(kind, done, total), called in the supervisor; see worker.Progress
 OnProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What a per-rank target is given: who it is, its joined process groups, where to report."""
+
+    rank: int
+    world_size: int
+    backend: str  # the data group's; the control group is always gloo (see rank.join_group)
+    data_group: Any
+    ctrl_group: Any
+    progress: OnProgress | None = None  # None where this rank's progress is not wanted
+    rank_of_device: dict[int, int] | None = None  # cluster device -> rank; None: rank r holds r
+
+
+# target(payload, ctx) -> a picklable result; rank 0's is what the launch returns. Local launch
+# pickles target and payload into each spawned worker, so target must be a module-level function.
+RankTarget = Callable[[Any, RankContext], Any]
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -65,16 +92,49 @@ def launch_local(
     from hpipe.runtime.rank import pick_backend
 
     world_size = world_size or max(r.plan.num_stages for r in requests)
-    port = port or free_port(addr)
     backend = pick_backend(requests)
+    devs = requests[0].plan.cluster.devices
+    stages = requests[0].plan.stages
+
+    def where(rank: int) -> str:
+        if rank < len(stages):
+            return f"rank {rank} (stage {rank}, device {devs[stages[rank].device].name!r})"
+        return f"rank {rank}"
+
+    cuda_devices = ([cuda_device_of(requests, r) for r in range(world_size)]
+                    if backend == "nccl" else None)
+    return launch_ranks(_run_requests, requests, world_size=world_size, backend=backend,
+                        addr=addr, port=port, connect_timeout_s=connect_timeout_s,
+                        on_progress=on_progress, progress_ranks=(_last_rank(requests),),
+                        on_started=on_started, describe_rank=where, cuda_devices=cuda_devices)
+
+
+def launch_ranks(
+    target: RankTarget, payload: Any, *, world_size: int, backend: str = "gloo",
+    addr: str = "127.0.0.1", port: int | None = None, connect_timeout_s: float = 60.0,
+    on_progress: OnProgress | None = None, progress_ranks: Collection[int] | None = None,
+    on_started: Callable[[list[int]], None] | None = None,
+    describe_rank: Callable[[int], str] | None = None, cuda_devices: list[str] | None = None,
+    process_name: str = "hpipe-rank",
+) -> Any:
+    """Run ``target(payload, ctx)`` on ``world_size`` spawned local processes joined over
+    ``backend``, supervised as the module docstring says; returns rank 0's result.
+
+    ``progress_ranks``: the ranks whose progress reaches ``on_progress`` (None: all).
+    ``describe_rank(r)`` names rank r in errors ("rank 1 (stage 1, device 'cpu1')").
+    ``cuda_devices[r]``: the CUDA device rank r binds before joining (NCCL needs one each).
+    """
+    port = port or free_port(addr)
+    describe = describe_rank or (lambda r: f"rank {r}")
     ctx = mp.get_context("spawn")
     inbox = ctx.Queue()
     procs = []
     for rank in range(world_size):
-        p = ctx.Process(target=_worker_main, name=f"hpipe-rank{rank}",
-                        args=(requests, rank, world_size, addr, port, backend,
-                              connect_timeout_s, inbox, os.getpid(),
-                              on_progress is not None and rank == _last_rank(requests)))
+        report = on_progress is not None and (progress_ranks is None or rank in progress_ranks)
+        p = ctx.Process(target=_worker_main, name=f"{process_name}{rank}",
+                        args=(target, payload, rank, world_size, addr, port, backend,
+                              connect_timeout_s, inbox, os.getpid(), report,
+                              cuda_devices[rank] if cuda_devices else None))
         p.start()
         procs.append(p)
     log.info("spawned %d workers (%s) on %s:%d: pids %s", world_size, backend, addr, port,
@@ -82,7 +142,7 @@ def launch_local(
     if on_started is not None:
         on_started([p.pid for p in procs])
     try:
-        return _supervise(procs, inbox, requests, on_progress)
+        return _supervise(procs, inbox, on_progress, describe)
     finally:
         _stop_all(procs)
         inbox.close()
@@ -92,10 +152,11 @@ def _last_rank(requests: list[RunRequest]) -> int:
     return requests[0].plan.num_stages - 1
 
 
-def _supervise(procs, inbox, requests, on_progress) -> list[RunResult]:
-    results = None
+def _supervise(procs, inbox, on_progress, describe) -> Any:
+    have_result, result = False, None
     failures: list[tuple[int, str, str, str]] = []  # (rank, type name, message, traceback)
     first_failure_at = None
+    checked_at = time.monotonic()
     while True:
         try:
             msg = inbox.get(timeout=POLL_S)
@@ -106,35 +167,32 @@ def _supervise(procs, inbox, requests, on_progress) -> list[RunResult]:
             if kind == "progress" and on_progress is not None:
                 on_progress(*msg[1:])
             elif kind == "result":
-                results = pickle.loads(msg[1])
+                have_result, result = True, pickle.loads(msg[1])
             elif kind == "error":
                 failures.append(msg[1:])
                 first_failure_at = first_failure_at or time.monotonic()
-            continue  # drain the queue before looking at exit codes
+            # Drain the queue before looking at exit codes, but look at least every POLL_S:
+            # live ranks that keep reporting progress must not hide a dead one.
+            if time.monotonic() - checked_at < POLL_S:
+                continue
+        checked_at = time.monotonic()
         codes = [p.exitcode for p in procs]
-        if results is not None and all(c == 0 for c in codes):
-            return results
+        if have_result and all(c == 0 for c in codes):
+            return result
         if any(c not in (None, 0) for c in codes):
             first_failure_at = first_failure_at or time.monotonic()
         if first_failure_at is not None and time.monotonic() - first_failure_at >= SETTLE_S:
-            raise _root_cause(procs, failures, requests)
+            raise _root_cause(procs, failures, describe)
 
 
-def _root_cause(procs, failures, requests) -> Exception:
+def _root_cause(procs, failures, where: Callable[[int], str]) -> Exception:
     """The error to report: a typed error first, then a worker that died without a word, then
     the first reported error. A killed worker's peers also fail ("connection closed by
     peer"), so the silent death is the cause and their errors are the symptom."""
-    devs = requests[0].plan.cluster.devices
-    stages = requests[0].plan.stages
-
-    def where(rank: int) -> str:
-        if rank < len(stages):
-            return f"rank {rank} (stage {rank}, device {devs[stages[rank].device].name!r})"
-        return f"rank {rank}"
-
-    for rank, tname, message, _tb in failures:
+    for rank, tname, message, tb in failures:
         cls = getattr(errors, tname, None)
         if isinstance(cls, type) and issubclass(cls, Exception) and cls is not WorkerFailedError:
+            log.debug("worker traceback:\n%s", tb)
             return cls(f"{where(rank)}: {message}")
     reported = {f[0] for f in failures}
     for rank, p in enumerate(procs):
@@ -173,8 +231,8 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_main(requests, rank, world_size, addr, port, backend, connect_timeout_s, inbox,
-                 parent_pid, report_progress) -> None:
+def _worker_main(target, payload, rank, world_size, addr, port, backend, connect_timeout_s,
+                 inbox, parent_pid, report_progress, cuda_device) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent(parent_pid)
     # SIGTERM from the supervisor: leave at once (the default handler); Ctrl-C reaches the
@@ -183,23 +241,23 @@ def _worker_main(requests, rank, world_size, addr, port, backend, connect_timeou
     logging.basicConfig(level=os.environ.get("HPIPE_LOG", "WARNING").upper(),
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        from hpipe.runtime.rank import Rendezvous, join_group, run_requests
+        from hpipe.runtime.rank import Rendezvous, join_group
 
         rv = Rendezvous(addr=addr, port=port, rank=rank, world_size=world_size, backend=backend,
                         connect_timeout_s=connect_timeout_s)
-        if backend == "nccl":
+        if cuda_device is not None:
             import torch
 
-            torch.cuda.set_device(cuda_device_of(requests, rank))
+            torch.cuda.set_device(cuda_device)
         data, ctrl = join_group(rv)
         progress = ((lambda kind, done, total: inbox.put(("progress", kind, done, total)))
                     if report_progress else None)
-        results = run_requests(requests, rank=rank, world_size=world_size, data_group=data,
-                               ctrl_group=ctrl, backend=backend, progress=progress)
+        result = target(payload, RankContext(rank=rank, world_size=world_size, backend=backend,
+                                             data_group=data, ctrl_group=ctrl, progress=progress))
         if rank == 0:
             # Plain pickle to bytes: the queue's pickler would share tensor storage through
             # file descriptors, which vanish when this process exits before the read.
-            inbox.put(("result", pickle.dumps(results)))
+            inbox.put(("result", pickle.dumps(result)))
         import torch.distributed as dist
 
         dist.destroy_process_group()
@@ -210,6 +268,16 @@ def _worker_main(requests, rank, world_size, addr, port, backend, connect_timeou
         os._exit(1)
     inbox.close()
     inbox.join_thread()
+
+
+def _run_requests(requests: list[RunRequest], ctx: RankContext) -> list[RunResult] | None:
+    """The runtime's per-rank target: this rank's stage of every request."""
+    from hpipe.runtime.rank import run_requests
+
+    return run_requests(requests, rank=ctx.rank, world_size=ctx.world_size,
+                        data_group=ctx.data_group, ctrl_group=ctx.ctrl_group,
+                        backend=ctx.backend, progress=ctx.progress,
+                        rank_of_device=ctx.rank_of_device)
 
 
 def cuda_device_of(requests: list[RunRequest], rank: int) -> str:
@@ -228,32 +296,35 @@ def torchrun_env() -> dict[str, str] | None:
 
 def run_as_torchrun_rank(requests: list[RunRequest], *, env: dict[str, str],
                          connect_timeout_s: float = 300.0) -> list[RunResult] | None:
-    """This process is one rank of a torchrun job; rank 0 returns the results.
+    """This process is one rank of a torchrun job; rank 0 returns the results."""
+    from hpipe.runtime.rank import pick_backend
+
+    return run_torchrun_rank(_run_requests, requests, env=env,
+                             cluster=requests[0].plan.cluster, backend=pick_backend(requests),
+                             connect_timeout_s=connect_timeout_s)
+
+
+def run_torchrun_rank(target: RankTarget, payload: Any, *, env: dict[str, str],
+                      cluster: ClusterSpec, backend: str = "gloo",
+                      connect_timeout_s: float = 300.0,
+                      on_progress: OnProgress | None = None) -> Any:
+    """Run ``target(payload, ctx)`` as this process's rank of a torchrun job (``env`` from
+    ``torchrun_env``); rank 0 returns its result, the others None.
 
     Ranks find their device by host (see rank.ranks_by_host), so the c10d rendezvous may number
-    the nodes in any order.
+    the nodes in any order. ``on_progress`` is called in this process.
     """
-    import socket
-
     import torch
     import torch.distributed as dist
 
-    from hpipe.runtime.rank import (
-        Rendezvous,
-        join_group,
-        pick_backend,
-        ranks_by_host,
-        run_requests,
-    )
+    from hpipe.runtime.rank import Rendezvous, join_group, ranks_by_host
 
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    cluster = requests[0].plan.cluster
     if world != cluster.num_devices:
         raise errors.ClusterError(
             f"torchrun started {world} processes but cluster {cluster.name!r} has "
             f"{cluster.num_devices} devices; start one process per device "
             "(--nnodes x --nproc-per-node)")
-    backend = pick_backend(requests)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     host = os.environ.get("HPIPE_HOST", socket.gethostname())
     rv = Rendezvous(addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), rank=rank,
@@ -265,7 +336,10 @@ def run_as_torchrun_rank(requests: list[RunRequest], *, env: dict[str, str],
         members: list = [None] * world
         dist.all_gather_object(members, (host, local_rank), group=ctrl)
         rank_of_device = ranks_by_host(cluster, [tuple(m) for m in members])
-        return run_requests(requests, rank=rank, world_size=world, data_group=data,
-                            ctrl_group=ctrl, backend=backend, rank_of_device=rank_of_device)
+        result = target(payload, RankContext(rank=rank, world_size=world, backend=backend,
+                                             data_group=data, ctrl_group=ctrl,
+                                             progress=on_progress,
+                                             rank_of_device=rank_of_device))
+        return result if rank == 0 else None
     finally:
         dist.destroy_process_group()

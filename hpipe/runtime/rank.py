@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Where the ranks meet: ``tcp://addr:port`` (local launch) or ``env://`` (torchrun)."""
+    """Where the ranks meet: ``tcp://addr:port``, a free local port for a local launch and
+    MASTER_ADDR:MASTER_PORT under torchrun (torch serves that exactly as it serves ``env://``,
+    torchrun's agent store included; the address is spelled out so errors can name it)."""
 
     addr: str
     port: int
