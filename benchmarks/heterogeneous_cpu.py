@@ -5,8 +5,9 @@ TeraPipe slicing, GP-B and Base.
 
 Settings (cluster files in examples/):
   slow2          two CPU workers, cpu1 EMULATED 3x slower (slowdown: it sleeps 2x its compute);
-  hetero3_1gbit  three emulated hosts (network namespaces), cpu2 behind a tbf-shaped 1 Gbit/s
-                 link and EMULATED 2x slower. Needs root + iproute2 (skipped otherwise).
+  hetero3_1gbit  three emulated hosts (network namespaces), cpu1 and cpu2 EMULATED 2x and 3x
+                 slower, cpu2 behind a tbf-shaped 1 Gbit/s link. Needs root + iproute2
+                 (skipped otherwise).
 Each cluster is profiled first (``hpipe profile --quick``) and every method is planned on the
 fitted model, then all plans run for real in one launch: a warm-up run, then ``repeats`` runs
 each, median prefill latency. Goal: HPipe fastest, clearly ahead of the even split.
