@@ -14,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from hpipe.catalog import DEVICE_CATALOG, LINK_CATALOG, DeviceKind, LinkKind
+from hpipe.catalog import DEVICE_CATALOG, GIB, LINK_CATALOG, DeviceKind, LinkKind
 from hpipe.errors import ClusterError, UnknownPresetError
 
 GB = 1e9
-GIB = 1024**3
 
 
 @dataclass(frozen=True)

@@ -91,13 +91,18 @@ def build_schedule(
     units = list(prefill_units(plan, slices=slices))
     seq_len = sum(slices) if slices is not None else plan.seq_len
     acts: list[list[Action]] = [[] for _ in range(n)]
-    for u in units:
+
+    def through_stages(unit: int) -> None:
+        """Each stage receives the unit from the one before, computes it, sends it on."""
         for s in range(n):
             if s > 0:
-                acts[s].append(Action("recv", s, u.index, s - 1))
-            acts[s].append(Action("compute", s, u.index))
+                acts[s].append(Action("recv", s, unit, s - 1))
+            acts[s].append(Action("compute", s, unit))
             if s < n - 1:
-                acts[s].append(Action("send", s, u.index, s + 1))
+                acts[s].append(Action("send", s, unit, s + 1))
+
+    for u in units:
+        through_stages(u.index)
     last_prefill = units[-1].index
     for step in range(num_decode_steps):
         u = WorkUnit(len(units), "decode", 0, step, 0, plan.batch, seq_len + step, 1)
@@ -107,10 +112,5 @@ def build_schedule(
         if n > 1:
             acts[n - 1].append(Action("send", n - 1, prev, 0, TOKEN))
             acts[0].append(Action("recv", 0, prev, n - 1, TOKEN))
-        for s in range(n):
-            if s > 0:
-                acts[s].append(Action("recv", s, u.index, s - 1))
-            acts[s].append(Action("compute", s, u.index))
-            if s < n - 1:
-                acts[s].append(Action("send", s, u.index, s + 1))
+        through_stages(u.index)
     return Schedule(n, tuple(units), tuple(tuple(a) for a in acts))

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from hpipe.catalog import GIB  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 from hpipe.commands.settings import (
     add_setting_args,
     cost_model,
@@ -22,8 +23,6 @@ from hpipe.commands.settings import (
 )
 from hpipe.errors import HPipeError
 from hpipe.plan.plan import METHODS
-
-GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError, PromptTooLongError
 from hpipe.plan import baselines
 from hpipe.plan.evaluate import Problem
+from hpipe.plan.feasibility import largest_fitting
 from hpipe.plan.plan import DTYPES, METHODS, Plan
 from hpipe.plan.search import plan_hpipe
 from hpipe.spec import ModelSpec
@@ -111,13 +112,7 @@ def _baseline_fix(pb: Problem, method: str) -> str:
         except InfeasiblePlanError:
             return False
 
-    lo, hi = 0, pb.batch - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = largest_fitting(fits, pb.batch - 1)
     batch = f"batch <= {lo}, or " if lo else ""
     return f"{batch}method 'hpipe' (its split and slicing adapt to memory)"
 

@@ -28,7 +28,7 @@ def split_fits(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch
     return stops_fit(stops, model.num_layers, cluster.host_orders())
 
 
-def _largest(ok: Callable[[int], bool], hi: int) -> int:
+def largest_fitting(ok: Callable[[int], bool], hi: int) -> int:
     """Largest x in [1, hi] with ok(x), for ok monotone decreasing; 0 if none."""
     lo = 0
     while lo < hi:
@@ -71,11 +71,11 @@ def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec,
         msg += (f"; e.g. layers [{a}, {b}) need {need / GIB:.1f} GiB on {dev.name!r} "
                 f"({dev.memory_bytes / GIB:.1f} GiB)")
     fixes = []
-    b_ok = _largest(lambda b: split_fits(cost, model=model, cluster=cluster, batch=b,
+    b_ok = largest_fitting(lambda b: split_fits(cost, model=model, cluster=cluster, batch=b,
                                          seq_len=seq_len, units=units), batch - 1)
     if b_ok:
         fixes.append(f"batch <= {b_ok}")
-    s_ok = _largest(lambda s: split_fits(cost, model=model, cluster=cluster, batch=batch,
+    s_ok = largest_fitting(lambda s: split_fits(cost, model=model, cluster=cluster, batch=batch,
                                          seq_len=s, units=units), seq_len - 1)
     if s_ok:
         fixes.append(f"seq_len <= {s_ok}")
