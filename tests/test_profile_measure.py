@@ -78,6 +78,14 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
                           has_head=True)
     assert t > 0
+    # --json: the same run as data for scripts.
+    import json
+
+    assert main(["profile", "--model", str(tiny_path), "--cluster", str(cluster_file),
+                 "--out", str(out), "--quick", "--max-tokens", "128", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in summary["devices"]] == ["cpu0", "cpu1"] and summary["emulated"]
+    assert summary["links"][0]["bandwidth_gbps"] > 0
 
 
 def test_profiler_worker_error_arrives_typed(tmp_path):

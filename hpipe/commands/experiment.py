@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         steps = exp.steps()
         with tqdm(steps, desc="experiment paper", unit="step", file=sys.stderr,
-                  disable=args.no_progress) as bar:
+                  disable=args.no_progress or not sys.stderr.isatty()) as bar:
             for name, step in bar:
                 bar.set_postfix_str(name)
                 step()

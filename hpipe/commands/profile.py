@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a small grid and fewer repeats: under a minute for a small model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary (per device: layer time and fit error; per link: "
+                        "bandwidth and latency) instead of text")
     p.set_defaults(func=run)
     return p
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         bars: dict = {}
 
         def on_progress(what: str, done: int, total: int) -> None:
-            if args.no_progress:
+            if args.no_progress or not sys.stderr.isatty():  # bars only for a person watching
                 return
             from tqdm import tqdm
 
@@ -98,11 +101,26 @@ def run(args: argparse.Namespace) -> int:
 
         profile = dataclasses.replace(profile, model_name=args.model)
     args.out.write_text(profile.to_json())
+    fits = {dev.name: fit_device(dev) for dev in profile.devices}
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "out": str(args.out), "model": profile.model_name, "dtype": profile.dtype,
+            "cluster": cluster.name, "emulated": profile.emulated,
+            "devices": [{"name": d.name, "kind": d.kind, "slowdown": d.slowdown,
+                         "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max}
+                        for d in profile.devices],
+            "links": [{"src": lk.src, "dst": lk.dst,
+                       "bandwidth_gbps": lk.bandwidth_bytes_s * 8 / 1e9,
+                       "latency_s": lk.latency_s} for lk in profile.links],
+        }, indent=1))
+        return 0
     print(f"profiled {profile.model_name} ({profile.dtype}) on {cluster.name!r}: "
           f"{len(grid.points())} grid points per device, {len(profile.links)} links"
           + ("  [EMULATED devices: times include the slowdown sleep]" if profile.emulated else ""))
     for dev in profile.devices:
-        fit = fit_device(dev)
+        fit = fits[dev.name]
         one = next(s for s in dev.layer if s.rows == 1 and s.prefix == 0)
         print(f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} ms "
               f"@ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
