@@ -201,17 +201,8 @@ def solve_split(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
                 if v[k] < D[b, r]:
                     D[b, r] = v[k]
                     arg[(b, r)] = (k, m)
-    counts = [0] * num
-    if best_arg is not None:
-        k, m = best_arg
-        b = n
-        while True:
-            counts[m] = b - k
-            if k == 0:
-                break
-            b, r = k, m
-            k, m = arg[(b, r)]
-    return LayerSplit(order=tuple(order), counts=tuple(counts), bottleneck_s=best)
+    counts = _backtrack(arg, best_arg, num_layers=n, num_devices=num)
+    return LayerSplit(order=tuple(order), counts=counts, bottleneck_s=best)
 
 
 def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]]) -> list[LayerSplit]:
@@ -265,16 +256,28 @@ def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
                 if v < S[b, r]:
                     S[b, r] = v
                     arg[(b, r)] = (k, m)
-    counts = [0] * num
+    counts = _backtrack(arg, best_arg, num_layers=n, num_devices=num)
+    return LayerSplit(order=tuple(order), counts=counts,
+                      bottleneck_s=split_bottleneck_s(sc, tuple(order), counts)
+                      if best_arg is not None else INF)
+
+
+def _backtrack(arg: dict, best_arg: tuple[int, int] | None, *, num_layers: int,
+               num_devices: int) -> tuple[int, ...]:
+    """Layer counts per device (in ``order``) from the DP's back-pointers.
+
+    ``arg[(b, r)] = (k, m)``: the best way to reach "layers [0, b) placed, next device r" put
+    layers [k, b) on device m. ``best_arg`` is the (k, m) of the last block. Devices skipped
+    between two blocks keep 0 layers.
+    """
+    counts = [0] * num_devices
     if best_arg is not None:
         k, m = best_arg
-        b = n
+        b = num_layers
         while True:
             counts[m] = b - k
             if k == 0:
                 break
             b, r = k, m
             k, m = arg[(b, r)]
-    return LayerSplit(order=tuple(order), counts=tuple(counts),
-                      bottleneck_s=split_bottleneck_s(sc, tuple(order), tuple(counts))
-                      if best_arg is not None else INF)
+    return tuple(counts)
