@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except HPipeError as e:  # the user's input: one clear line, no traceback
         print(f"hpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hpipe ... | head` closed the pipe: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -126,3 +126,17 @@ def smollm2(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2):
     return smollm2.load_model()
+
+
+@pytest.fixture
+def netns2():
+    """Two emulated hosts (network namespaces, hpipe.netns), each uplink shaped to 200 Mbit/s:
+    slow enough to see, fast enough for tests. Skips, with the reason, without root or
+    iproute2; always torn down."""
+    from hpipe.netns import netns_network, netns_unavailable_reason
+
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns_network(2, rates_mbit=200) as net:
+        yield net

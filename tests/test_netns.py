@@ -8,11 +8,15 @@ import sys
 
 import pytest
 
-from hpipe.netns import _list_ours, netns_network
-from tests import netns_fixture
-from tests.netns_fixture import free_port, require_netns
+from hpipe.netns import _list_ours, netns_network, netns_unavailable_reason
+from hpipe.runtime.launch import free_port
 
-netns2 = netns_fixture.netns2  # the fixture, by the name the tests ask for
+
+def require_netns() -> None:
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
 
 pytestmark = pytest.mark.netns
 

@@ -14,13 +14,7 @@ import json
 import sys
 
 from hpipe.catalog import GIB  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
-from hpipe.commands.settings import (
-    add_setting_args,
-    cost_model,
-    int_list,
-    load_model_spec,
-    resolve_dtype,
-)
+from hpipe.commands.settings import add_setting_args, int_list, load_settings
 from hpipe.errors import HPipeError
 from hpipe.plan.plan import METHODS
 
@@ -88,14 +82,10 @@ def describe(plan, summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpipe.cluster import load_cluster
     from hpipe.plan.api import plan_method
 
     try:
-        args.dtype = resolve_dtype(args)
-        cluster = load_cluster(args.cluster)
-        model = load_model_spec(args.model)
-        cost = cost_model(args, model, cluster, args.dtype)
+        cluster, model, cost = load_settings(args)
         plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
                            seq_len=args.seq_len, dtype=args.dtype, cost=cost,
                            layers=args.layers, slices=args.slices,

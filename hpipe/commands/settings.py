@@ -64,6 +64,16 @@ def load_model_spec(arg: str) -> ModelSpec:
     return spec_from_hf_config(path)
 
 
+def load_settings(args):
+    """(cluster, model spec, cost model) from the shared options; resolves ``args.dtype``."""
+    from hpipe.cluster import load_cluster
+
+    args.dtype = resolve_dtype(args)
+    cluster = load_cluster(args.cluster)
+    model = load_model_spec(args.model)
+    return cluster, model, cost_model(args, model, cluster, args.dtype)
+
+
 def cost_model(args, model: ModelSpec, cluster, dtype: str):
     """The fitted model from ``--profile`` when given, else the analytic roofline."""
     from hpipe.cost.analytic import AnalyticCost

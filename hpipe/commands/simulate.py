@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands.settings import add_setting_args, cost_model, load_model_spec, resolve_dtype
+from hpipe.commands.settings import add_setting_args, load_settings
 from hpipe.errors import HPipeError
 
 METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
@@ -54,20 +54,17 @@ def _describe(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpipe.cluster import load_cluster
     from hpipe.report.evaluate import PAPER_METHODS, evaluate_methods
     from hpipe.report.gantt import plot_timelines
     from hpipe.report.tables import memory_table, performance_table
     from hpipe.report.trace import write_chrome_trace
 
     try:
-        args.dtype = resolve_dtype(args)
-        cluster = load_cluster(args.cluster)
-        model = load_model_spec(args.model)
+        cluster, model, cost = load_settings(args)
         methods = PAPER_METHODS if args.method == "all" else (args.method,)
         results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
                                    seq_len=args.seq_len, dtype=args.dtype,
-                                   cost=cost_model(args, model, cluster, args.dtype),
+                                   cost=cost,
                                    grain_tokens=args.grain_tokens)
     except HPipeError as e:
         print(f"hpipe simulate: error: {e}", file=sys.stderr)
