@@ -94,6 +94,11 @@ class Attention(nn.Module):
         gpt = spec.family != "llama"
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        # (q_start, q_stop, kv_start, kv_stop): query heads [q_start, q_stop) read KV heads
+        # [kv_start, kv_stop), evenly. One segment for the whole model; a tensor-parallel shard
+        # whose query heads straddle KV groups has several (see [Note: uneven heads] in shard.py).
+        self.segments: tuple[tuple[int, int, int, int], ...] = (
+            (0, spec.num_heads, 0, spec.num_kv_heads),)
         # q, k, v fused into one matmul (gpt-fast): rows are [q; k; v].
         qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         self.wqkv = nn.Linear(spec.hidden, qkv_out, bias=gpt or spec.qkv_bias)
@@ -107,7 +112,7 @@ class Attention(nn.Module):
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -116,20 +121,31 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         k, v = cache.update(layer, k, v)  # (B, KV, prefix + T, D)
-        gqa = {}
-        if self.num_kv_heads != self.num_heads:
-            if _SDPA_GQA:
-                # Let SDPA share each K/V head among its query heads: same numbers, and no copy
-                # of the whole cache per step (measured 0.5 ms vs 2.4 ms per layer, 3.6k cache).
-                gqa = {"enable_gqa": True}
-            else:
-                rep = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # No prefix and several queries: plain causal. One query (decode): sees everything cached.
-        # Otherwise an explicit (T, prefix + T) mask offsets the causal diagonal by the prefix.
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+        if len(self.segments) == 1:
+            y = _attend(q, k, v, mask)
+        else:
+            y = torch.cat([_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask)
+                           for q0, q1, k0, k1 in self.segments], dim=1)
+        # (B, H, T, D) -> (B, T, H * D); H * D is C except in a tensor-parallel shard.
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, KV, S, D), H a multiple of KV."""
+    gqa = {}
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA:
+            # Let SDPA share each K/V head among its query heads: same numbers, and no copy
+            # of the whole cache per step (measured 0.5 ms vs 2.4 ms per layer, 3.6k cache).
+            gqa = {"enable_gqa": True}
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    # No prefix and several queries: plain causal. One query (decode): sees everything cached.
+    # Otherwise an explicit (T, prefix + T) mask offsets the causal diagonal by the prefix.
+    is_causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
 
 
 class MLP(nn.Module):
@@ -197,6 +213,8 @@ class Stage(nn.Module):
         self.layer_start, self.layer_stop = layer_start, layer_stop
         self.has_embedding, self.has_head = has_embedding, has_head
         self.empty_dtype = torch.float32  # what an empty stage accepts; load_stage sets it
+        self.num_kv_heads = spec.num_kv_heads  # KV heads this stage caches (fewer in a TP shard)
+        self.tp = None  # a shard.TPShard when this stage is one rank's share of a TP group
         self.embed = Embedding(spec) if has_embedding else None
         self.layers = nn.ModuleDict(
             {str(i): Block(spec) for i in range(layer_start, layer_stop)})
@@ -231,7 +249,7 @@ class Stage(nn.Module):
                 f"a cache of {max_tokens} tokens exceeds {self.spec.name}'s context of "
                 f"{self.spec.max_seq_len} tokens; ask for max_tokens <= {self.spec.max_seq_len}")
         return KVCache(
-            num_layers=self.num_layers, batch=batch, num_kv_heads=self.spec.num_kv_heads,
+            num_layers=self.num_layers, batch=batch, num_kv_heads=self.num_kv_heads,
             head_dim=self.spec.head_dim, max_tokens=max_tokens, dtype=self.dtype,
             device=self.device)
 

@@ -19,6 +19,7 @@ from hpipe.errors import PlanMismatchError, WeightsNotFoundError
 from hpipe.model.config import spec_from_gguf_metadata, spec_from_hf_config
 from hpipe.model.decoder import Stage
 from hpipe.model.gguf_file import GGUFFile
+from hpipe.model.shard import AllReduce, TPShard, shard_modules_, shard_tensor
 from hpipe.model.tokenizer import NoTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from hpipe.model.weights import (
     GGUFTensorReader,
@@ -68,27 +69,39 @@ class ModelSource:
     def load_stage(
         self, layer_start: int, layer_stop: int, *, has_embedding: bool, has_head: bool,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        tp: TPShard | None = None, all_reduce: AllReduce | None = None,
     ) -> Stage:
-        """The stage for layers [layer_start, layer_stop), reading only its tensors from disk."""
+        """The stage for layers [layer_start, layer_stop), reading only its tensors from disk.
+
+        With ``tp``, only that rank's share of each layer is kept (each tensor is sliced as it
+        is read), and ``all_reduce`` sums the row-parallel partials over the group (see
+        [Note: tensor-parallel stage] in shard.py).
+        """
         if not 0 <= layer_start <= layer_stop <= self.spec.num_layers:
             raise PlanMismatchError(
                 f"layer range [{layer_start}, {layer_stop}) is not inside "
                 f"[0, {self.spec.num_layers}) of {self.spec.name}")
+        assert (tp is None) == (all_reduce is None), "a TP shard needs its all-reduce"
         t0 = time.perf_counter()
         sources = stage_sources(self._layout, layer_start=layer_start, layer_stop=layer_stop,
                                 has_embedding=has_embedding, has_head=has_head)
-        tensors = read_stage_tensors(self.reader, sources, dtype=dtype, device=device)
+        select = None if tp is None else (lambda name, t: shard_tensor(self.spec, tp, name, t))
+        tensors = read_stage_tensors(self.reader, sources, dtype=dtype, device=device,
+                                     select=select)
         with torch.device("meta"):  # no throw-away random init; tensors are assigned below
             stage = Stage(self.spec, layer_start=layer_start, layer_stop=layer_stop,
                           has_embedding=has_embedding, has_head=has_head)
+            if tp is not None:
+                shard_modules_(stage, tp, all_reduce)
         stage.load_state_dict(tensors, strict=True, assign=True)
         stage.empty_dtype = dtype
         if has_embedding and has_head and self.spec.tie_embeddings:
             stage.head.weight = stage.embed.tok.weight  # one tensor, as in the checkpoint
         stage = stage.to(device).eval().requires_grad_(False)
         mem_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        log.info("stage [%d, %d) of %s: %d tensors, %.1f MB, %.2f s", layer_start, layer_stop,
-                 self.spec.name, len(tensors), mem_bytes / 1e6, time.perf_counter() - t0)
+        log.info("stage [%d, %d) of %s%s: %d tensors, %.1f MB, %.2f s", layer_start, layer_stop,
+                 self.spec.name, "" if tp is None else f" (TP shard {tp.rank} of {tp.size})",
+                 len(tensors), mem_bytes / 1e6, time.perf_counter() - t0)
         return stage
 
     def load_model(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Stage:

@@ -258,9 +258,15 @@ def stage_sources(
 
 
 def read_stage_tensors(
-    reader, sources: dict[str, TensorSource], *, dtype: torch.dtype, device: torch.device | str
+    reader, sources: dict[str, TensorSource], *, dtype: torch.dtype, device: torch.device | str,
+    select: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read each checkpoint tensor once (a tied embedding serves two parameters), combine, convert."""
+    """Read each checkpoint tensor once (a tied embedding serves two parameters), combine, convert.
+
+    ``select(name, full)`` keeps part of each combined tensor (a tensor-parallel rank's shard,
+    ``shard.shard_tensor``) before conversion, so only that part stays resident: the full
+    tensor lives one parameter at a time. The reads themselves are whole tensors (a GGUF block
+    spans a row, and fusing q/k/v or undoing llama.cpp's permutation needs the whole tensor)."""
     missing = sorted({n for s in sources.values() for n in s.names} - reader.names())
     if missing:
         raise WeightsNotFoundError(
@@ -276,5 +282,6 @@ def read_stage_tensors(
             if uses[n] > 1:
                 memo[n] = t
             parts.append(t)
-        out[ours] = src.combine(*parts).to(device=device, dtype=dtype)
+        full = src.combine(*parts)
+        out[ours] = (full if select is None else select(ours, full)).to(device=device, dtype=dtype)
     return out
