@@ -59,8 +59,12 @@ def plan_method(
     layers: tuple[int, ...] | None = None,
     slices: tuple[int, ...] | None = None,
     grain_tokens: int | None = None,
+    allow_tp: bool = True,
 ) -> Plan:
     """Plan ``method`` (one of METHODS) for ``batch`` prompts of ``seq_len`` tokens.
+
+    ``allow_tp=False`` keeps HPipe to pure pipelines (one device per stage), e.g. for a
+    runtime without tensor parallelism; the other methods fix their own parallelism.
 
     Raises PromptTooLongError past the model's context, InfeasiblePlanError when nothing fits
     (the message names the device, the shortfall and what would fit), PlanMismatchError for
@@ -89,7 +93,7 @@ def plan_method(
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
     elif method == "hpipe":
-        plan = plan_hpipe(pb)  # its error already says what would fit
+        plan = plan_hpipe(pb, allow_tp=allow_tp)  # its error already says what would fit
     else:
         try:
             plan = _PLANNERS[method](pb)
@@ -127,6 +131,7 @@ def plan_all(
     cost: CostModel | None = None,
     grain_tokens: int | None = None,
     methods: tuple[str, ...] = ("base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "hpipe"),
+    allow_tp: bool = True,
 ) -> dict[str, Plan | InfeasiblePlanError]:
     """Every method side by side; a method that does not fit maps to its error (the "OOM" cell).
 
@@ -137,7 +142,8 @@ def plan_all(
     for m in methods:
         try:
             out[m] = plan_method(m, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
-                                 dtype=dtype, cost=cost, grain_tokens=grain_tokens)
+                                 dtype=dtype, cost=cost, grain_tokens=grain_tokens,
+                                 allow_tp=allow_tp)
         except InfeasiblePlanError as e:
             out[m] = e
     return out

@@ -1,7 +1,8 @@
 """Exhaustive oracles for the DPs, scored by the very evaluators the DPs use.
 
 Small instances only: splits are all compositions of n layers into N parts (zeros allowed,
-C(n + N - 1, N - 1) of them) for every host order; slicings are all compositions of the
+C(n + N - 1, N - 1) of them) for every host order and every way to cut it into stage groups
+(single devices, tensor-parallel groups); slicings are all compositions of the
 prompt on the g-token grid (2^(Q-1) for Q grid steps). Tests compare the DPs against these.
 """
 
@@ -28,15 +29,31 @@ def compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
         yield tuple(out)
 
 
-def brute_split(sc: SplitCosts, orders: list[tuple[int, ...]]
-                ) -> tuple[float, tuple[int, ...] | None, tuple[int, ...] | None]:
-    """(least bottleneck, its order, its counts) over every split of every order; inf if none."""
+def groupings(order: tuple[int, ...], allowed) -> Iterator[tuple[tuple[int, ...], ...]]:
+    """Every way to cut ``order`` into consecutive groups, each one of ``allowed``."""
+    if not order:
+        yield ()
+        return
+    for size in range(1, len(order) + 1):
+        g = tuple(order[:size])
+        if g in allowed:
+            for rest in groupings(order[size:], allowed):
+                yield (g, *rest)
+
+
+def brute_split(sc: SplitCosts, orders: list[tuple[int, ...]], *,
+                groups: tuple[tuple[int, ...], ...] | None = None
+                ) -> tuple[float, tuple[tuple[int, ...], ...] | None, tuple[int, ...] | None]:
+    """(least bottleneck, its groups, its counts) over every split of every order into every
+    grouping from ``groups`` (default: all of ``sc.groups``); inf if none fits."""
+    allowed = set(sc.groups if groups is None else groups)
     best = (math.inf, None, None)
     for order in orders:
-        for counts in compositions(sc.num_layers, len(order)):
-            v = split_bottleneck_s(sc, order, counts)
-            if v < best[0]:
-                best = (v, order, counts)
+        for gs in groupings(tuple(order), allowed):
+            for counts in compositions(sc.num_layers, len(gs)):
+                v = split_bottleneck_s(sc, gs, counts)
+                if v < best[0]:
+                    best = (v, gs, counts)
     return best
 
 

@@ -47,8 +47,8 @@ def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec,
     u = units(batch, seq_len)
     stops = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len, units=u)
     # Layers each device could hold in the middle of the pipeline (no embedding, no head).
-    cap = {d: int(stops[d][1]) - 1 if n > 1 else int(stops[d][0]) for d in stops}
-    held = ", ".join(f"{cluster.devices[d].name} {cap[d]}" for d in stops)
+    cap = {g[0]: int(stops[g][1]) - 1 if n > 1 else int(stops[g][0]) for g in stops}
+    held = ", ".join(f"{cluster.devices[d].name} {cap[d]}" for d in cap)
     # The even split's worst device, in the house style "layers [a, b) need X GB on 'dev'".
     worst, start, num = None, 0, cluster.num_devices
     for j in range(num):

@@ -3,12 +3,18 @@
     T(a, b, m) = sum_{k=a..b} t_comp(l_k; d_m) (+) t_comm(l_b, m)     (inf if it overflows d_m)
     A[b][m]    = min_{k<b} max(A[k][m-1], T(k+1, b, m))
 
-[design] Three extensions of the paper's recurrence:
+[design] Four extensions of the paper's recurrence:
 - A device may take no layers (the paper's own GPT3-2B plan nearly empties the P100 in front of
   the 1 Gbps link). The activation then goes straight from the previous busy device to the next
   one, so the link a block pays for depends on who receives next. The table is therefore
   indexed by the *receiver*: D[b][r] = least bottleneck with layers [0, b) placed on devices
   before position r, the last of them sending its output to r (transfer included).
+- A block may run on a tensor-parallel *group* of consecutive devices of one host instead of
+  one device (``groups.py``), as Alpa puts intra-operator parallelism inside its pipeline
+  stages: a block on the group at positions m .. m+k-1 sends to a receiver r >= m + k. Its time
+  (all-reduces included) and memory come from the same cost model, so a group can take an
+  uneven share of the layers like any device. Which groups are allowed is a parameter; each
+  device alone is always one.
 - (+) is ``max`` when communication overlaps compute (the runtime's non-blocking sends, and the
   simulator's default: a link is then a pipeline resource of its own), ``+`` with the paper's
   accounting (the sender is busy until its transfer ends).
@@ -28,6 +34,7 @@ import numpy as np
 
 from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
+from hpipe.plan.groups import Group, single_groups
 from hpipe.plan.plan import StagePlan, dtype_bytes
 from hpipe.spec import ModelSpec
 
@@ -36,32 +43,46 @@ INF = math.inf
 
 @dataclass(frozen=True)
 class LayerSplit:
-    """Layer counts per device along ``order`` (zeros allowed) and the DP's bottleneck."""
+    """A device order cut into ``groups`` (one device, or a TP group), ``counts`` layers on
+    each (zeros allowed: an unused device), and the DP's bottleneck."""
 
-    order: tuple[int, ...]
+    groups: tuple[Group, ...]
     counts: tuple[int, ...]
     bottleneck_s: float
 
     def stages(self) -> tuple[StagePlan, ...]:
-        out, start = [], 0
-        for dev, c in zip(self.order, self.counts):
-            if c:
-                out.append(StagePlan((dev,), start, start + c))
-                start += c
-        return tuple(out)
+        return stages_from_counts(self.groups, self.counts)
+
+
+def even_counts(num_layers: int, num_parts: int) -> tuple[int, ...]:
+    """The baselines' "even" split: n // N + (j < n % N) layers on part j."""
+    return tuple(num_layers // num_parts + (j < num_layers % num_parts) for j in range(num_parts))
+
+
+def stages_from_counts(groups, counts: tuple[int, ...]) -> tuple[StagePlan, ...]:
+    """Stages for ``counts`` layers on each group in order; groups with 0 layers are dropped."""
+    out, start = [], 0
+    for g, c in zip(groups, counts):
+        if c:
+            out.append(StagePlan(tuple(g), start, start + c))
+            start += c
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class SplitCosts:
-    """Everything the DP and the brute-force oracle read, computed once per device.
+    """Everything the DP and the brute-force oracle read, computed once per group.
 
-    - ``prefix_s[d][k]``: compute time of layers [0, k) on device d (the paper's prefix sums).
-    - ``emb_s[d]`` / ``head_s[d]``: extra time when the block holds the embedding / head.
-    - ``max_stop[d][a]``: the largest b such that layers [a, b) fit d's memory (a if none).
-    - ``comm_s[(d, e)]``: sending one boundary activation from d to e.
+    Keyed by group (a tuple of device indices; ``(d,)`` is device d alone):
+    - ``prefix_s[g][k]``: compute time of layers [0, k) on g (the paper's prefix sums).
+    - ``emb_s[g]`` / ``head_s[g]``: extra time when the block holds the embedding / head.
+    - ``max_stop[g][a]``: the largest b such that layers [a, b) fit g's memory (a if none).
+    Keyed by device pair: ``comm_s[(d, e)]``: sending one boundary activation from d to e (a
+    group sends from and receives on its first device, as the simulator has it).
     """
 
     num_layers: int
+    groups: tuple[Group, ...]
     prefix_s: dict
     emb_s: dict
     head_s: dict
@@ -69,10 +90,10 @@ class SplitCosts:
     comm_s: dict
     overlap_comm: bool
 
-    def block_s(self, dev: int, a: int, b: int) -> float:
-        t = self.prefix_s[dev][b] - self.prefix_s[dev][a]
-        t += self.emb_s[dev] if a == 0 else 0.0
-        t += self.head_s[dev] if b == self.num_layers else 0.0
+    def block_s(self, group: Group, a: int, b: int) -> float:
+        t = self.prefix_s[group][b] - self.prefix_s[group][a]
+        t += self.emb_s[group] if a == 0 else 0.0
+        t += self.head_s[group] if b == self.num_layers else 0.0
         return t
 
     def combine(self, compute_s: float, comm_s: float) -> float:
@@ -82,41 +103,46 @@ class SplitCosts:
 def build_split_costs(
     cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int, seq_len: int,
     dtype: str, units: tuple[tuple[int, int, int], ...], overlap_comm: bool = True,
+    groups: tuple[Group, ...] | None = None,
 ) -> SplitCosts:
-    """Per-device layer times for the whole prefill and per-device memory limits.
+    """Per-group layer times for the whole prefill and per-group memory limits.
 
     ``units`` are the (rows, tokens, prefix) work units whose workspace must fit (the planner
     passes the smallest slice it may use for HPipe, whole sequences for GPipe-like methods).
+    ``groups``: the stage groups the DP may use (default: each device alone).
     """
+    groups = tuple(groups) if groups is not None else single_groups(cluster)
     n = model.num_layers
     kw = dict(batch=batch, tokens=seq_len, prefix=0)
     prefix_s, emb_s, head_s = {}, {}, {}
-    for d in range(cluster.num_devices):
-        one = [cost.stage_time_s((d,), k, k + 1, has_embedding=False, has_head=False, **kw)
+    for g in groups:
+        one = [cost.stage_time_s(g, k, k + 1, has_embedding=False, has_head=False, **kw)
                for k in range(n)]
-        prefix_s[d] = np.concatenate([[0.0], np.cumsum(one)])
-        emb_s[d] = (cost.stage_time_s((d,), 0, 1, has_embedding=True, has_head=False, **kw)
-                    - one[0])
-        head_s[d] = (cost.stage_time_s((d,), n - 1, n, has_embedding=False, has_head=True, **kw)
+        prefix_s[g] = np.concatenate([[0.0], np.cumsum(one)])
+        emb_s[g] = cost.stage_time_s(g, 0, 1, has_embedding=True, has_head=False, **kw) - one[0]
+        head_s[g] = (cost.stage_time_s(g, n - 1, n, has_embedding=False, has_head=True, **kw)
                      - one[n - 1])
     max_stop = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
-                         units=units)
+                         units=units, groups=groups)
     act_bytes = batch * seq_len * model.hidden * dtype_bytes(dtype)
     comm_s = {(d, e): cost.transfer_time_s(d, e, act_bytes)
               for d in range(cluster.num_devices) for e in range(cluster.num_devices) if d != e}
-    return SplitCosts(n, prefix_s, emb_s, head_s, max_stop, comm_s, overlap_comm)
+    return SplitCosts(n, groups, prefix_s, emb_s, head_s, max_stop, comm_s, overlap_comm)
 
 
 def max_stops(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int,
-              seq_len: int, units: tuple[tuple[int, int, int], ...]) -> dict:
-    """max_stop[d][a]: the largest b such that layers [a, b) fit device d (a if none does)."""
+              seq_len: int, units: tuple[tuple[int, int, int], ...],
+              groups: tuple[Group, ...] | None = None) -> dict:
+    """max_stop[g][a]: the largest b such that layers [a, b) fit every device of group g (a if
+    none does); ``groups`` defaults to each device alone."""
     n = model.num_layers
     out = {}
-    for d, dev in enumerate(cluster.devices):
+    for g in (groups if groups is not None else single_groups(cluster)):
+        cap = min(cluster.devices[d].memory_bytes for d in g)
 
-        def fits(a: int, b: int, d=d, cap=dev.memory_bytes) -> bool:
+        def fits(a: int, b: int, g=g, cap=cap) -> bool:
             return cost.stage_memory_bytes(
-                (d,), a, b, batch=batch, seq_len=seq_len, units=units,
+                g, a, b, batch=batch, seq_len=seq_len, units=units,
                 has_embedding=a == 0, has_head=b == n) <= cap
 
         stops = []
@@ -130,99 +156,179 @@ def max_stops(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch:
                 else:
                     hi = mid - 1
             stops.append(lo)
-        out[d] = np.asarray(stops)
+        out[g] = np.asarray(stops)
     return out
 
 
-def split_bottleneck_s(sc: SplitCosts, order: tuple[int, ...], counts: tuple[int, ...]) -> float:
+def split_bottleneck_s(sc: SplitCosts, groups: tuple[Group, ...], counts: tuple[int, ...]
+                       ) -> float:
     """The DP's objective for one split, evaluated directly (the brute-force oracle uses this).
 
     Bottleneck over the non-empty blocks of compute (+) the transfer to the next non-empty
-    block; inf if a block overflows its device.
+    block; inf if a block overflows its group.
     """
-    blocks, start = [], 0
-    for dev, c in zip(order, counts):
-        if c:
-            blocks.append((dev, start, start + c))
-            start += c
+    blocks = [(st.devices, st.layer_start, st.layer_stop)
+              for st in stages_from_counts(groups, counts)]
     worst = 0.0
-    for i, (dev, a, b) in enumerate(blocks):
-        if sc.max_stop[dev][a] < b:
+    for i, (g, a, b) in enumerate(blocks):
+        if sc.max_stop[g][a] < b:
             return INF
-        comm = sc.comm_s[(dev, blocks[i + 1][0])] if i + 1 < len(blocks) else 0.0
-        worst = max(worst, sc.combine(sc.block_s(dev, a, b), comm))
+        comm = sc.comm_s[(g[0], blocks[i + 1][0][0])] if i + 1 < len(blocks) else 0.0
+        worst = max(worst, sc.combine(sc.block_s(g, a, b), comm))
     return worst
 
 
-def solve_split(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
-    """The workload DP along one device order. Bottleneck inf = nothing fits."""
+@dataclass(frozen=True)
+class _GroupsAt:
+    """The groups of one size along an order, one per starting position m (``valid[m]`` says
+    whether order[m : m + size] is an allowed group), as arrays over m."""
+
+    size: int
+    valid: np.ndarray  # (num,)
+    prefix_s: np.ndarray  # (num, n + 1)
+    emb_s: np.ndarray  # (num,)
+    head_s: np.ndarray  # (num,)
+    max_stop: np.ndarray  # (num, n + 1); -1 where not valid, so nothing fits
+
+
+def _groups_along(sc: SplitCosts, order: tuple[int, ...],
+                  groups: tuple[Group, ...] | None) -> list[_GroupsAt]:
+    allowed = set(sc.groups if groups is None else groups)
     n, num = sc.num_layers, len(order)
-    # D[b, r]: least bottleneck with layers [0, b) on positions < r, the last busy one sending
-    # to position r (its transfer included). D[0, r] = 0: devices before r may all be empty.
+    out = []
+    for size in sorted({len(g) for g in allowed}):
+        gs = [tuple(order[m:m + size]) for m in range(num)]
+        valid = np.array([len(g) == size and g in allowed for g in gs])
+        if not valid.any():
+            continue
+        zero, none = np.zeros(n + 1), np.full(n + 1, -1)
+        out.append(_GroupsAt(
+            size, valid,
+            np.array([sc.prefix_s[g] if v else zero for g, v in zip(gs, valid)]),
+            np.array([sc.emb_s[g] if v else 0.0 for g, v in zip(gs, valid)]),
+            np.array([sc.head_s[g] if v else 0.0 for g, v in zip(gs, valid)]),
+            np.array([sc.max_stop[g] if v else none for g, v in zip(gs, valid)])))
+    return out
+
+
+def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | None,
+           objective: str) -> LayerSplit:
+    """The receiver-indexed DP along one order; ``objective`` "bottleneck" (max of stage
+    times, the paper's A) or "sum" (stage times and transfers added: a shortest path).
+
+    D[b, r]: the least objective with layers [0, b) placed on positions < r, the last busy
+    block sending to position r (its transfer included); D[0, r] = 0 (all of them empty).
+    For each b every position m is solved at once: D[b, .] reads only rows < b.
+    """
+    n, num = sc.num_layers, len(order)
+    along = _groups_along(sc, order, groups)
+    pos = np.arange(num)
+    # comm[m, r]: the activation from position m's device to position r's (a group sends from
+    # its first device, which is order[m]); a block can only send forward.
+    comm = np.array([[sc.comm_s[(order[m], order[r])] if r > m else INF for r in range(num)]
+                     for m in range(num)])
     D = np.full((n + 1, num), INF)
     D[0, :] = 0.0
-    arg = {}  # (b, r) -> (k, m): block [k, b) on position m, sending to r
+    arg = np.zeros((n + 1, num, 3), dtype=np.int64)  # (k, m, index into along) of D[b, r]
     best, best_arg = INF, None
     for b in range(1, n + 1):
-        for m in range(num):
-            dev = order[m]
-            ks = np.arange(b)
-            # Feasible starts k: block [k, b) fits on dev.
-            ok = sc.max_stop[dev][:b] >= b
-            if not ok.any():
+        for ai, ga in enumerate(along):
+            ok = ga.max_stop[:, :b].T >= b  # (b, num): block [k, b) fits the group at m
+            comp = ga.prefix_s[:, b][None, :] - ga.prefix_s[:, :b].T  # (b, num)
+            comp[0, :] += ga.emb_s
+            prev = D[:b, :]
+            if b == n:  # the last block: no transfer (empty positions after it)
+                comp = comp + ga.head_s[None, :]
+                W = np.where(ok, np.maximum(prev, comp) if objective == "bottleneck"
+                             else prev + comp, INF)
+                k = W.argmin(axis=0)
+                w = W[k, pos]
+                m = int(w.argmin())
+                if w[m] < best:
+                    best, best_arg = float(w[m]), (int(k[m]), m, ai)
                 continue
-            comp = sc.prefix_s[dev][b] - sc.prefix_s[dev][:b]
-            comp = comp + np.where(ks == 0, sc.emb_s[dev], 0.0)
-            if b == n:
-                comp = comp + sc.head_s[dev]
-                # Last block: no transfer. The paper's A[n][N] with empty devices after m.
-                v = np.where(ok, np.maximum(D[:b, m], comp), INF)
-                k = int(np.argmin(v))
-                if v[k] < best:
-                    best, best_arg = float(v[k]), (k, m)
-                continue
-            if sc.overlap_comm:
-                # max(D, compute, comm): the transfer does not depend on k, so one reduction
-                # over k serves every receiver r.
-                w = np.where(ok, np.maximum(D[:b, m], comp), INF)
-                k = int(np.argmin(w))
-                for r in range(m + 1, num):
-                    # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm).
-                    v = max(float(w[k]), sc.comm_s[(dev, order[r])])
-                    if v < D[b, r]:
-                        D[b, r] = v
-                        arg[(b, r)] = (k, m)
-                continue
-            for r in range(m + 1, num):
-                comm = sc.comm_s[(dev, order[r])]
+            reach = pos[None, :] >= pos[:, None] + ga.size  # (m, r): r after the group
+            if objective == "sum":
+                # S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
+                W = np.where(ok, prev + comp, INF)
+                k = np.broadcast_to(W.argmin(axis=0)[:, None], (num, num))
+                V = W[k[:, 0], pos][:, None] + comm
+            elif sc.overlap_comm:
+                # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm): the
+                # transfer does not depend on k, so one reduction over k serves every r.
+                W = np.where(ok, np.maximum(prev, comp), INF)
+                k = np.broadcast_to(W.argmin(axis=0)[:, None], (num, num))
+                V = np.maximum(W[k[:, 0], pos][:, None], comm)
+            else:
                 # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = compute + comm.
-                v = np.where(ok, np.maximum(D[:b, m], comp + comm), INF)
-                k = int(np.argmin(v))
-                if v[k] < D[b, r]:
-                    D[b, r] = v[k]
-                    arg[(b, r)] = (k, m)
-    counts = _backtrack(arg, best_arg, num_layers=n, num_devices=num)
-    return LayerSplit(order=tuple(order), counts=counts, bottleneck_s=best)
+                X = np.where(ok[:, :, None],
+                             np.maximum(prev[:, :, None], comp[:, :, None] + comm[None]), INF)
+                k = X.argmin(axis=0)  # (m, r)
+                V = np.take_along_axis(X, k[None], axis=0)[0]
+            V = np.where(reach & ga.valid[:, None], V, INF)
+            m = V.argmin(axis=0)  # (r,): the first best sender
+            v = V[m, pos]
+            better = v < D[b]
+            D[b, better] = v[better]
+            arg[b, better, 0] = k[m, pos][better]
+            arg[b, better, 1] = m[better]
+            arg[b, better, 2] = ai
+    return _split_from(arg, best_arg, along, order, n, best)
 
 
-def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]]) -> list[LayerSplit]:
+def _split_from(arg: np.ndarray, best_arg: tuple[int, int, int] | None, along: list[_GroupsAt],
+                order: tuple[int, ...], num_layers: int, value: float) -> LayerSplit:
+    """Back-track ``arg[b, r] = (k, m, a)``: the best way to reach "layers [0, b) placed, next
+    position r" put layers [k, b) on the group of size along[a].size at position m.
+    ``best_arg`` is the last block's. Positions no block covers are unused single devices."""
+    size_at, count_at = {}, {}
+    if best_arg is not None:
+        k, m, a = best_arg
+        b = num_layers
+        while True:
+            size_at[m], count_at[m] = along[a].size, b - k
+            if k == 0:
+                break
+            b, r = k, m
+            k, m, a = (int(x) for x in arg[b, r])
+    groups, counts, m = [], [], 0
+    while m < len(order):
+        size = size_at.get(m, 1)
+        groups.append(tuple(order[m:m + size]))
+        counts.append(count_at.get(m, 0))
+        m += size
+    return LayerSplit(tuple(groups), tuple(counts), value if best_arg is not None else INF)
+
+
+def solve_split(sc: SplitCosts, order: tuple[int, ...], *,
+                groups: tuple[Group, ...] | None = None) -> LayerSplit:
+    """The workload DP along one device order, on ``groups`` (default: all of ``sc.groups``).
+    Bottleneck inf = nothing fits."""
+    return _solve(sc, order, groups, "bottleneck")
+
+
+def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]], *,
+                groups: tuple[Group, ...] | None = None) -> list[LayerSplit]:
     """The DP's split for each device order, best bottleneck first (infeasible ones last)."""
-    return sorted((solve_split(sc, o) for o in orders), key=lambda s: s.bottleneck_s)
+    return sorted((solve_split(sc, o, groups=groups) for o in orders),
+                  key=lambda s: s.bottleneck_s)
 
 
 def stops_fit(max_stop: dict, num_layers: int, orders: list[tuple[int, ...]]) -> bool:
-    """Whether any order admits a split that fits memory. Packing each device full, in order,
-    is optimal for this question, since a block that fits still fits when it starts later."""
+    """Whether any order admits a split over single devices that fits memory. Packing each
+    device full, in order, is optimal for this question, since a block that fits still fits
+    when it starts later."""
     for order in orders:
         a = 0
         for dev in order:
-            a = max(a, int(max_stop[dev][a]))
+            a = max(a, int(max_stop[(dev,)][a]))
         if a >= num_layers:
             return True
     return False
 
 
-def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
+def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...], *,
+                         groups: tuple[Group, ...] | None = None) -> LayerSplit:
     """The split with the least *sum* of stage times and transfers: the optimum when the prompt
     is too short to pipeline (one slice runs through the stages one after another).
 
@@ -230,54 +336,8 @@ def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...]) -> LayerSplit:
     S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
     A candidate for the search, which re-scores it; ``bottleneck_s`` is its DP bottleneck.
     """
-    n, num = sc.num_layers, len(order)
-    S = np.full((n + 1, num), INF)
-    S[0, :] = 0.0
-    arg = {}
-    best, best_arg = INF, None
-    for b in range(1, n + 1):
-        for m in range(num):
-            dev = order[m]
-            ok = sc.max_stop[dev][:b] >= b
-            if not ok.any():
-                continue
-            comp = sc.prefix_s[dev][b] - sc.prefix_s[dev][:b]
-            comp[0] += sc.emb_s[dev]
-            w = np.where(ok, S[:b, m] + comp, INF)
-            if b == n:
-                w = w + sc.head_s[dev]
-                k = int(np.argmin(w))
-                if w[k] < best:
-                    best, best_arg = float(w[k]), (k, m)
-                continue
-            k = int(np.argmin(w))
-            for r in range(m + 1, num):
-                v = float(w[k]) + sc.comm_s[(dev, order[r])]
-                if v < S[b, r]:
-                    S[b, r] = v
-                    arg[(b, r)] = (k, m)
-    counts = _backtrack(arg, best_arg, num_layers=n, num_devices=num)
-    return LayerSplit(order=tuple(order), counts=counts,
-                      bottleneck_s=split_bottleneck_s(sc, tuple(order), counts)
-                      if best_arg is not None else INF)
-
-
-def _backtrack(arg: dict, best_arg: tuple[int, int] | None, *, num_layers: int,
-               num_devices: int) -> tuple[int, ...]:
-    """Layer counts per device (in ``order``) from the DP's back-pointers.
-
-    ``arg[(b, r)] = (k, m)``: the best way to reach "layers [0, b) placed, next device r" put
-    layers [k, b) on device m. ``best_arg`` is the (k, m) of the last block. Devices skipped
-    between two blocks keep 0 layers.
-    """
-    counts = [0] * num_devices
-    if best_arg is not None:
-        k, m = best_arg
-        b = num_layers
-        while True:
-            counts[m] = b - k
-            if k == 0:
-                break
-            b, r = k, m
-            k, m = arg[(b, r)]
-    return tuple(counts)
+    split = _solve(sc, order, groups, "sum")
+    if not math.isfinite(split.bottleneck_s):
+        return split
+    return LayerSplit(split.groups, split.counts,
+                      split_bottleneck_s(sc, split.groups, split.counts))
