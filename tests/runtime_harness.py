@@ -32,7 +32,8 @@ LOGITS_ATOL = 1e-4
 
 @dataclass(frozen=True)
 class Case:
-    """``layers``: layer count per stage; ``slices``: token slices (their sum is the prompt)."""
+    """``layers``: layer count per stage; ``slices``: token slices (their sum is the prompt);
+    ``groups``: devices per stage (a tensor-parallel group where > 1), default one each."""
 
     name: str
     model: str  # a key of the paths given to launch_cases ("llama", "gpt2", "smollm2", ...)
@@ -46,10 +47,15 @@ class Case:
     top_p: float = 1.0
     seed: int = 0
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's own
+    groups: tuple[int, ...] = ()
 
     @property
     def prompt_len(self) -> int:
         return sum(self.slices)
+
+    @property
+    def num_devices(self) -> int:
+        return sum(self.groups) if self.groups else len(self.layers)
 
 
 def prompt_for(case: Case, spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
@@ -60,10 +66,11 @@ def prompt_for(case: Case, spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
 
 
 def plan_for(case: Case, spec: ModelSpec, cluster: ClusterSpec) -> Plan:
-    stages, start = [], 0
+    stages, start, device = [], 0, 0
     for i, n in enumerate(case.layers):
-        stages.append(StagePlan((i,), start, start + n))
-        start += n
+        size = case.groups[i] if case.groups else 1
+        stages.append(StagePlan(tuple(range(device, device + size)), start, start + n))
+        start, device = start + n, device + size
     return Plan(method=case.method, model=spec, cluster=cluster, batch=case.batch,
                 seq_len=case.prompt_len, dtype="float32", stages=tuple(stages),
                 slices=case.slices, num_microbatches=case.num_microbatches)
@@ -85,6 +92,15 @@ def launch_cases(cases: list[Case], paths: dict[str, Path | str], specs: dict[st
     """Run every case on ``num_workers`` local workers in a single launch."""
     reqs = [request_for(c, paths[c.model], specs[c.model], num_workers) for c in cases]
     results = launch_local(reqs, world_size=num_workers)
+    return {r.label: r for r in results}
+
+
+def launch_on_own_clusters(cases: list[Case], paths: dict[str, Path | str],
+                           specs: dict[str, ModelSpec]) -> dict[str, RunResult]:
+    """Run every case on a ``local:N`` cluster of its own device count, all in ONE launch of as
+    many workers as the largest needs (a rank that a case does not use sits it out)."""
+    reqs = [request_for(c, paths[c.model], specs[c.model], c.num_devices) for c in cases]
+    results = launch_local(reqs)
     return {r.label: r for r in results}
 
 

@@ -18,6 +18,13 @@ waiter thread per send stamps when the transfer finished (for the measured timel
 stage uses gloo everywhere, and a CUDA stage then stages its activations through host memory
 (``wire_device="cpu"``). An all-CUDA pipeline uses NCCL and sends from device memory.
 
+[Note: into a tensor-parallel stage] A TP stage's leader alone receives from the previous
+stage (and sends to the next), as the simulator times one transfer between stage leaders; it then
+broadcasts what arrived to the rest of its group (``GroupLink.share``): a STOP flag, then the
+payload, whose shape every member knows from the plan. Across hosts this keeps one copy of the
+activations on the slow inter-host link, and the broadcast rides the group's own (intra-host)
+link. The all-reduces inside the stage's layers use the same group.
+
 The ProcessGroup is passed in, never fetched from a global. ``src``/``dst`` are *stage* indices;
 ``rank_of_stage`` maps them to the group's ranks (the identity in a local launch; under torchrun
 the rendezvous may number hosts in any order, see rank.py), so the same code runs on the default
@@ -200,3 +207,62 @@ def wire_device_for(backend: str) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class GroupLink:
+    """One rank's end of its tensor-parallel group: the all-reduces inside the stage's layers and
+    the leader's broadcast of each received message (see [Note: into a tensor-parallel stage]).
+
+    ``group`` is the subgroup of the stage's ranks; ``leader`` is the leader's rank in the world,
+    as torch.distributed names collective roots. ``allreduce_s`` accumulates the time this rank
+    spent in all-reduces (on NCCL only the host-side wait, as kernels run asynchronously).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, *, rank: int, leader: int,
+                 compute_device: torch.device, wire_device: torch.device) -> None:
+        self.group = group
+        self.rank = rank
+        self.leader = leader
+        self.compute_device = compute_device
+        self.wire_device = wire_device
+        self.allreduce_s = 0.0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of every member's ``partial``, on this rank's compute device."""
+        start = time.perf_counter()
+        buf = partial.to(self.wire_device)
+        try:
+            dist.all_reduce(buf, group=self.group)
+        except RuntimeError as e:  # a member died or the link dropped
+            raise WorkerFailedError(f"rank {self.rank}: all-reduce in its tensor-parallel group "
+                                    f"(leader rank {self.leader}) failed: {e}") from e
+        out = buf.to(self.compute_device)
+        self.allreduce_s += time.perf_counter() - start
+        return out
+
+    def share(self, got: Received | None, expected: Expected) -> Received:
+        """Leader: pass what it received (``got``); members: pass None and get the same."""
+        assert (got is not None) == self.is_leader, (self.rank, self.leader)
+        flag = torch.tensor([int(got is not None and got.stop)], dtype=torch.int64,
+                            device=self.wire_device)
+        self._broadcast(flag, expected, "STOP flag")
+        if flag.item():
+            return Received(None, stop=True)
+        if self.is_leader:
+            payload = got.tensor.to(self.wire_device)
+        else:
+            payload = torch.empty(expected.shape, dtype=expected.dtype, device=self.wire_device)
+        self._broadcast(payload, expected, "payload")
+        return Received(payload.to(self.compute_device), stop=False)
+
+    def _broadcast(self, t: torch.Tensor, expected: Expected, what: str) -> None:
+        try:
+            dist.broadcast(t, src=self.leader, group=self.group)
+        except RuntimeError as e:
+            raise WorkerFailedError(
+                f"rank {self.rank} waiting for the {what} of {expected.describe()} from its "
+                f"tensor-parallel leader, rank {self.leader}, failed: {e}") from e

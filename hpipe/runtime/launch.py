@@ -89,17 +89,14 @@ def launch_local(
     on_progress: OnProgress | None = None, on_started: Callable[[list[int]], None] | None = None,
 ) -> list[RunResult]:
     """Run ``requests`` in order on ``world_size`` local worker processes; rank 0's results."""
-    from hpipe.runtime.rank import pick_backend
+    from hpipe.runtime.rank import describe_rank, pick_backend, rank_devices
 
-    world_size = world_size or max(r.plan.num_stages for r in requests)
+    # One rank per device the plan uses (a tensor-parallel stage has several; see rank.py).
+    world_size = world_size or max(len(rank_devices(r.plan)) for r in requests)
     backend = pick_backend(requests)
-    devs = requests[0].plan.cluster.devices
-    stages = requests[0].plan.stages
 
     def where(rank: int) -> str:
-        if rank < len(stages):
-            return f"rank {rank} (stage {rank}, device {devs[stages[rank].device].name!r})"
-        return f"rank {rank}"
+        return describe_rank(requests[0].plan, rank)
 
     cuda_devices = ([cuda_device_of(requests, r) for r in range(world_size)]
                     if backend == "nccl" else None)
@@ -149,7 +146,9 @@ def launch_ranks(
 
 
 def _last_rank(requests: list[RunRequest]) -> int:
-    return requests[0].plan.num_stages - 1
+    from hpipe.runtime.rank import stage_ranks
+
+    return stage_ranks(requests[0].plan)[-1][0]  # the last stage's leader samples
 
 
 def _supervise(procs, inbox, on_progress, describe) -> Any:
@@ -282,8 +281,10 @@ def _run_requests(requests: list[RunRequest], ctx: RankContext) -> list[RunResul
 
 def cuda_device_of(requests: list[RunRequest], rank: int) -> str:
     """The CUDA device rank ``rank`` computes on (NCCL binds one device per process)."""
-    plan = next(r.plan for r in requests if rank < r.plan.num_stages)
-    return plan.cluster.devices[plan.stages[rank].device].torch_device
+    from hpipe.runtime.rank import rank_devices
+
+    plan = next(r.plan for r in requests if rank < len(rank_devices(r.plan)))
+    return plan.cluster.devices[rank_devices(plan)[rank]].torch_device
 
 
 def torchrun_env() -> dict[str, str] | None:

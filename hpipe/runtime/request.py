@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from hpipe.errors import HPipeError, PlanMismatchError, PromptTooLongError
+from hpipe.model.shard import check_tp_size
 from hpipe.plan.plan import Plan
 from hpipe.spec import ModelSpec
 from hpipe.timeline import Timeline
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Methods whose plans the runtime can execute: one device per stage. Megatron and TP-T put a
-# tensor-parallel group on a stage, which the planner and simulator model but the decoder
-# does not implement.
-RUNNABLE_METHODS = ("hpipe", "base", "gpipe", "gpb", "terapipe", "manual")
+# Methods whose plans the runtime can execute: every method the planner has. Megatron and TP-T
+# (and HPipe, when a tensor-parallel group is faster) put several devices on a stage, which
+# runs Megatron-style, see [Note: tensor-parallel stage] in hpipe/model/shard.py.
+RUNNABLE_METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manual")
 
 
 class PromptShapeError(HPipeError):
@@ -77,7 +78,10 @@ class RunResult:
     prefill_logits: torch.Tensor  # (batch, vocab) float32, at the prompt's last position
     timeline: Timeline
     num_decode_steps: int  # decode steps actually run (fewer than planned after an early EOS)
-    prefill_cpu_s: tuple[float, ...] = ()  # per stage: CPU time of its prefill computes
+    # Per timeline row (device): CPU time of its prefill computes, and the part of those
+    # computes spent in tensor-parallel all-reduces (0 outside a TP stage).
+    prefill_cpu_s: tuple[float, ...] = ()
+    prefill_allreduce_s: tuple[float, ...] = ()
 
 
 def fit_plan(plan: Plan, *, batch: int, prompt_len: int) -> Plan:
@@ -123,13 +127,12 @@ def check_request(req: RunRequest, spec: ModelSpec) -> None:
         raise PlanMismatchError(f"plan dtype {plan.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     if plan.method not in RUNNABLE_METHODS:
         raise PlanMismatchError(
-            f"method {plan.method!r} puts a tensor-parallel group on a stage, which hpipe plans "
-            f"and simulates but does not run; run one of {', '.join(RUNNABLE_METHODS)}")
+            f"method {plan.method!r} has no runtime; run one of {', '.join(RUNNABLE_METHODS)}")
     for i, st in enumerate(plan.stages):
-        if len(st.devices) != 1:
-            raise PlanMismatchError(
-                f"stage {i} spans devices {list(st.devices)}: the runtime runs one device per "
-                "stage; use a plan without tensor parallelism")
+        if len(st.devices) > 1:
+            names = [plan.cluster.devices[d].name for d in st.devices]
+            check_tp_size(spec, len(st.devices),
+                          where=f"stage {i}'s tensor-parallel group {names}")
     if plan.batch != req.batch or plan.seq_len != req.prompt_len:
         raise PlanMismatchError(
             f"plan is for batch {plan.batch} x {plan.seq_len} tokens but the request has "

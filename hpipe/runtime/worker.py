@@ -1,7 +1,9 @@
 """A stage worker: a short interpreter of its rank's action list (recv / compute / send).
 
 The same ``build_schedule`` lists that the simulator times are executed here, action by action,
-so the measured ``Timeline`` lines up with the predicted one unit by unit. Rank r runs stage r.
+so the measured ``Timeline`` lines up with the predicted one unit by unit. A stage runs on one
+rank, or on a tensor-parallel group of ranks that all execute the stage's list (see
+[Note: roles in a tensor-parallel stage]).
 
 [Note: one KV cache per micro-batch]
 GPipe cuts the batch into micro-batches of rows. The decoder's KVCache has no row view (its
@@ -15,6 +17,15 @@ micro-batch, hence one cache, kept across all their slices (see [Note: KV cache 
 end-of-sequence token the last stage sends STOP instead of the token; stage 0 forwards it down
 the chain and every stage ends its list at the first STOP it receives, so no rank is left
 waiting on a message that will never come.
+
+[Note: roles in a tensor-parallel stage] Every member of a TP group computes every unit (the
+all-reduces inside the layers need them all); the leader (member 0) alone receives from the
+previous stage and shares it with the members (comm.GroupLink.share), alone sends to the next
+stage, and on the last stage alone holds the head and samples. In a one-stage pipeline nothing
+travels between stages, so after each sampled token the leader shares the token (or STOP) with
+its members, who feed it to their next decode step. Each member records its compute intervals
+on its own timeline row, as the simulator gives each device of a TP stage its own row; the
+all-reduces happen inside the compute interval.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpipe.runtime.comm import Expected, PendingSend, StageLink
+from hpipe.runtime.comm import Expected, GroupLink, PendingSend, Received, StageLink
 from hpipe.runtime.request import RunRequest, dtype_of
 from hpipe.schedule import TOKEN, build_schedule
 from hpipe.timeline import Interval
@@ -51,17 +62,33 @@ class StageOutcome:
     # CPU seconds this process's compute thread used in the prefill's computes. Beside the
     # busy (wall) time it shows contention: cpu/busy < 1 means the stage waited for a core.
     prefill_cpu_s: float = 0.0
+    member: int = 0  # index in the stage's tensor-parallel group; 0 = the leader
+    row: int = 0  # the timeline row of this rank's device
+    prefill_allreduce_s: float = 0.0  # of the prefill's computes, time in TP all-reduces
 
 
 class StageRunner:
-    """Runs stage ``stage_index`` of one request: owns its caches, sampler and pending sends."""
+    """Runs stage ``stage_index`` of one request: owns its caches, sampler and pending sends.
+
+    ``member`` is this rank's index in the stage's tensor-parallel group and ``group`` its link
+    to the others (None for a one-device stage).
+    """
 
     def __init__(self, req: RunRequest, *, stage_index: int, stage_module, link: StageLink,
-                 device: torch.device, slowdown: float, progress: Progress | None = None) -> None:
+                 device: torch.device, slowdown: float, progress: Progress | None = None,
+                 member: int = 0, group: GroupLink | None = None) -> None:
         self.req = req
         self.plan = req.plan
         self.s = stage_index
         self.last = self.plan.num_stages - 1
+        self.member = member
+        self.leader = member == 0
+        self.group = group
+        # Only the last stage's leader holds the head and samples (see
+        # [Note: roles in a tensor-parallel stage]).
+        self.samples = self.s == self.last and self.leader
+        # Rows are every device of every stage in pipeline order, as in the simulator.
+        self.row = sum(len(st.devices) for st in self.plan.stages[:stage_index]) + member
         self.stage = stage_module
         self.link = link
         self.device = device
@@ -74,6 +101,7 @@ class StageRunner:
         self.prompt = torch.tensor(req.prompt_ids, dtype=torch.int64, device=device)  # (B, T)
         self.intervals: list[Interval] = []
         self.prefill_cpu_s = 0.0
+        self.prefill_allreduce_s = 0.0
         self.sends: list[tuple[PendingSend, Interval]] = []
         # Last stage only: sampling state.
         self.mb_logits: dict[int, torch.Tensor] = {}
@@ -81,7 +109,7 @@ class StageRunner:
         self.generated: list[torch.Tensor] = []
         self.done = torch.zeros(req.batch, dtype=torch.bool)
         self.sampler = None
-        if self.s == self.last:
+        if self.samples:
             from hpipe.model.generate import Sampler
 
             self.sampler = Sampler(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
@@ -106,9 +134,9 @@ class StageRunner:
                 else:
                     exp = Expected(a.peer, a.unit, (u.rows, u.tokens, self.plan.model.hidden),
                                    self.dtype)
-                got = self.link.recv(exp)
+                got = self._recv(exp)
                 if got.stop:  # see [Note: early stop]
-                    if self.s != self.last:
+                    if self.s != self.last and self.leader:
                         self._post_send(None, self.s + 1, u, "decode", stop=True)
                     break
                 x = got.tensor
@@ -125,7 +153,7 @@ class StageRunner:
                 out = self._compute(u, inp)
                 if u.phase == "decode":
                     steps_run += 1
-                if self.s == self.last:
+                if self.samples:
                     num_tokens = len(self.generated)
                     stopped = self._after_last_compute(u, out, final_prefill)
                     if self.progress is not None:
@@ -133,10 +161,14 @@ class StageRunner:
                             self.progress("prefill", u.index + 1, num_prefill)
                         if len(self.generated) > num_tokens:
                             self.progress("decode", len(self.generated), self.req.max_new_tokens)
-                    if stopped and self.last == 0:
-                        break
+                if self.last == 0 and self.group is not None and self._token_due(u, final_prefill):
+                    stopped = self._share_token(stopped)
+                if stopped and self.last == 0:
+                    break
             else:
                 assert a.kind == "send", a
+                if not self.leader:
+                    continue  # the leader sends for the group
                 if a.payload == TOKEN:
                     self._post_send(self.tokens, a.peer, u, "decode", stop=stopped)
                 else:
@@ -150,29 +182,53 @@ class StageRunner:
         return self._outcome(steps_run)
 
     # -- pieces --------------------------------------------------------------------------
+    def _recv(self, exp: Expected) -> Received:
+        """The next message from the previous stage: the leader receives it, then shares it."""
+        if self.group is None:
+            return self.link.recv(exp)
+        return self.group.share(self.link.recv(exp) if self.leader else None, exp)
+
+    def _token_due(self, u, final_prefill: int) -> bool:
+        """Whether the last stage samples a token after unit ``u`` (as _after_last_compute)."""
+        if u.phase == "decode":
+            return True
+        return u.index == final_prefill and self.req.max_new_tokens > 0
+
+    def _share_token(self, stopped: bool) -> bool:
+        """One-stage TP pipeline: the leader's token (or STOP) to every member; True on STOP."""
+        exp = Expected(self.s, -1, (self.req.batch,), torch.int64)
+        got = self.group.share(Received(self.tokens, stopped) if self.leader else None, exp)
+        if not self.leader and not got.stop:
+            self.tokens = got.tensor
+        return got.stop
+
     def _compute(self, u, inp: torch.Tensor) -> torch.Tensor:
         """Run the stage on one unit; times it, and sleeps (slowdown - 1) x that when emulating."""
         clock = self.link.clock
         start = clock()
         cpu_start = time.thread_time()
+        reduce_start = self.group.allreduce_s if self.group is not None else 0.0
         with torch.inference_mode():
             if u.phase == "prefill":
                 # The last stage needs logits only at a slice's last position: the full
                 # (tokens, vocab) product would dominate a small model's time.
-                out = self.stage(inp, self.caches[u.microbatch], last_only=self.s == self.last)
+                out = self.stage(inp, self.caches[u.microbatch], last_only=self.samples)
             else:
-                parts = [self.stage(inp[r0:r0 + r], cache, last_only=self.s == self.last)
+                parts = [self.stage(inp[r0:r0 + r], cache, last_only=self.samples)
                          for r0, r, cache in zip(self.row_starts, self.rows, self.caches)]
                 out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock must see the kernels finish
+        reduce_s = (self.group.allreduce_s if self.group is not None else 0.0) - reduce_start
         if u.phase == "prefill":
             self.prefill_cpu_s += time.thread_time() - cpu_start
+            self.prefill_allreduce_s += reduce_s
         if self.slowdown > 1.0:
             # Emulation: this device behaves as if it were `slowdown` times slower. The
-            # timeline is flagged emulated=True so nobody mistakes it for a real device.
-            time.sleep((self.slowdown - 1.0) * (clock() - start))
-        self.intervals.append(Interval(self.s, "compute", u.index, u.phase, u.microbatch,
+            # timeline is flagged emulated=True so nobody mistakes it for a real device. Time in
+            # all-reduces is waiting on the group, not this device's work: not scaled.
+            time.sleep((self.slowdown - 1.0) * (clock() - start - reduce_s))
+        self.intervals.append(Interval(self.row, "compute", u.index, u.phase, u.microbatch,
                                        u.slice_index, u.tokens, start, clock()))
         return out
 
@@ -196,7 +252,7 @@ class StageRunner:
 
     def _post_send(self, tensor, dst: int, u, phase: str, *, stop: bool = False) -> None:
         pending = self.link.isend(tensor, dst=dst, unit=u.index, stop=stop)
-        iv = Interval(self.s, "send", u.index, phase, u.microbatch, u.slice_index, u.tokens,
+        iv = Interval(self.row, "send", u.index, phase, u.microbatch, u.slice_index, u.tokens,
                       pending.start_s, pending.start_s)
         self.sends.append((pending, iv))
 
@@ -208,8 +264,10 @@ class StageRunner:
             # workspace and the torch runtime itself, over the process's whole life.
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         outcome = StageOutcome(stage=self.s, intervals=self.intervals, peak_memory_bytes=peak,
-                               num_decode_steps=steps_run, prefill_cpu_s=self.prefill_cpu_s)
-        if self.s == self.last:
+                               num_decode_steps=steps_run, prefill_cpu_s=self.prefill_cpu_s,
+                               member=self.member, row=self.row,
+                               prefill_allreduce_s=self.prefill_allreduce_s)
+        if self.samples:
             outcome.output_ids = _trim_rows(self.generated, self.eos, self.req.batch)
             if self.mb_logits:
                 outcome.prefill_logits = torch.cat(
