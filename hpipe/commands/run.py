@@ -19,7 +19,7 @@ from hpipe.commands.settings import int_list
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
 from hpipe.profile import add_profile_argument, load_cost
 
-RUN_METHODS = ("hpipe", "base", "gpipe", "terapipe", "gpb", "manual")
+RUN_METHODS = ("hpipe", "base", "gpipe", "terapipe", "gpb", "megatron", "tpt", "manual")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model dir, .gguf file, or 'smollm2'")
     p.add_argument("--cluster", default="local:2",
                    help="'local:N' (N CPU workers here) or a cluster YAML file")
-    p.add_argument("--method", default="hpipe", choices=RUN_METHODS)
+    p.add_argument("--method", default="hpipe", choices=RUN_METHODS,
+                   help="the planner to run (default hpipe); megatron and tpt put tensor-"
+                        "parallel pairs on stages, which the runtime shards Megatron-style "
+                        "(one worker per device)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="read the prompt (a document) from a file")
@@ -164,15 +167,22 @@ def result_summary(result, plan, predicted, tokenizer) -> dict:
         "num_decode_steps": result.num_decode_steps,
         "predicted_prefill_latency_s": predicted.prefill_latency_s,
         "predicted_latency_s": predicted.latency_s,
+        # One entry per device (timeline row): a tensor-parallel stage lists each member.
         "stages": [
-            {"device": name, "layers": [st.layer_start, st.layer_stop],
+            {"device": name, "stage": s, "tp_degree": len(plan.stages[s].devices),
+             "layers": [plan.stages[s].layer_start, plan.stages[s].layer_stop],
              "busy_prefill_s": bp, "busy_decode_s": bd, "prefill_cpu_s": cpu,
-             "peak_memory_bytes": mem}
-            for name, st, bp, bd, cpu, mem in zip(tl.row_names, plan.stages, busy_prefill,
-                                                  busy_decode, result.prefill_cpu_s,
-                                                  tl.peak_memory_bytes)
+             "prefill_allreduce_s": ar, "peak_memory_bytes": mem}
+            for name, s, bp, bd, cpu, ar, mem in zip(
+                tl.row_names, _stage_of_rows(plan), busy_prefill, busy_decode,
+                result.prefill_cpu_s, result.prefill_allreduce_s, tl.peak_memory_bytes)
         ],
     }
+
+
+def _stage_of_rows(plan) -> list[int]:
+    """The stage of each timeline row: rows are every device of every stage in order."""
+    return [s for s, st in enumerate(plan.stages) for _ in st.devices]
 
 
 def _decode(tokenizer, ids) -> str | None:
@@ -312,9 +322,12 @@ def format_report(rep: dict) -> str:
     lines.append(f"  first tok  {rep['ttft_s']:8.3f} s      decode {rep['decode_tok_s']:.1f} "
                  f"tok/s over {rep['num_decode_steps']} steps      total {rep['latency_s']:.3f} s")
     for st in rep["stages"]:
+        tp = (f"  (TP x{st['tp_degree']}, all-reduce {st['prefill_allreduce_s']:.3f} s)"
+              if st["tp_degree"] > 1 else "")
         lines.append(f"  {st['device']:<10} layers [{st['layers'][0]:>3}, {st['layers'][1]:>3})  "
                      f"busy prefill {st['busy_prefill_s']:7.3f} s  decode "
-                     f"{st['busy_decode_s']:6.3f} s  peak RSS {st['peak_memory_bytes'] / 2**20:7.0f} MiB")
+                     f"{st['busy_decode_s']:6.3f} s  peak RSS {st['peak_memory_bytes'] / 2**20:7.0f} MiB"
+                     + tp)
     if "compare" in rep:
         c = rep["compare"]
         lines.append(f"  vs {c['method']}: prefill {c['prefill_latency_s']:.3f} s measured "
