@@ -347,3 +347,32 @@ def test_group_wider_than_the_heads_is_refused_before_launch(models, tmp_path, t
     # A pair is fine for the same model: the check refuses only what cannot run.
     ok = dataclasses.replace(case, groups=(2,))
     check_request(request_for(ok, path, src.spec, ok.num_devices), src.spec)
+
+
+# -- CUDA (skipped on CPU-only machines) -------------------------------------------------------
+def _cuda_cluster(torch_devices: tuple[str, ...]):
+    from hpipe.cluster import parse_cluster
+
+    return parse_cluster({"name": "gpu-tp", "hosts": [{
+        "name": "local", "intra_link": "pcie4",
+        "devices": [{"name": f"d{i}", "type": "cpu", "torch_device": d}
+                    for i, d in enumerate(torch_devices)]}]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("torch_devices", [("cuda:0", "cpu"), ("cpu", "cuda:0"),
+                                           ("cuda:0", "cuda:1")])
+def test_tp_pair_on_cuda_equals_reference(torch_devices, models, whole_models):
+    """A TP pair with a CUDA member: mixed with a CPU member over gloo (the all-reduce and the
+    broadcast staged through host memory), or two GPUs over NCCL."""
+    from hpipe.runtime import launch_local
+
+    if torch.cuda.device_count() < sum(d.startswith("cuda") for d in torch_devices):
+        pytest.skip("NCCL needs a GPU per rank")
+    path, src = models["llama9"]
+    case = Case("gpu-tp", "llama9", layers=(4,), groups=(2,), slices=(6, 4, 2), batch=2)
+    req = request_for(case, path, src.spec, 2, cluster=_cuda_cluster(torch_devices))
+    [result] = launch_local([req])
+    # float32 on both sides (TF32 is off for matmuls by default), so the CPU tolerance holds.
+    assert_equivalent(result, reference(case, whole_models["llama9"], src.spec))
