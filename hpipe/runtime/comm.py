@@ -26,9 +26,9 @@ activations on the slow inter-host link, and the broadcast rides the group's own
 link. The all-reduces inside the stage's layers use the same group.
 
 The ProcessGroup is passed in, never fetched from a global. ``src``/``dst`` are *stage* indices;
-``rank_of_stage`` maps them to the group's ranks (the identity in a local launch; under torchrun
-the rendezvous may number hosts in any order, see rank.py), so the same code runs on the default
-group under ``torchrun`` and on groups built in-process by the tests.
+``rank_of_stage`` maps them to the ranks of the stages' leaders (None: the identity, as in a
+pipeline without tensor parallelism launched locally; see rank.py for the mapping), so the same
+code runs on the default group under ``torchrun`` and on groups built in-process by the tests.
 """
 
 from __future__ import annotations
