@@ -12,8 +12,9 @@ Honest timing: untimed warm-up calls first (allocator, oneDNN/cuBLAS kernel sele
 whole profile (see [Note: repeats spread over time]), the median.
 
 [Note: emulated slowdown in the profile] A device with ``slowdown`` k is measured the way the
-worker runs it: after each call the profiler sleeps (k - 1) x the call's measured time, the
-same statement as ``StageRunner._compute``, and the samples are the call's parts scaled by
+worker runs it: after each call the profiler sleeps as ``hpipe.emulation.emulated_sleep_s``
+says (k x the call's CPU time, minus what it already took; see [Note: slowdown on CPU time]),
+as ``StageRunner._compute`` does, and the samples are the call's parts scaled by
 (call + sleep) / call. The planner thus sees the slower device the runtime will produce, sleep
 overshoot included, and the profile is labelled emulated.
 """
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from hpipe.cluster import DeviceSpec
+from hpipe.emulation import emulated_sleep_s
 from hpipe.profile.profile_file import DeviceProfile, MemorySample, TimeSample
 
 log = logging.getLogger(__name__)
@@ -209,12 +211,15 @@ def profile_device(
                     for _ in range(grid.warmup + 1 if rep == 0 else 1):  # last one timed
                         cache.length = p  # the prefix is "cached" (zeros time like real K, V)
                         sync()
-                        t0 = time.perf_counter()
+                        t0, cpu0 = time.perf_counter(), time.process_time()
                         stage(ids, cache, last_only=True)
                         sync()
                         compute_s = time.perf_counter() - t0
                         if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
-                            time.sleep((device.slowdown - 1.0) * compute_s)
+                            time.sleep(emulated_sleep_s(
+                                device.slowdown, wall_s=compute_s,
+                                cpu_s=None if on_cuda else time.process_time() - cpu0,
+                                num_threads=device.num_threads))
                         total_s = time.perf_counter() - t0
                     scale = total_s / compute_s
                     parts = {k: v * scale for k, v in timer.parts.items()}
