@@ -5,7 +5,9 @@ Local clusters run on the runtime's own launcher (``launch_local``); a cluster s
 namespaces runs one ``torchrun`` per emulated host (``hpipe.netns.launch_netns``), which is
 how a multi-host run is started.
 Every plan is run ``repeats`` times after one untimed warm-up run (first calls pay for kernel
-selection and for gloo connection set-up), and the median prefill latency is reported.
+selection and for gloo connection set-up), and the median prefill latency is reported. The
+repeats are interleaved (plan A, plan B, plan A, ...): this VM drifts by 10-20 % over a minute,
+and interleaving spreads a slow spell over every plan instead of handing it to one.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def _requests(model: str, plans, prompt_ids, repeats: int):
 
     reqs = [RunRequest(model=model, plan=plans[0], prompt_ids=prompt_ids, max_new_tokens=1,
                        label="warmup")]
-    for i, plan in enumerate(plans):
-        for r in range(repeats):
+    for r in range(repeats):
+        for i, plan in enumerate(plans):
             reqs.append(RunRequest(model=model, plan=plan, prompt_ids=prompt_ids,
                                    max_new_tokens=1, label=f"{i}:{r}"))
     return reqs
@@ -45,7 +47,7 @@ def _collect(results, num_plans: int) -> list[Measured]:
     return out
 
 
-def run_plans(model: str, plans, prompt_ids, *, repeats: int = 2,
+def run_plans(model: str, plans, prompt_ids, *, repeats: int = 3,
               rates_mbit: dict[str, float | None] | None = None) -> list[Measured]:
     """Run each plan (all for one cluster) ``repeats`` times; median prefill latencies.
 

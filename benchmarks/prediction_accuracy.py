@@ -1,6 +1,6 @@
 """Do profiled predictions hold? Predicted prefill latency (fitted model) against measured.
 
-    .venv/bin/python benchmarks/prediction_accuracy.py [--only NAME ...] [--repeats 2]
+    .venv/bin/python benchmarks/prediction_accuracy.py [--only NAME ...] [--repeats 3]
 
 For each configuration: write the cluster file, ``hpipe profile --quick`` it (on the same
 workers as the run; emulated hosts in network namespaces where the config has a shaped link),
@@ -79,7 +79,7 @@ def cluster_dict(cfg: Config) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="configuration names to run")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
     from hpipe.cluster import load_cluster
