@@ -161,7 +161,7 @@ def run_requests(
                                   wire_device=wire_device_for(backend))
                 spec = sources[req.model].spec  # the loader slices by the model's own heads
                 tp_args = {"tp": plan_shard(spec, rank=member, size=len(st.devices)),
-                         "all_reduce": group.all_reduce}
+                           "all_reduce": group.all_reduce}
             stage = sources[req.model].load_stage(
                 st.layer_start, st.layer_stop, has_embedding=me == 0,
                 # Only the last stage's leader samples, so only it needs the head.

@@ -162,7 +162,7 @@ class StageRunner:
                         if len(self.generated) > num_tokens:
                             self.progress("decode", len(self.generated), self.req.max_new_tokens)
                 if self.last == 0 and self.group is not None and self._token_due(u, final_prefill):
-                    stopped = self._share_token(stopped)
+                    stopped = self._share_token(u, stopped)
                 if stopped and self.last == 0:
                     break
             else:
@@ -194,9 +194,9 @@ class StageRunner:
             return True
         return u.index == final_prefill and self.req.max_new_tokens > 0
 
-    def _share_token(self, stopped: bool) -> bool:
+    def _share_token(self, u, stopped: bool) -> bool:
         """One-stage TP pipeline: the leader's token (or STOP) to every member; True on STOP."""
-        exp = Expected(self.s, -1, (self.req.batch,), torch.int64)
+        exp = Expected(self.s, u.index, (self.req.batch,), torch.int64)
         got = self.group.share(Received(self.tokens, stopped) if self.leader else None, exp)
         if not self.leader and not got.stop:
             self.tokens = got.tensor
