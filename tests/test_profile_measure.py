@@ -82,7 +82,7 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     import json
 
     assert main(["profile", "--model", str(tiny_path), "--cluster", str(cluster_file),
-                 "--out", str(out), "--quick", "--max-tokens", "128", "--json"]) == 0
+                 "--out", str(out), "--quick", "--seq-len", "128", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in summary["devices"]] == ["cpu0", "cpu1"] and summary["emulated"]
     assert summary["links"][0]["bandwidth_gbps"] > 0

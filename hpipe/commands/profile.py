@@ -27,9 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cluster", required=True, help="'local:N' or a cluster YAML file")
     p.add_argument("--out", type=Path, required=True, help="profile file to write")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--max-tokens", type=int, default=None,
+    # --seq-len and --batch are what plan/simulate/run call the same quantities.
+    p.add_argument("--max-tokens", "--seq-len", dest="max_tokens", type=int, default=None,
                    help="longest prompt to plan for: the grid spans it (default 2048, 1024 quick)")
-    p.add_argument("--max-batch", type=int, default=2, help="largest batch in the grid")
+    p.add_argument("--max-batch", "--batch", dest="max_batch", type=int, default=2,
+                   help="largest batch in the grid")
     p.add_argument("--quick", action="store_true",
                    help="a small grid and fewer repeats: under a minute for a small model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
