@@ -94,6 +94,7 @@ def launch_local(
     # One rank per device the plan uses (a tensor-parallel stage has several; see rank.py).
     world_size = world_size or max(len(rank_devices(r.plan)) for r in requests)
     backend = pick_backend(requests)
+    warn_if_oversubscribed(requests)
 
     def where(rank: int) -> str:
         return describe_rank(requests[0].plan, rank)
@@ -104,6 +105,27 @@ def launch_local(
                         addr=addr, port=port, connect_timeout_s=connect_timeout_s,
                         on_progress=on_progress, progress_ranks=(_last_rank(requests),),
                         on_started=on_started, describe_rank=where, cuda_devices=cuda_devices)
+
+
+def cpu_demand_cores(cluster) -> float:
+    """Cores the cluster's CPU workers keep busy when all compute: threads each, divided by an
+    emulated slowdown (such a worker sleeps (k - 1) / k of the time; see hpipe.emulation)."""
+    return sum(d.num_threads / max(1.0, d.slowdown) for d in cluster.devices
+               if d.torch_device == "cpu")
+
+
+def warn_if_oversubscribed(requests: list[RunRequest]) -> None:
+    """A local cluster wanting more cores than this machine has still runs, but its workers
+    then wait for cores: timings stop describing the devices the cluster file names."""
+    cores = len(os.sched_getaffinity(0))
+    for cluster in {id(r.plan.cluster): r.plan.cluster for r in requests}.values():
+        need = cpu_demand_cores(cluster)
+        if need > cores + 1e-9:
+            log.warning(
+                "cluster %r: its CPU workers need about %.1f cores (threads / emulated slowdown) "
+                "but this machine has %d; computes will wait for a core, so measured times "
+                "include that wait. Give the workers fewer threads or fewer devices for "
+                "timings that describe the cluster.", cluster.name, need, cores)
 
 
 def launch_ranks(

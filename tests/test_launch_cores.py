@@ -1,0 +1,33 @@
+"""Local clusters that want more cores than the machine has are named, not silently timed."""
+
+import logging
+import os
+from types import SimpleNamespace
+
+from hpipe.cluster import local_cluster, parse_cluster
+from hpipe.runtime.launch import cpu_demand_cores, warn_if_oversubscribed
+
+
+def _cluster(slowdowns, threads=1):
+    return parse_cluster({"name": "emu", "hosts": [{"name": "h", "intra_link": "loopback", "devices": [
+        {"name": f"cpu{i}", "type": "cpu", "num_threads": threads, "slowdown": k}
+        for i, k in enumerate(slowdowns)]}]})
+
+
+def test_demand_counts_threads_and_divides_by_the_slowdown():
+    assert cpu_demand_cores(local_cluster(3, num_threads=2)) == 6
+    assert cpu_demand_cores(_cluster((1, 2, 4))) == 1 + 0.5 + 0.25
+
+
+def test_oversubscribed_cluster_warns_with_the_numbers(caplog):
+    cores = len(os.sched_getaffinity(0))
+    too_many = local_cluster(cores + 1)
+    req = SimpleNamespace(plan=SimpleNamespace(cluster=too_many))
+    with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
+        warn_if_oversubscribed([req])
+    assert f"need about {cores + 1:.1f} cores" in caplog.text and f"has {cores}" in caplog.text
+    caplog.clear()
+    fits = SimpleNamespace(plan=SimpleNamespace(cluster=_cluster((4.0,) * cores)))
+    with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
+        warn_if_oversubscribed([fits])
+    assert caplog.text == ""
