@@ -9,7 +9,10 @@ and a single process. One run, side by side; every pipeline worker has ONE torch
 2. The same 2-stage split under ``torch.distributed.pipelining.ScheduleGPipe``, batch 4 x 1024
    tokens in 4 micro-batches, vs HPipe's runtime on the same input.
 3. HPipe measured vs the simulator's prediction from the analytic cost model (no profile).
-4. For context: the same 4096-token prompt in one process with 2 threads (``generate``).
+4. HPipe planned from a profile of these two workers (``hpipe profile --quick``, then the
+   fitted cost model), the workflow the README recommends: a split and slicing from measured
+   speeds instead of catalog figures. Alternated with the other two in the same launch.
+5. For context: the same 4096-token prompt in one process with 2 threads (``generate``).
 
 The two workers of a 2-core machine only run in parallel when nothing else needs the CPU, so the
 load average is printed beside the numbers.
@@ -142,12 +145,34 @@ def stage_compute_s(jobs) -> dict:
     return out
 
 
+def profiled_plan(spec, cluster, tokens: int):
+    """HPipe's plan for ``tokens`` from a quick profile of the same local workers."""
+    import sys
+    import tempfile
+
+    from hpipe.cost.fitted import FittedCost
+    from hpipe.plan.api import plan_method
+    from hpipe.profile import read_profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_harness import profile_cluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = profile_cluster("smollm2", cluster.name, Path(tmp) / "profile.json",
+                               max_tokens=tokens)
+        cost = FittedCost(read_profile(path), spec, cluster, "float32")
+    return plan_method("hpipe", model=spec, cluster=cluster, batch=1, seq_len=tokens,
+                       dtype="float32", cost=cost)
+
+
 # -- the benchmark ----------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled HPipe plan (saves the ~1-2 min profile)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="HPipe and Base 4096-token runs, alternated; medians are compared "
                          "(one run on this shared VM varies by +-20%%)")
@@ -172,6 +197,11 @@ def main() -> None:
 
     hp_long = plan("hpipe", 1, args.tokens)
     base_long = plan("base", 1, args.tokens)
+    compared = [("hpipe-4096", hp_long), ("base-4096", base_long)]
+    hp_prof = None
+    if not args.no_profile:
+        hp_prof = profiled_plan(spec, cluster, args.tokens)
+        compared.append(("hpipe-profiled-4096", hp_prof))
     hp_batch = plan("hpipe", args.batch, args.batch_tokens)
     # The first request of a launch pays gloo's connection set-up and first-touch allocations;
     # an untimed warm-up takes that cost so neither compared method does.
@@ -182,7 +212,7 @@ def main() -> None:
                 ("warm-up", warm, (tuple(short_ids[:256]),)),
                 *((f"{name}-{rep}", p, (tuple(long_ids),))
                   for rep in range(args.repeats)
-                  for name, p in (("hpipe-4096", hp_long), ("base-4096", base_long))),
+                  for name, p in compared),
                 ("hpipe-batch", hp_batch, (tuple(short_ids),) * args.batch))]
     for r in reqs:
         check_request(r, spec)
@@ -216,10 +246,14 @@ def main() -> None:
 
     hp_runs, base_runs = prefill_s("hpipe-4096"), prefill_s("base-4096")
     hp, base = statistics.median(hp_runs), statistics.median(base_runs)
+    prof_runs = prefill_s("hpipe-profiled-4096") if hp_prof is not None else None
+    hp_p = statistics.median(prof_runs) if prof_runs else None
     hpb = results["hpipe-batch"].timeline.prefill_latency_s
     rows = [
         ("HPipe, 2 workers x 1 thread", f"1 x {args.tokens}", hp_long, hp),
         ("Base, 2 workers x 1 thread", f"1 x {args.tokens}", base_long, base),
+        *([("HPipe from a profile, 2 x 1 thread", f"1 x {args.tokens}", hp_prof, hp_p)]
+          if hp_prof is not None else []),
         ("HPipe, 2 workers x 1 thread", f"{args.batch} x {args.batch_tokens}", hp_batch, hpb),
         ("torch ScheduleGPipe, 2 x 1 thread", f"{args.batch} x {args.batch_tokens}", None,
          torch_gpipe_s),
@@ -244,11 +278,15 @@ def main() -> None:
           f"(medians of {args.repeats} alternated runs; goal <= 0.6x, ideal 0.5x)")
     print("  per repeat: " + ", ".join(f"{h:.2f}/{b:.2f} s = {h / b:.2f}x"
                                        for h, b in zip(hp_runs, base_runs)))
+    if hp_p is not None:
+        print(f"HPipe from a profile / Base ({args.tokens} tokens): {hp_p / base:.2f}x   per repeat: "
+              + ", ".join(f"{h / b:.2f}x" for h, b in zip(prof_runs, base_runs)))
     print(f"HPipe / torch ScheduleGPipe ({args.batch} x {args.batch_tokens}):    "
           f"{hpb / torch_gpipe_s:.2f}x")
     print(f"HPipe measured / simulated (analytic cost): {hp / hp_long.predicted_latency_s:.2f}x")
     print(f"HPipe 2 workers / one process 2 threads:    {hp / single.prefill_s:.2f}x")
-    for label in ("hpipe-4096-0", "base-4096-0"):
+    for label in ("hpipe-4096-0", "base-4096-0",
+                  *(["hpipe-profiled-4096-0"] if hp_prof is not None else [])):
         res = results[label]
         busy = res.timeline.busy_s("prefill")
         print(f"{label}: stage busy {', '.join(f'{b:.2f}' for b in busy)} s wall, "
