@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpipe.emulation import emulated_sleep_s
 from hpipe.runtime.comm import Expected, GroupLink, PendingSend, Received, StageLink
 from hpipe.runtime.request import RunRequest, dtype_of
 from hpipe.schedule import TOKEN, build_schedule
@@ -207,6 +208,7 @@ class StageRunner:
         clock = self.link.clock
         start = clock()
         cpu_start = time.thread_time()
+        process_cpu_start = time.process_time()  # every thread: the intra-op pool's too
         reduce_start = self.group.allreduce_s if self.group is not None else 0.0
         with torch.inference_mode():
             if u.phase == "prefill":
@@ -224,10 +226,15 @@ class StageRunner:
             self.prefill_cpu_s += time.thread_time() - cpu_start
             self.prefill_allreduce_s += reduce_s
         if self.slowdown > 1.0:
-            # Emulation: this device behaves as if it were `slowdown` times slower. The
-            # timeline is flagged emulated=True so nobody mistakes it for a real device. Time in
-            # all-reduces is waiting on the group, not this device's work: not scaled.
-            time.sleep((self.slowdown - 1.0) * (clock() - start - reduce_s))
+            # Emulation: this device behaves as if it were `slowdown` times slower, on the CPU
+            # time its compute used (see [Note: slowdown on CPU time]). The timeline is flagged
+            # emulated=True so nobody mistakes it for a real device. Time in all-reduces is
+            # waiting on the group, not this device's work: not scaled.
+            on_cuda = self.device.type == "cuda"
+            time.sleep(emulated_sleep_s(
+                self.slowdown, wall_s=clock() - start - reduce_s,
+                cpu_s=None if on_cuda else time.process_time() - process_cpu_start,
+                num_threads=torch.get_num_threads()))
         self.intervals.append(Interval(self.row, "compute", u.index, u.phase, u.microbatch,
                                        u.slice_index, u.tokens, start, clock()))
         return out
