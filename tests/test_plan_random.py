@@ -19,14 +19,24 @@ from hpipe.cost.memory import CONTEXT_BYTES_GPU, kv_bytes, weight_bytes
 from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.api import plan_method
 from hpipe.plan.brute import (
+    brute_hpipe_s,
     brute_slicing_estimate,
     brute_slicing_simulated,
     brute_split,
+    brute_split_objectives,
     grid_slicings,
 )
 from hpipe.plan.evaluate import Problem, predicted_latency_s
 from hpipe.plan.groups import stage_groups
-from hpipe.plan.layers import build_split_costs, plan_layers, split_bottleneck_s
+from hpipe.plan.layers import (
+    build_split_costs,
+    plan_layers,
+    solve_split_one_pass,
+    split_bottleneck_s,
+    split_sum_s,
+    splits_by_stages,
+)
+from hpipe.plan.rank import plan_bound_s
 from hpipe.plan.search import hpipe_units, plan_slices_for
 from hpipe.plan.slices import estimate_s, plan_slicing
 from hpipe.spec import ModelSpec
@@ -95,8 +105,8 @@ def random_instance(seed: int, *, max_devices: int = 4, max_layers: int = 7, max
     return pb
 
 
-def split_costs(pb: Problem, *, allow_tp: bool = False):
-    units = hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)
+def split_costs(pb: Problem, *, allow_tp: bool = False, units=None):
+    units = units or hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)
     return build_split_costs(pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch,
                              seq_len=pb.seq_len, dtype=pb.dtype, units=units,
                              overlap_comm=pb.overlap_comm,
@@ -129,6 +139,58 @@ def test_workload_dp_equals_exhaustive_on_200_instances(allow_tp):
     assert (uses_tp > 10) if allow_tp else uses_tp == 0, uses_tp
 
 
+@pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
+def test_dp_per_stage_count_and_one_pass_dp_equal_exhaustive(allow_tp):
+    """The search's other DP candidates: the least bottleneck with exactly K stages, for every
+    K, and the least one-pass sum (stage times plus transfers), against every split."""
+    checked = 0
+    for seed in range(0, 200, 2):
+        pb = random_instance(seed)
+        sc = split_costs(pb, allow_tp=allow_tp)
+        orders = pb.cluster.host_orders()
+        by_stages, least_sum = brute_split_objectives(sc, orders)
+        per_order = [splits_by_stages(sc, o) for o in orders]
+        for k, col in enumerate(zip(*per_order), start=1):
+            split = min(col, key=lambda s: s.bottleneck_s)
+            if k not in by_stages:
+                assert math.isinf(split.bottleneck_s), f"seed {seed}, K={k}: {split}"
+                continue
+            assert split.bottleneck_s == pytest.approx(by_stages[k], rel=1e-9), f"seed {seed}"
+            assert sum(1 for c in split.counts if c) == k
+            assert split_bottleneck_s(sc, split.groups, split.counts) == pytest.approx(
+                split.bottleneck_s)
+            checked += 1
+        one = [solve_split_one_pass(sc, o) for o in orders]
+        got = min((split_sum_s(sc, s.groups, s.counts) for s in one
+                   if math.isfinite(s.bottleneck_s)), default=math.inf)
+        assert got == pytest.approx(least_sum, rel=1e-9) or got == least_sum == math.inf
+    assert checked > 100, checked
+
+
+def test_flow_bound_is_below_the_simulator_and_exact_for_equal_micro_batches():
+    """``rank.plan_bound_s`` (the flow-shop machine bound the search prunes and ranks with)
+    never exceeds the simulated latency, and equals it when every unit takes the same time
+    (equal micro-batches of whole sequences), with and without overlapped transfers."""
+    below = exact = 0
+    for seed in range(0, 200, 2):
+        pb = random_instance(seed, max_grid=4)
+        split = plan_layers(split_costs(pb, allow_tp=True), pb.cluster.host_orders())[0]
+        if math.isinf(split.bottleneck_s):
+            continue
+        stages = split.stages()
+        for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
+            plan = pb.plan("manual", stages, sl)
+            assert plan_bound_s(pb, plan) <= predicted_latency_s(plan, pb.cost) * (1 + 1e-12)
+            below += 1
+        for m in range(1, pb.batch + 1):
+            if pb.batch % m == 0:
+                plan = pb.plan("manual", stages, (pb.seq_len,), num_microbatches=m)
+                assert plan_bound_s(pb, plan) == pytest.approx(
+                    predicted_latency_s(plan, pb.cost), rel=1e-9), f"seed {seed}, {m} mb"
+                exact += 1
+    assert below > 100 and exact > 60, (below, exact)
+
+
 PIPELINE_BASELINES = ("base", "gpipe", "gpb", "terapipe")
 TP_BASELINES = ("megatron", "tpt")
 
@@ -154,24 +216,27 @@ def _feasible_baselines(pb: Problem, methods: tuple[str, ...]) -> dict[str, floa
 
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
 def test_infeasible_instances_raise_in_the_planner_too(allow_tp):
-    """HPipe raises, saying what would fit, exactly when nothing it may use fits: no split over
-    its groups leaves room for a grain slice (the oracle says so) and no baseline fits either.
-    A baseline's micro-batches of fewer rows can fit where a whole-batch slice does not; HPipe
-    then returns a plan (it contains every baseline; see the never-worse test)."""
+    """HPipe raises, saying what would fit, when nothing it may use fits: no split over its
+    groups leaves room for a grain slice of the whole batch nor for one row of whole
+    sequences (its finest units; the oracle says so for both) and no baseline fits either.
+    When only the single-row micro-batches fit, it still returns a plan."""
     raised = rescued = 0
     for seed in range(200):
         pb = random_instance(seed)
-        sc = split_costs(pb, allow_tp=allow_tp)
-        if math.isfinite(brute_split(sc, pb.cluster.host_orders())[0]):
+        orders = pb.cluster.host_orders()
+        if math.isfinite(brute_split(split_costs(pb, allow_tp=allow_tp), orders)[0]):
             continue
-        if _feasible_baselines(pb, _baselines(allow_tp)):
-            assert plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb)) is not None
+        row = split_costs(pb, allow_tp=allow_tp, units=((1, pb.seq_len, 0),))
+        if (pb.batch > 1 and math.isfinite(brute_split(row, orders)[0])
+                or _feasible_baselines(pb, _baselines(allow_tp))):
+            plan = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb))
+            assert plan.num_microbatches > 1, f"seed {seed}: {plan}"
             rescued += 1
             continue
         with pytest.raises(InfeasiblePlanError, match="fits no split.*fits:"):
             plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb))
         raised += 1
-    assert raised > 10, (raised, rescued)
+    assert raised > 10 and rescued >= 2, (raised, rescued)
 
 
 def _feasible_stages(pb):
@@ -270,27 +335,45 @@ def _with_device(pb: Problem, *, extra: bool = False, faster: bool = False) -> P
     return dataclasses.replace(pb, cluster=cluster, cost=SkewedCost(base, pb.cost.factors))
 
 
+@pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
 @pytest.mark.parametrize("change", ["extra", "faster"])
-def test_an_extra_or_faster_device_never_makes_hpipe_worse(change):
-    """Exact for the workload DP. The whole planner is a search (DP splits, then re-scored
-    slicings), so a new device can move the DP's optimum to a split with one more stage whose
-    pipeline fill costs more than its better bottleneck saves: seen once in 50 instances, by
-    4.7%. We allow 5% there rather than pretend the search is exact."""
+def test_an_extra_or_faster_device_never_makes_hpipe_worse(change, allow_tp):
+    """Exact for the workload DP, a theorem (an extra device may take no layers; a faster one
+    only lowers block times). For the whole planner it is asserted exactly on these 50
+    instances, but it is a property of the search, not a theorem:
+
+    - Why not exact. The planner minimises simulated latency over candidates chosen by
+      proxies (the DP's bottleneck per stage count, the least sum, the flow bound's ranking,
+      the slicing DP's estimate). A new or faster device changes the proxies, so the old
+      winner can leave the candidates while nothing as fast replaces it. The exhaustive
+      optimum over splits x slicings is monotone (more plans; the simulator is monotone in
+      durations), so a violation never exceeds the search's gap to it (measured by
+      test_hpipe_matches_exhaustive_search_on_small_instances); closing the gap means
+      enumerating splits x slicings, exponential in devices and grid steps.
+    - What keeps it rare. The best split for every number of stages is a candidate, so a new
+      device that makes the best split one stage longer (the old failure: 4.7% worse on one
+      of these instances) cannot hide the best split with the old stage count; and splits
+      are ranked by a flow-shop bound that charges a short prompt its pipeline fill.
+    - Measured: no violation on seeds 0-599 (<= 4 devices, both changes, with and without
+      TP); with up to 6 devices, 12 layers and 12 grid steps (seeds 600-999), 2 of about 900
+      comparisons, a 4x faster device making the plan 4% and 15% slower.
+    """
     checked = 0
     for seed in range(0, 200, 4):
-        pb = random_instance(seed, max_devices=3)
+        pb = random_instance(seed, max_devices=4)
         other = _with_device(pb, **{change: True})
-        before = plan_layers(split_costs(pb), pb.cluster.host_orders())[0].bottleneck_s
-        after = plan_layers(split_costs(other), other.cluster.host_orders())[0].bottleneck_s
+        sc0, sc1 = split_costs(pb, allow_tp=allow_tp), split_costs(other, allow_tp=allow_tp)
+        before = plan_layers(sc0, pb.cluster.host_orders())[0].bottleneck_s
+        after = plan_layers(sc1, other.cluster.host_orders())[0].bottleneck_s
         assert after <= before * (1 + 1e-9), f"seed {seed}: {before} -> {after}"
-        if math.isfinite(before):
-            kw = dict(batch=pb.batch, seq_len=pb.seq_len, grain_tokens=pb.grain_tokens)
-            lat0 = plan_method("hpipe", model=pb.model, cluster=pb.cluster, cost=pb.cost, **kw)
-            lat1 = plan_method("hpipe", model=other.model, cluster=other.cluster,
-                               cost=other.cost, **kw)
-            assert lat1.predicted_latency_s <= lat0.predicted_latency_s * 1.05, f"seed {seed}"
-            checked += 1
-    assert checked > 20
+        try:
+            lat0 = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb)).predicted_latency_s
+        except InfeasiblePlanError:
+            continue
+        lat1 = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(other)).predicted_latency_s
+        assert lat1 <= lat0, f"seed {seed}: {lat0} -> {lat1} ({lat1 / lat0 - 1:.1%} slower)"
+        checked += 1
+    assert checked > 20, checked
 
 
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
@@ -317,3 +400,46 @@ def test_hpipe_never_worse_than_any_baseline_on_random_clusters(allow_tp):
     # Not vacuous: with TP allowed, HPipe's pick is a TP plan on some instances (where a
     # pure pipeline loses to Megatron or TP-T).
     assert (tp_wins > 3) if allow_tp else tp_wins == 0, tp_wins
+
+
+def test_allowing_tensor_parallelism_never_makes_hpipe_slower():
+    """With ``allow_tp`` the search fully plans the splits the pure-pipeline search would, and
+    more (hpipe.plan.search.plan_hpipe), so the TP-enabled plan is never slower, exactly; and
+    on some instances it is strictly faster."""
+    compared = faster = 0
+    for seed in range(0, 200, 4):
+        pb = random_instance(seed)
+        try:
+            pure = plan_method("hpipe", allow_tp=False, **_plan_kw(pb)).predicted_latency_s
+        except InfeasiblePlanError:
+            continue
+        tp = plan_method("hpipe", allow_tp=True, **_plan_kw(pb)).predicted_latency_s
+        assert tp <= pure, f"seed {seed}: {tp} > {pure}"
+        compared += 1
+        faster += tp < pure
+    assert compared > 20 and faster > 3, (compared, faster)
+
+
+@pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
+def test_hpipe_matches_exhaustive_search_on_small_instances(allow_tp):
+    """The whole search against every plan it could return (every split x every grid or equal
+    slicing x micro-batch counts, simulated): on these small instances (<= 3 devices,
+    <= 6 layers, <= 5 grid steps) it finds the optimum on all but one of about 50 (seed 134,
+    5.4% short: the optimum is a split of another host order, not among the candidates,
+    with two equal slices); on 150 more (odd seeds to 600), all but one, 0.8% short. This
+    gap also bounds how much an extra or faster device can make HPipe worse, since the
+    optimum itself is monotone."""
+    gaps = []
+    for seed in range(0, 200, 2):
+        pb = random_instance(seed, max_devices=3, max_layers=6, max_grid=5)
+        oracle = brute_hpipe_s(pb, stage_groups(pb.cluster, allow_tp=allow_tp))
+        try:
+            hp = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb)).predicted_latency_s
+        except InfeasiblePlanError:
+            assert math.isinf(oracle), f"seed {seed}: hpipe infeasible, oracle {oracle}"
+            continue
+        assert hp >= oracle * (1 - 1e-12), f"seed {seed}: beat the exhaustive optimum?"
+        gaps.append(hp / oracle - 1)
+    assert len(gaps) > 40, len(gaps)
+    assert sum(g > 1e-9 for g in gaps) <= 1, sorted(gaps)[-3:]
+    assert max(gaps) < 0.055, sorted(gaps)[-3:]

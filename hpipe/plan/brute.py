@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 
 from hpipe.plan.evaluate import Problem, predicted_latency_s
-from hpipe.plan.layers import SplitCosts, split_bottleneck_s
+from hpipe.plan.layers import SplitCosts, split_bottleneck_s, split_sum_s
 from hpipe.plan.plan import StagePlan
 from hpipe.plan.slices import estimate_s, grid_positions
 
@@ -55,6 +55,25 @@ def brute_split(sc: SplitCosts, orders: list[tuple[int, ...]], *,
                 if v < best[0]:
                     best = (v, gs, counts)
     return best
+
+
+def brute_split_objectives(sc: SplitCosts, orders: list[tuple[int, ...]], *,
+                           groups: tuple[tuple[int, ...], ...] | None = None
+                           ) -> tuple[dict[int, float], float]:
+    """({K: least bottleneck with exactly K non-empty stages}, least one-pass sum) over every
+    split, as for ``brute_split``; K missing where nothing fits."""
+    allowed = set(sc.groups if groups is None else groups)
+    by_stages: dict[int, float] = {}
+    least_sum = math.inf
+    for order in orders:
+        for gs in groupings(tuple(order), allowed):
+            for counts in compositions(sc.num_layers, len(gs)):
+                v = split_bottleneck_s(sc, gs, counts)
+                k = sum(1 for c in counts if c)
+                if v < by_stages.get(k, math.inf):
+                    by_stages[k] = v
+                least_sum = min(least_sum, split_sum_s(sc, gs, counts))
+    return by_stages, least_sum
 
 
 def grid_slicings(seq_len: int, grain_tokens: int) -> Iterator[tuple[int, ...]]:
@@ -100,4 +119,36 @@ def brute_slicing_simulated(pb: Problem, stages: tuple[StagePlan, ...]
             v = predicted_latency_s(pb.plan("manual", stages, sl), pb.cost)
             if v < best[0]:
                 best = (v, sl)
+    return best
+
+
+def brute_hpipe_s(pb: Problem, groups: tuple[tuple[int, ...], ...]) -> float:
+    """The least simulated latency over everything HPipe's search may return: every split
+    (every host order, every grouping into ``groups``, every composition), each with every
+    grid slicing and every equal slicing that fits memory, and with 2 .. batch micro-batches
+    of whole sequences; inf if nothing fits."""
+    from hpipe.plan.evaluate import memory_overflows
+    from hpipe.plan.layers import stages_from_counts
+    from hpipe.plan.rank import uniform_slicings
+
+    allowed = set(groups)
+    slicings = list(dict.fromkeys([*grid_slicings(pb.seq_len, pb.grain_tokens),
+                                   *uniform_slicings(pb.seq_len, pb.grain_tokens)]))
+    best, seen = math.inf, set()
+    for order in pb.cluster.host_orders():
+        for gs in groupings(tuple(order), allowed):
+            for counts in compositions(pb.model.num_layers, len(gs)):
+                stages = stages_from_counts(gs, counts)
+                if stages in seen:
+                    continue
+                seen.add(stages)
+                st = pb.slice_times(stages)
+                plans = [pb.plan("manual", stages, sl) for sl in slicings
+                         if _fits_all(sl, st.fits)]
+                for m in range(2, pb.batch + 1):
+                    plan = pb.plan("manual", stages, (pb.seq_len,), num_microbatches=m)
+                    if not memory_overflows(plan, pb.cost):
+                        plans.append(plan)
+                for plan in plans:
+                    best = min(best, predicted_latency_s(plan, pb.cost))
     return best

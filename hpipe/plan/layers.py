@@ -178,6 +178,20 @@ def split_bottleneck_s(sc: SplitCosts, groups: tuple[Group, ...], counts: tuple[
     return worst
 
 
+def split_sum_s(sc: SplitCosts, groups: tuple[Group, ...], counts: tuple[int, ...]) -> float:
+    """The one-pass objective for one split: its stage times plus the transfers between them
+    (the latency of the prompt as a single slice); inf if a block overflows its group."""
+    stages = stages_from_counts(groups, counts)
+    total = 0.0
+    for i, st in enumerate(stages):
+        if sc.max_stop[st.devices][st.layer_start] < st.layer_stop:
+            return INF
+        total += sc.block_s(st.devices, st.layer_start, st.layer_stop)
+        if i + 1 < len(stages):
+            total += sc.comm_s[(st.device, stages[i + 1].device)]
+    return total
+
+
 @dataclass(frozen=True)
 class _GroupsAt:
     """The groups of one size along an order, one per starting position m (``valid[m]`` says
@@ -212,13 +226,21 @@ def _groups_along(sc: SplitCosts, order: tuple[int, ...],
 
 
 def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | None,
-           objective: str) -> LayerSplit:
-    """The receiver-indexed DP along one order; ``objective`` "bottleneck" (max of stage
-    times, the paper's A) or "sum" (stage times and transfers added: a shortest path).
+           objective: str) -> list[LayerSplit]:
+    """The receiver-indexed DP along one order.
 
-    D[b, r]: the least objective with layers [0, b) placed on positions < r, the last busy
-    block sending to position r (its transfer included); D[0, r] = 0 (all of them empty).
-    For each b every position m is solved at once: D[b, .] reads only rows < b.
+    - ``objective`` "bottleneck" (the max of stage times, the paper's A): element K - 1 of
+      the result is the best split into exactly K non-empty blocks.
+    - "sum" (stage times and transfers added: a shortest path, the latency of one slice):
+      one element, the least-sum split.
+    ``LayerSplit.bottleneck_s`` holds the objective; inf where nothing fits.
+
+    D[j, b, r]: the least objective at level j (j blocks placed; one level for "sum") with
+    layers [0, b) on positions < r, the last block sending to position r (its transfer
+    included); D[., 0, r] = 0 (all of them empty). For each b every level and every position
+    m is solved at once: D[:, b, :] reads only columns < b. Keeping the block count costs
+    nothing in correctness (the paper's A[n][N] is min_j D[j]) and yields the best split per
+    stage count: fewer stages mean a shorter pipeline fill, which the search weighs.
     """
     n, num = sc.num_layers, len(order)
     along = _groups_along(sc, order, groups)
@@ -227,70 +249,89 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
     # its first device, which is order[m]); a block can only send forward.
     comm = np.array([[sc.comm_s[(order[m], order[r])] if r > m else INF for r in range(num)]
                      for m in range(num)])
-    D = np.full((n + 1, num), INF)
-    D[0, :] = 0.0
-    arg = np.zeros((n + 1, num, 3), dtype=np.int64)  # (k, m, index into along) of D[b, r]
-    best, best_arg = INF, None
+    by_stages = objective == "bottleneck"
+    if by_stages:  # level j -> j + 1 with each block
+        levels, src, dst, step = num + 1, slice(0, num), slice(1, num + 1), -1
+    else:  # one level, kept by every block
+        levels, src, dst, step = 1, slice(0, 1), slice(0, 1), 0
+    D = np.full((levels, n + 1, num), INF)
+    D[0, 0, :] = 0.0
+    arg = np.zeros((levels, n + 1, num, 3), dtype=np.int64)  # (k, m, along index) of D
+    best = np.full(levels, INF)  # best[level]: the whole model placed
+    best_arg: list[tuple[int, int, int] | None] = [None] * levels
+    lv = np.arange(levels)[src]
     for b in range(1, n + 1):
         for ai, ga in enumerate(along):
-            ok = ga.max_stop[:, :b].T >= b  # (b, num): block [k, b) fits the group at m
-            comp = ga.prefix_s[:, b][None, :] - ga.prefix_s[:, :b].T  # (b, num)
+            ok = ga.max_stop[:, :b].T >= b  # (b, m): block [k, b) fits the group at m
+            comp = ga.prefix_s[:, b][None, :] - ga.prefix_s[:, :b].T  # (b, m)
             comp[0, :] += ga.emb_s
-            prev = D[:b, :]
+            prev = D[src, :b, :]  # (j, k, m): the level before this block
             if b == n:  # the last block: no transfer (empty positions after it)
                 comp = comp + ga.head_s[None, :]
-                W = np.where(ok, np.maximum(prev, comp) if objective == "bottleneck"
-                             else prev + comp, INF)
-                k = W.argmin(axis=0)
-                w = W[k, pos]
-                m = int(w.argmin())
-                if w[m] < best:
-                    best, best_arg = float(w[m]), (int(k[m]), m, ai)
+                W = np.where(ok[None],
+                             np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
+                             INF)
+                k = W.argmin(axis=1)  # (j, m)
+                w = np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
+                m = w.argmin(axis=1)  # (j,): the first best position
+                wm = w[np.arange(len(lv)), m]
+                for i in np.nonzero(wm < best[dst])[0]:
+                    best[lv[i] - step] = wm[i]
+                    best_arg[lv[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
                 continue
-            reach = pos[None, :] >= pos[:, None] + ga.size  # (m, r): r after the group
-            if objective == "sum":
-                # S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
-                W = np.where(ok, prev + comp, INF)
-                k = np.broadcast_to(W.argmin(axis=0)[:, None], (num, num))
-                V = W[k[:, 0], pos][:, None] + comm
-            elif sc.overlap_comm:
-                # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm): the
-                # transfer does not depend on k, so one reduction over k serves every r.
-                W = np.where(ok, np.maximum(prev, comp), INF)
-                k = np.broadcast_to(W.argmin(axis=0)[:, None], (num, num))
-                V = np.maximum(W[k[:, 0], pos][:, None], comm)
+            if sc.overlap_comm:
+                # The block's time is max(compute, comm) and comm does not depend on k, so
+                # one reduction over k serves every receiver r.
+                W = np.where(ok[None],
+                             np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
+                             INF)
+                k = W.argmin(axis=1)  # (j, m)
+                w = np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
+                if by_stages:
+                    # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm).
+                    V = np.maximum(w[:, :, None], comm[None])
+                else:
+                    # S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
+                    V = w[:, :, None] + comm[None]
+                k = np.broadcast_to(k[:, :, None], V.shape)
             else:
-                # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = compute + comm.
-                X = np.where(ok[:, :, None],
-                             np.maximum(prev[:, :, None], comp[:, :, None] + comm[None]), INF)
-                k = X.argmin(axis=0)  # (m, r)
-                V = np.take_along_axis(X, k[None], axis=0)[0]
-            V = np.where(reach & ga.valid[:, None], V, INF)
-            m = V.argmin(axis=0)  # (r,): the first best sender
-            v = V[m, pos]
-            better = v < D[b]
-            D[b, better] = v[better]
-            arg[b, better, 0] = k[m, pos][better]
-            arg[b, better, 1] = m[better]
-            arg[b, better, 2] = ai
-    return _split_from(arg, best_arg, along, order, n, best)
+                # T = compute + comm: the best k depends on the receiver.
+                t = comp[None, :, :, None] + comm[None, None]  # (1, k, m, r)
+                X = np.where(ok[None, :, :, None],
+                             np.maximum(prev[..., None], t) if by_stages
+                             else prev[..., None] + t, INF)  # (j, k, m, r)
+                k = X.argmin(axis=1)  # (j, m, r)
+                V = np.take_along_axis(X, k[:, None], axis=1)[:, 0]
+            reach = (pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None]  # (m, r)
+            V = np.where(reach[None], V, INF)
+            m = V.argmin(axis=1)  # (j, r): the first best sender
+            v = np.take_along_axis(V, m[:, None, :], axis=1)[:, 0, :]
+            kk = np.take_along_axis(k, m[:, None, :], axis=1)[:, 0, :]
+            better = v < D[dst, b, :]
+            D[dst, b, :] = np.where(better, v, D[dst, b, :])
+            for c, val in enumerate((kk, m, np.broadcast_to(ai, m.shape))):
+                arg[dst, b, :, c] = np.where(better, val, arg[dst, b, :, c])
+    out = range(1, levels) if by_stages else range(levels)
+    return [_split_from(arg, j, step, best_arg[j], along, order, n, float(best[j])) for j in out]
 
 
-def _split_from(arg: np.ndarray, best_arg: tuple[int, int, int] | None, along: list[_GroupsAt],
-                order: tuple[int, ...], num_layers: int, value: float) -> LayerSplit:
-    """Back-track ``arg[b, r] = (k, m, a)``: the best way to reach "layers [0, b) placed, next
-    position r" put layers [k, b) on the group of size along[a].size at position m.
-    ``best_arg`` is the last block's. Positions no block covers are unused single devices."""
+def _split_from(arg: np.ndarray, level: int, step: int, best_arg: tuple[int, int, int] | None,
+                along: list[_GroupsAt], order: tuple[int, ...], num_layers: int,
+                value: float) -> LayerSplit:
+    """Back-track ``arg[j, b, r] = (k, m, a)``: the best way to reach "layers [0, b) placed
+    at level j, next position r" put layers [k, b) on the group of size along[a].size at
+    position m, coming from level j + ``step``. ``best_arg`` is the last block's. Positions no
+    block covers are unused single devices."""
     size_at, count_at = {}, {}
     if best_arg is not None:
         k, m, a = best_arg
-        b = num_layers
+        b, j = num_layers, level
         while True:
             size_at[m], count_at[m] = along[a].size, b - k
             if k == 0:
                 break
-            b, r = k, m
-            k, m, a = (int(x) for x in arg[b, r])
+            b, r, j = k, m, j + step
+            k, m, a = (int(x) for x in arg[j, b, r])
     groups, counts, m = [], [], 0
     while m < len(order):
         size = size_at.get(m, 1)
@@ -300,11 +341,22 @@ def _split_from(arg: np.ndarray, best_arg: tuple[int, int, int] | None, along: l
     return LayerSplit(tuple(groups), tuple(counts), value if best_arg is not None else INF)
 
 
+def _best(splits: list[LayerSplit]) -> LayerSplit:
+    """The least objective over stage counts; on a tie, the fewest stages (a shorter fill)."""
+    return min(splits, key=lambda s: s.bottleneck_s)
+
+
+def splits_by_stages(sc: SplitCosts, order: tuple[int, ...], *,
+                     groups: tuple[Group, ...] | None = None) -> list[LayerSplit]:
+    """The least-bottleneck split into exactly K stages, for K = 1 .. len(order)."""
+    return _solve(sc, order, groups, "bottleneck")
+
+
 def solve_split(sc: SplitCosts, order: tuple[int, ...], *,
                 groups: tuple[Group, ...] | None = None) -> LayerSplit:
     """The workload DP along one device order, on ``groups`` (default: all of ``sc.groups``).
     Bottleneck inf = nothing fits."""
-    return _solve(sc, order, groups, "bottleneck")
+    return _best(_solve(sc, order, groups, "bottleneck"))
 
 
 def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]], *,
@@ -336,8 +388,9 @@ def solve_split_one_pass(sc: SplitCosts, order: tuple[int, ...], *,
     S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
     A candidate for the search, which re-scores it; ``bottleneck_s`` is its DP bottleneck.
     """
-    split = _solve(sc, order, groups, "sum")
+    split = _solve(sc, order, groups, "sum")[0]  # bottleneck_s here: the least sum
     if not math.isfinite(split.bottleneck_s):
         return split
     return LayerSplit(split.groups, split.counts,
                       split_bottleneck_s(sc, split.groups, split.counts))
+

@@ -1,20 +1,21 @@
-"""HPipe's search: workload DP per host order -> slicing DP -> exact re-scoring (Alpa's
+"""HPipe's search: workload DP -> split ranking -> slicing DP -> exact re-scoring (Alpa's
 "search wrapper" layer between the DP kernels and the front door).
 
-1. The workload DP (``layers.py``) gives each host order its least-bottleneck split, over
-   single devices and, with ``allow_tp``, over tensor-parallel groups inside a host too
-   (``groups.py``): Alpa's inter-operator (pipeline) search with intra-operator (tensor)
-   parallelism inside a stage.
-2. For the best few distinct splits, the slicing DP (``slices.py``) proposes its best few
-   slicings by the closed-form estimate.
-3. Each (split, slicing) candidate is simulated exactly (``hpipe.sim``) and the fastest kept:
-   the closed form is only an estimate with heterogeneous stages (algorithms.md section 5
-   shows it can be off by a third), so the simulator, not the estimate, has the last word.
+1. The workload DP (``layers.py``) proposes splits, over single devices and, with
+   ``allow_tp``, over tensor-parallel groups inside a host too (``groups.py``): Alpa's
+   inter-operator (pipeline) search with intra-operator (tensor) parallelism inside a stage.
+   ``candidate_splits`` says which and why.
+2. A cheap bound (``rank.py``) ranks them; the best ``NUM_FULL_SPLITS`` get the slicing DP
+   (``slices.py``), whose best few slicings by its closed-form estimate, with the equal
+   slicings and the micro-batch counts, are
+3. simulated exactly (``hpipe.sim``), and the fastest plan wins: the closed form is only an
+   estimate with heterogeneous stages (algorithms.md section 5 shows it can be off by a
+   third), so the simulator, not the estimate, has the last word.
 
 [Note: HPipe contains every baseline] Each baseline's final configuration is one of HPipe's
 candidates, scored by the same simulator, so HPipe's pick is never slower than any of them,
-exactly, by construction:
-- Base: the even split, one slice (the uniform slicing of 1), one micro-batch;
+exactly, by construction (whether or not the split is among the fully searched ones):
+- Base: the even split, one slice, one micro-batch;
 - GPipe: the even split, one slice, 1 .. batch micro-batches;
 - GP-B: the single-device workload DP's best split (``plan_hpipe_split(pb)[0]``), same sweep;
 - TeraPipe: the even split with TeraPipe's own slicing (``terapipe_slices``, added verbatim:
@@ -51,15 +52,22 @@ from hpipe.plan.layers import (
     plan_layers,
     solve_split_one_pass,
     split_bottleneck_s,
+    split_sum_s,
+    splits_by_stages,
     stages_from_counts,
 )
 from hpipe.plan.plan import Plan, StagePlan
+from hpipe.plan.rank import estimate_split_s, plan_bound_s, uniform_slicings
 from hpipe.plan.slices import plan_slicing
 
-# Splits (host orders) and slicings re-scored with the simulator. More costs time linearly
-# and, on the paper's setting, finds nothing better.
+# How many of the workload DP's splits (best host orders) become candidates, and how many
+# slicings per split are re-scored with the simulator.
 NUM_SPLITS = 3
 NUM_SLICINGS = 8
+# Candidate splits that get the slicing DP and the simulator, best ranked first. Four keeps
+# the paper setting well under a second; with three, an extra or a faster device made the plan
+# worse on 3 of 1,300 random small instances, with four on none (tests/test_plan_random.py).
+NUM_FULL_SPLITS = 4
 EPSILON = 1e-2  # cap clustering of the slicing DP: within 1% of its optimum, ~10x fewer caps
 
 
@@ -109,94 +117,105 @@ def plan_hpipe_split(pb: Problem) -> list[tuple[StagePlan, ...]]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A split worth slicing. ``bottleneck_s`` bounds its latency from below (0 when unknown);
-    ``terapipe``: also score TeraPipe's slicing on it (the even splits the baselines use)."""
+    """A split worth planning. ``bottleneck_s`` bounds its latency from below (0 when unknown).
+    ``baseline``: a baseline runs it with one slice and 1 .. batch micro-batches; ``terapipe``:
+    TeraPipe or TP-T runs it with TeraPipe's slicing. Those configurations are always scored.
+    ``pipeline``: proposed by the search over single devices, the one ``allow_tp=False`` runs."""
 
     bottleneck_s: float
     stages: tuple[StagePlan, ...]
+    baseline: bool = False
     terapipe: bool = False
+    pipeline: bool = False
 
 
 def candidate_splits(pb: Problem, *, allow_tp: bool = True) -> tuple[list[Candidate], bool]:
     """(candidates best bottleneck first, whether the workload DP found any split that fits).
 
-    - The workload DP's best few splits over single devices (GP-B's split first), and with
-      ``allow_tp`` over TP groups too. Its bottleneck is the right objective when many slices
-      keep every stage busy;
-    - a prompt of a few slices runs almost sequentially, where the split with the least *sum*
-      of stage times wins (``solve_split_one_pass``), again without and with TP groups;
-    - the baselines' even splits (over devices; with ``allow_tp`` over Megatron's pairs), so
-      that HPipe contains every baseline (the note above).
-    The simulator decides between them.
+    For single devices and, with ``allow_tp``, for TP groups too:
+    - the workload DP's best split for each of the best ``NUM_SPLITS`` host orders: its
+      bottleneck is the right objective when many slices keep every stage busy;
+    - its best split for every number of stages K (over host orders): a pipeline of K stages
+      fills in about K - 1 slice times, so with few slices a split with fewer, slower stages
+      can win; and a new device that adds a stage to the best split cannot hide the best split
+      with the old stage count (the DP allows it zero layers), which keeps an extra device
+      from making the plan worse in practice (not a theorem: tests/test_plan_random.py);
+    - the split with the least *sum* of stage times (``solve_split_one_pass``), the optimum
+      when a prompt runs as one slice, with room for the whole prompt's workspace and with
+      room for a grain slice's;
+    the DP's splits leave room for a grain slice of the whole batch or, when none can, for
+    one row of whole sequences (the finest micro-batch);
+    and the baselines' even splits (over devices; with ``allow_tp`` over Megatron's pairs),
+    so that HPipe contains every baseline (the note above).
     """
-    units = hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)
     singles = single_groups(pb.cluster)
     groups = stage_groups(pb.cluster, allow_tp=allow_tp)
-    sc = _split_costs(pb, groups, units)
     kinds = [singles, groups] if allow_tp else [singles]
     found: dict[tuple[StagePlan, ...], Candidate] = {}
 
-    def add(split_groups, counts, *, terapipe: bool = False) -> None:
+    def add(split_groups, counts, *, kind, baseline: bool = False,
+            terapipe: bool = False) -> None:
         stages = stages_from_counts(split_groups, counts)
         b = split_bottleneck_s(sc, tuple(split_groups), tuple(counts))
-        old = found.get(stages)
+        old = found.get(stages, Candidate(0.0, stages))
         # A split too full for the whole batch's grain slice may still take micro-batches of a
         # few rows; with no bound to prune by, it is always tried (key 0).
         found[stages] = Candidate(b if math.isfinite(b) else 0.0, stages,
-                                  terapipe or (old is not None and old.terapipe))
+                                  baseline or old.baseline, terapipe or old.terapipe,
+                                  kind == singles or old.pipeline)
 
     dp_feasible = False
-    for gs in kinds:
-        splits = _dp_splits(sc, pb, gs)
-        dp_feasible |= bool(splits)
-        for split in splits[:NUM_SPLITS]:
-            add(split.groups, split.counts)
-    if dp_feasible:
-        # One pass means the whole prompt's workspace must fit, not just a grain's.
-        sc1 = _split_costs(pb, groups, ((pb.batch, pb.seq_len, 0),))
+    orders = pb.cluster.host_orders()
+    # The DP leaves each block room for HPipe's finest unit, a grain slice of the whole batch;
+    # when no split has that, room for GPipe's finest, one row of whole sequences, may remain.
+    finest = [hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)]
+    if pb.batch > 1:
+        finest.append(((1, pb.seq_len, 0),))
+    for units in finest:
+        sc = _split_costs(pb, groups, units)
         for gs in kinds:
-            one_pass = [solve_split_one_pass(sc1, o, groups=gs) for o in pb.cluster.host_orders()]
-            best = min(one_pass, key=lambda s: _sum_s(sc1, s))
-            if math.isfinite(best.bottleneck_s):
-                add(best.groups, best.counts)
+            by_order = [splits_by_stages(sc, o, groups=gs) for o in orders]
+            splits = sorted((min(b, key=lambda s: s.bottleneck_s) for b in by_order),
+                            key=lambda s: s.bottleneck_s)
+            splits = [s for s in splits if math.isfinite(s.bottleneck_s)]
+            dp_feasible |= bool(splits)
+            for i, split in enumerate(splits[:NUM_SPLITS]):
+                add(split.groups, split.counts, kind=gs,
+                    baseline=i == 0 and gs == singles and units is finest[0])  # GP-B's
+            for K in range(1, pb.cluster.num_devices + 1):
+                split = min((b[K - 1] for b in by_order), key=lambda s: s.bottleneck_s)
+                if math.isfinite(split.bottleneck_s):
+                    add(split.groups, split.counts, kind=gs)
+        if dp_feasible:
+            break
+    if dp_feasible:
+        whole = _split_costs(pb, groups, ((pb.batch, pb.seq_len, 0),))
+        for scx in (whole, sc):
+            for gs in kinds:
+                one_pass = [solve_split_one_pass(scx, o, groups=gs) for o in orders]
+                best = min(one_pass, key=lambda s: split_sum_s(scx, s.groups, s.counts))
+                if math.isfinite(best.bottleneck_s):
+                    add(best.groups, best.counts, kind=gs)
     n = pb.model.num_layers
-    even_groups = [singles] + ([tuple(tp_pairs(pb.cluster))] if allow_tp else [])
-    for gs in even_groups:
-        add(gs, even_counts(n, len(gs)), terapipe=True)
+    add(singles, even_counts(n, len(singles)), kind=singles, baseline=True, terapipe=True)
+    if allow_tp:
+        pairs = tuple(tp_pairs(pb.cluster))
+        add(pairs, even_counts(n, len(pairs)), kind=groups, baseline=True, terapipe=True)
     return sorted(found.values(), key=lambda c: c.bottleneck_s), dp_feasible
-
-
-def _sum_s(sc: SplitCosts, split: LayerSplit) -> float:
-    """Sum of stage times and transfers of a split: its one-slice latency."""
-    if not math.isfinite(split.bottleneck_s):
-        return math.inf
-    stages = split.stages()
-    total = 0.0
-    for i, st in enumerate(stages):
-        total += sc.block_s(st.devices, st.layer_start, st.layer_stop)
-        if i + 1 < len(stages):
-            total += sc.comm_s[(st.device, stages[i + 1].device)]
-    return total
-
-
-def uniform_slicings(seq_len: int, grain_tokens: int) -> list[tuple[int, ...]]:
-    """1, 2, 4, ... equal slices (the paper's uniform ablation) down to the grain."""
-    out, k = [], 1
-    while k == 1 or seq_len // k >= grain_tokens:
-        q, r = divmod(seq_len, k)
-        out.append(tuple(q + (1 if i < r else 0) for i in range(k)))
-        k *= 2
-    return out
 
 
 def plan_slices_for(pb: Problem, stages: tuple[StagePlan, ...], *, method: str,
                     notes: tuple[str, ...] = (),
-                    extra_slicings: tuple[tuple[int, ...], ...] = ()) -> Plan | None:
+                    extra_slicings: tuple[tuple[int, ...], ...] = (),
+                    cutoff_s: float = math.inf) -> Plan | None:
     """HPipe's slicing of the prompt over fixed stages, re-scored; None if no slicing fits.
 
     Candidates: the DP's best few by estimate, plus the uniform slicings (1, 2, 4, ... equal
     slices) so that the pick is never worse than the paper's uniform ablation or a single
-    pass, plus ``extra_slicings`` (a baseline's); all are simulated and the fastest wins.
+    pass, plus ``extra_slicings`` (a baseline's); the fastest simulated wins. A candidate whose
+    lower bound (``rank.plan_bound_s``) cannot beat the best so far, or ``cutoff_s`` (the
+    search's best plan elsewhere), is not simulated: it could not win. The result may then be
+    None, or no faster than ``cutoff_s``.
     """
     st = pb.slice_times(stages)
     res = plan_slicing(st.tau, fits_fn=st.fits, tau_row_fn=st.tau_row, seq_len=pb.seq_len,
@@ -210,9 +229,19 @@ def plan_slices_for(pb: Problem, stages: tuple[StagePlan, ...], *, method: str,
     for sl in (*uniform_slicings(pb.seq_len, pb.grain_tokens), *extra_slicings):
         if sl not in cands and _fits(st, sl):
             cands.append(sl)
-    plans = [scored(pb.plan(method, stages, sl, notes=notes), pb.cost) for sl in cands]
-    # Fastest simulated; on a tie, fewer slices (less per-slice overhead in a real runtime).
-    best = min(plans, key=lambda p: (p.predicted_latency_s, len(p.slices)))
+    plans = [pb.plan(method, stages, sl, notes=notes) for sl in cands]
+    bounds = [plan_bound_s(pb, p) for p in plans]
+    best: Plan | None = None
+    for i in sorted(range(len(plans)), key=lambda i: bounds[i]):
+        if bounds[i] >= cutoff_s or (best is not None and bounds[i] > best.predicted_latency_s):
+            continue  # its latency is at least its bound
+        plan = scored(plans[i], pb.cost)
+        # Fastest simulated; on a tie, fewer slices (less per-slice overhead in a runtime).
+        if best is None or ((plan.predicted_latency_s, len(plan.slices))
+                            < (best.predicted_latency_s, len(best.slices))):
+            best = plan
+    if best is None:
+        return None
     # The table's entry for this length is the re-scored winner, not the estimate's.
     table = tuple((n, best.slices if n == pb.seq_len else sl) for n, sl in res.table)
     return dataclasses.replace(best, slice_table=table)
@@ -234,24 +263,29 @@ def terapipe_slices(pb: Problem, stages: tuple[StagePlan, ...]) -> tuple[int, ..
 
 
 def _fits(st, slices: tuple[int, ...]) -> bool:
-    p = 0
+    """Whether every slice's workspace fits. A slice's workspace grows with its prefix (its
+    attention reads more keys), so each distinct length is asked once, where it starts last:
+    an equal slicing of k slices costs two questions, not k."""
+    last_start, p = {}, 0
     for s in slices:
-        if not st.fits(s, p):
-            return False
+        last_start[s] = p
         p += s
-    return True
+    return all(st.fits(s, p) for s, p in last_start.items())
 
 
 def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *,
-                      counts: range | None = None) -> Plan | None:
+                      counts: range | None = None, cutoff_s: float = math.inf) -> Plan | None:
     """GPipe's sweep: micro-batch counts 1..batch of whole sequences, the fastest that fits
     memory (simulated). Raises naming the device when none fits and ``counts`` is the full
-    sweep (a baseline's OOM); returns None for a partial sweep that finds nothing."""
+    sweep (a baseline's OOM); returns None for a partial sweep that finds nothing, or nothing
+    faster than ``cutoff_s`` (a count whose lower bound cannot beat it is not simulated)."""
     best, last_err = None, None
     for m in counts or range(1, pb.batch + 1):
         plan = pb.plan(method, stages, (pb.seq_len,), num_microbatches=m)
         if memory_overflows(plan, pb.cost):
             last_err = plan
+            continue
+        if cutoff_s < math.inf and plan_bound_s(pb, plan) >= cutoff_s:
             continue
         plan = scored(plan, pb.cost)
         if best is None or plan.predicted_latency_s < best.predicted_latency_s:
@@ -261,6 +295,16 @@ def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *
     return best
 
 
+def _scored_below(pb: Problem, plan: Plan, cutoff_s: float) -> Plan | None:
+    """The plan, simulated, unless its lower bound shows it cannot beat ``cutoff_s``."""
+    return None if plan_bound_s(pb, plan) >= cutoff_s else scored(plan, pb.cost)
+
+
+def _stages_key(stages: tuple[StagePlan, ...]) -> tuple:
+    """A total order on splits, so that ranking ties break the same way in every search."""
+    return tuple((st.devices, st.layer_start, st.layer_stop) for st in stages)
+
+
 def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
     """[design] HPipe's pipeline unit is a token slice of the whole batch; for prompts too
     short to cut into useful slices, splitting the batch into micro-batches (GPipe's unit)
@@ -268,23 +312,46 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
 
     ``allow_tp=False`` restricts it to pure pipelines (one device per stage)."""
     candidates, dp_feasible = candidate_splits(pb, allow_tp=allow_tp)
+    ranked = sorted(candidates, key=lambda c: (estimate_split_s(pb, c.stages), c.bottleneck_s,
+                                               _stages_key(c.stages)))
+    # The best ranked, and the best ranked of the pure-pipeline search: with ``allow_tp`` the
+    # fully searched splits then include those of ``allow_tp=False``, so allowing tensor
+    # parallelism never makes the plan slower.
+    full = ranked[:NUM_FULL_SPLITS]
+    full += [c for c in ranked if c.pipeline][:NUM_FULL_SPLITS]
+    full = list(dict.fromkeys(full))
     best: Plan | None = None
-    for cand in candidates:
+
+    def cutoff() -> float:
+        return math.inf if best is None else best.predicted_latency_s
+
+    # The fully searched splits first, best ranked first, so that the bounds prune the most.
+    for cand in full + [c for c in candidates if c not in full]:
         # A split's bottleneck bounds its latency from below (the note at the top), so a split
         # whose bottleneck is no better than the best plan so far cannot win.
-        if best is not None and cand.bottleneck_s >= best.predicted_latency_s:
+        if cand.bottleneck_s >= cutoff():
             continue
         extra = ()
         if cand.terapipe:
             sl = terapipe_slices(pb, cand.stages)
             extra = () if sl is None else (sl,)
-        plans = [plan_slices_for(pb, cand.stages, method="hpipe", extra_slicings=extra)]
-        if pb.batch > 1:
-            plans.append(best_microbatches(pb, "hpipe", cand.stages,
-                                           counts=range(2, pb.batch + 1)))
-        for plan in plans:
-            if plan is not None and (best is None
-                                     or plan.predicted_latency_s < best.predicted_latency_s):
+        runs: list = []
+        if cand in full:
+            runs.append(lambda c=cand, e=extra: plan_slices_for(
+                pb, c.stages, method="hpipe", extra_slicings=e, cutoff_s=cutoff()))
+            if pb.batch > 1:
+                runs.append(lambda c=cand: best_microbatches(
+                    pb, "hpipe", c.stages, counts=range(2, pb.batch + 1), cutoff_s=cutoff()))
+        else:  # only what a baseline runs on it
+            for sl in extra:
+                runs.append(lambda c=cand, sl=sl: _scored_below(
+                    pb, pb.plan("hpipe", c.stages, sl), cutoff()))
+            if cand.baseline:
+                runs.append(lambda c=cand: best_microbatches(
+                    pb, "hpipe", c.stages, counts=range(1, pb.batch + 1), cutoff_s=cutoff()))
+        for run in runs:
+            plan = run()
+            if plan is not None and plan.predicted_latency_s < cutoff():
                 best = plan
     if best is None:
         if not dp_feasible:

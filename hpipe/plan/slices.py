@@ -69,11 +69,19 @@ def tau_matrix(positions: np.ndarray, tau_fn: Callable[[int, int], float],
     """
     n = len(positions)
     tau = np.full((n, n), INF)
+    last = n - 1
     for k in range(n - 1):
         p = int(positions[k])
-        last = n - 1
         if fits_fn is not None:
             lo, hi = k, n - 1  # invariant: every end <= lo fits (lo = k: none yet)
+            # Try the previous start's longest end first: it usually still fits (a later
+            # start at the same end is a shorter slice), which settles most rows in one or
+            # two questions instead of log n. Only a hint: the bisection below stays exact.
+            h = max(last, k + 1)
+            if fits_fn(int(positions[h]) - p, p):
+                lo = h
+            else:
+                hi = h - 1
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if fits_fn(int(positions[mid]) - p, p):
@@ -81,6 +89,8 @@ def tau_matrix(positions: np.ndarray, tau_fn: Callable[[int, int], float],
                 else:
                     hi = mid - 1
             last = lo
+        else:
+            last = n - 1
         if last <= k:
             continue
         if tau_row_fn is not None:
