@@ -48,6 +48,16 @@ def test_report_puts_paper_numbers_beside_ours(paper_run):
     assert sum(shares.values()) == pytest.approx(1.0)  # the gap breakdown is exhaustive
 
 
+def test_experiment_runs_the_papers_pure_pipeline_and_reports_tp_beside_it(paper_run):
+    out, summary = paper_run
+    for name, tp in summary["tensor_parallel"].items():
+        pure = summary["models"][name]["methods"]["hpipe"]
+        assert all("+" not in devs for devs in pure["layers"]), pure["layers"]
+        assert tp["runs"] and tp["latency_s"] <= pure["latency_s"], name
+    report = (out / "report.md").read_text()
+    assert "with TP pairs allowed" in report and "`--no-tp`" in report
+
+
 def test_ablation_covers_1_to_128_uniform_slices(paper_run):
     _, summary = paper_run
     abl = summary["ablation"]["llama-7b"]

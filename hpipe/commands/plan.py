@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
                            seq_len=args.seq_len, dtype=args.dtype, cost=cost,
                            layers=args.layers, slices=args.slices,
-                           grain_tokens=args.grain_tokens)
+                           grain_tokens=args.grain_tokens, allow_tp=args.allow_tp)
     except HPipeError as e:
         print(f"hpipe plan: error: {e}", file=sys.stderr)
         return 2

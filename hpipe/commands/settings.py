@@ -20,6 +20,9 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                    help="default: the --profile's dtype, else float16")
     p.add_argument("--grain-tokens", type=int, default=None,
                    help="slicing grid in tokens (default 16, coarser past 4k tokens)")
+    p.add_argument("--no-tp", dest="allow_tp", action="store_false",
+                   help="keep HPipe to pure pipelines (one device per stage); by default its "
+                        "search also tries tensor-parallel pairs inside a host")
     add_profile_argument(p)
 
 

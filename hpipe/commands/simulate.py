@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         methods = PAPER_METHODS if args.method == "all" else (args.method,)
         results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
                                    seq_len=args.seq_len, dtype=args.dtype,
-                                   cost=cost,
-                                   grain_tokens=args.grain_tokens)
+                                   cost=cost, grain_tokens=args.grain_tokens,
+                                   allow_tp=args.allow_tp)
     except HPipeError as e:
         print(f"hpipe simulate: error: {e}", file=sys.stderr)
         return 2

@@ -106,8 +106,10 @@ def evaluate_methods(
     dtype: str = "float16",
     cost: CostModel | None = None,
     grain_tokens: int | None = None,
+    allow_tp: bool = True,
 ) -> dict[str, MethodResult]:
-    """Plan each method with the planner's front door and simulate it.
+    """Plan each method with the planner's front door and simulate it (``allow_tp``: whether
+    HPipe may use tensor-parallel stages).
 
     A method the planner finds infeasible is kept as a result with ``error`` set; for Base we
     still simulate the unchecked even split so its memory row can show where it overflows.
@@ -123,7 +125,7 @@ def evaluate_methods(
         try:
             plan = plan_method(method, model=model, cluster=cluster, batch=batch,
                                seq_len=seq_len, dtype=dtype, cost=cost,
-                               grain_tokens=grain_tokens)
+                               grain_tokens=grain_tokens, allow_tp=allow_tp)
         except InfeasiblePlanError as e:  # argument errors (seq-len, dtype) propagate
             if method == "base":
                 unchecked = base_plan_unchecked(model, cluster, batch=batch, seq_len=seq_len,

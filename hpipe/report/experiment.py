@@ -5,6 +5,10 @@ simulates, and writes its tables/figures under ``out_dir``. ``summary()`` return
 plain JSON-able data, from which ``hpipe.report.markdown`` writes report.md and the CLI prints
 the headline ratios. All numbers come from the analytic cost model on spec-sheet figures: they
 are predictions, and report.md says so.
+
+HPipe here is the paper's: a pure pipeline (``allow_tp=False``). hpipe's own search may also
+put a tensor-parallel pair of devices on a stage (the default of ``hpipe plan``); one step
+reports what that finds, beside the paper's method rather than in its place.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class PaperExperiment:
     data: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     sweep_lengths: tuple[int, ...] = SWEEP_LENGTHS
+    allow_tp: bool = False  # the paper's HPipe has one device per stage
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +102,7 @@ class PaperExperiment:
             steps.append((f"timeline {name}", lambda n=name: self._timeline(n)))
             steps.append((f"ablation {name}", lambda n=name: self._ablation(n)))
         steps.append(("bound llama-7b", lambda: self._bound("llama-7b")))
+        steps.append(("hpipe with tensor parallelism", self._tensor_parallel))
         steps.append((f"scaling {SCALING_MODEL[0]}",
                        lambda: self._methods(*SCALING_MODEL, scaling=True)))
         for length in self.sweep_lengths:
@@ -125,7 +131,8 @@ class PaperExperiment:
     def _methods(self, name: str, batch: int, *, scaling: bool = False) -> None:
         model = model_preset(name)
         res = evaluate_methods(PAPER_METHODS, model=model, cluster=self.cluster, batch=batch,
-                               seq_len=SEQ_LEN, dtype=self.dtype, cost=self._cost(model))
+                               seq_len=SEQ_LEN, dtype=self.dtype, cost=self._cost(model),
+                               allow_tp=self.allow_tp)
         self.results[name] = res
         self.data.setdefault("models", {})[name] = {
             "batch": batch, "seq_len": SEQ_LEN, "scaling_only": scaling,
@@ -207,11 +214,20 @@ class PaperExperiment:
             "utilisation_by_device": dict(gap.utilisation_by_device),
         }
 
+    def _tensor_parallel(self) -> None:
+        """HPipe's search with tensor-parallel pairs allowed, beside the paper's pure pipeline."""
+        for name, batch in MAIN_MODELS:
+            model = model_preset(name)
+            r = evaluate_methods(("hpipe",), model=model, cluster=self.cluster, batch=batch,
+                                 seq_len=SEQ_LEN, dtype=self.dtype, cost=self._cost(model),
+                                 allow_tp=True)["hpipe"]
+            self.data.setdefault("tensor_parallel", {})[name] = _result_json(r)
+
     def _sweep(self, length: int) -> None:
         model = model_preset(SWEEP_MODEL)
         res = evaluate_methods(SWEEP_METHODS, model=model, cluster=self.cluster,
                                batch=SWEEP_BATCH, seq_len=length, dtype=self.dtype,
-                               cost=self._cost(model))
+                               cost=self._cost(model), allow_tp=self.allow_tp)
         self.data.setdefault("sweep", {})[str(length)] = {m: _result_json(r)
                                                           for m, r in res.items()}
 

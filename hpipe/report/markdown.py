@@ -261,6 +261,7 @@ def write_report(data: dict, path: str | Path) -> Path:
         L.append(f"| {label} | {p} | {ours} |")
     L += ["", *[f"- {s}" for s in comparison_sentences(data)], ""]
     L += ["```", *headline_lines(data), "```", ""]
+    L += [*tensor_parallel_lines(data), ""]
     L += ["## Latency and throughput (all seven methods)", ""]
     for model in MAIN:
         L += [f"### {model} (batch {data['models'][model]['batch']}, 2048 tokens)", "",
@@ -292,6 +293,32 @@ def write_report(data: dict, path: str | Path) -> Path:
     path = Path(path)
     path.write_text("\n".join(L) + "\n")
     return path
+
+
+def tensor_parallel_lines(data: dict) -> list[str]:
+    """Beyond the paper: what HPipe's search finds when a stage may be a TP pair."""
+    tp = data.get("tensor_parallel")
+    if not tp:
+        return []
+    out = ["HPipe above is the paper's: one device per stage. hpipe's search can also give a "
+           "stage to a tensor-parallel pair inside a host (the default of `hpipe plan` and "
+           "`hpipe simulate`; `--no-tp` gives the paper's method):", ""]
+    for model, r in tp.items():
+        pure = _m(data, model, "hpipe")
+        if not (r.get("runs") and pure.get("runs")):
+            out.append(f"- {model}: {_lat_text(r)} with TP pairs allowed.")
+            continue
+        stages = ", ".join(f"{devs} L{a}-{b - 1}" for devs, (a, b) in r["layers"].items())
+        change = 1 - r["latency_s"] / pure["latency_s"]
+        out.append(f"- {model}: {r['latency_s']:.3f} s with TP pairs allowed vs "
+                   f"{pure['latency_s']:.3f} s as a pure pipeline "
+                   + (f"({100 * change:.1f}% less): {stages}." if change > 0
+                      else "(it keeps the pure pipeline)."))
+    return out
+
+
+def _lat_text(r: dict) -> str:
+    return f"{r['latency_s']:.3f} s" if r.get("runs") else "no plan"
 
 
 def memory_sentences(data: dict) -> list[str]:
