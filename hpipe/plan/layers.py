@@ -3,7 +3,7 @@
     T(a, b, m) = sum_{k=a..b} t_comp(l_k; d_m) (+) t_comm(l_b, m)     (inf if it overflows d_m)
     A[b][m]    = min_{k<b} max(A[k][m-1], T(k+1, b, m))
 
-[design] Four extensions of the paper's recurrence:
+[design] Extensions of the paper's recurrence:
 - A device may take no layers (the paper's own GPT3-2B plan nearly empties the P100 in front of
   the 1 Gbps link). The activation then goes straight from the previous busy device to the next
   one, so the link a block pays for depends on who receives next. The table is therefore
@@ -19,6 +19,9 @@
   simulator's default: a link is then a pipeline resource of its own), ``+`` with the paper's
   accounting (the sender is busy until its transfer ends).
 - Devices keep one host together; we solve once per host order (``cluster.host_orders()``).
+- The table also keeps the number of blocks, so one pass gives the best split for every
+  number of stages (``splits_by_stages``), and with + in place of max it gives the split with
+  the least sum, the one-slice optimum (``solve_split_one_pass``); the search tries both.
 
 The reference workload is the whole prefill: ``batch`` rows of ``seq_len`` tokens in one pass.
 Its FLOPs equal those of any slicing (sum_i s_i (p_i + s_i/2) = L^2 / 2), so the split is

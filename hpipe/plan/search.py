@@ -21,11 +21,17 @@ exactly, by construction (whether or not the split is among the fully searched o
 - TeraPipe: the even split with TeraPipe's own slicing (``terapipe_slices``, added verbatim:
   HPipe's slicing DP minimises another estimate and can miss it);
 - Megatron and TP-T (with ``allow_tp``): the same on the even split over Megatron's TP pairs.
-A baseline that fits memory therefore means HPipe fits too. The one pruning rule (skip a split
-whose DP bottleneck is no less than the best latency so far) keeps this exact: a split's
-bottleneck is its every stage's time for the whole prefill in one pass, and no slicing or
-micro-batching of that work is faster under the cost models here (smaller GEMMs, weights
-re-read per unit, a link latency per transfer), so it bounds any plan on that split from below.
+A baseline that fits memory therefore means HPipe fits too. Pruning keeps this exact, as it
+only skips what cannot win, by two lower bounds:
+- a split whose DP bottleneck is no less than the best latency so far is skipped: the
+  bottleneck is a stage's time for the whole prefill in one pass, and no slicing or
+  micro-batching of that work is faster under the cost models here (smaller GEMMs, weights
+  re-read per unit, a link latency per transfer);
+- a plan whose flow-shop bound (``rank.plan_bound_s``) is no less is not simulated: every
+  stage and link handles its units one at a time, after the first unit has passed the ones
+  before it and before the last unit passes the ones after it.
+The same argument makes ``allow_tp`` never slower than a pure pipeline: the fully searched
+splits then include the pure pipeline's (``plan_hpipe``).
 """
 
 from __future__ import annotations
