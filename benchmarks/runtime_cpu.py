@@ -162,7 +162,7 @@ def profiled_plan(spec, cluster, tokens: int):
                                max_tokens=tokens)
         cost = FittedCost(read_profile(path), spec, cluster, "float32")
     return plan_method("hpipe", model=spec, cluster=cluster, batch=1, seq_len=tokens,
-                       dtype="float32", cost=cost)
+                       dtype="float32", cost=cost, allow_tp=False)
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -191,13 +191,20 @@ def main() -> None:
     short_ids = prompt_ids(src.tokenizer, args.batch_tokens)
     load_before = os.getloadavg()
 
-    def plan(method, batch, seq_len):
+    # HPipe's rows are its token-level pipeline (allow_tp=False). Its search may also pick a
+    # tensor-parallel pair on these two workers; that plan is measured beside it.
+    def plan(method, batch, seq_len, allow_tp=False):
         return plan_method(method, model=spec, cluster=cluster, batch=batch, seq_len=seq_len,
-                           dtype="float32")
+                           dtype="float32", allow_tp=allow_tp)
 
     hp_long = plan("hpipe", 1, args.tokens)
     base_long = plan("base", 1, args.tokens)
     compared = [("hpipe-4096", hp_long), ("base-4096", base_long)]
+    hp_tp = plan("hpipe", 1, args.tokens, allow_tp=True)
+    if any(len(st.devices) > 1 for st in hp_tp.stages):
+        compared.append(("hpipe-tp-4096", hp_tp))
+    else:
+        hp_tp = None
     hp_prof = None
     if not args.no_profile:
         hp_prof = profiled_plan(spec, cluster, args.tokens)
@@ -248,12 +255,16 @@ def main() -> None:
     hp, base = statistics.median(hp_runs), statistics.median(base_runs)
     prof_runs = prefill_s("hpipe-profiled-4096") if hp_prof is not None else None
     hp_p = statistics.median(prof_runs) if prof_runs else None
+    tp_runs = prefill_s("hpipe-tp-4096") if hp_tp is not None else None
+    hp_t = statistics.median(tp_runs) if tp_runs else None
     hpb = results["hpipe-batch"].timeline.prefill_latency_s
     rows = [
         ("HPipe, 2 workers x 1 thread", f"1 x {args.tokens}", hp_long, hp),
         ("Base, 2 workers x 1 thread", f"1 x {args.tokens}", base_long, base),
         *([("HPipe from a profile, 2 x 1 thread", f"1 x {args.tokens}", hp_prof, hp_p)]
           if hp_prof is not None else []),
+        *([("HPipe's TP-pair pick, 2 x 1 thread", f"1 x {args.tokens}", hp_tp, hp_t)]
+          if hp_tp is not None else []),
         ("HPipe, 2 workers x 1 thread", f"{args.batch} x {args.batch_tokens}", hp_batch, hpb),
         ("torch ScheduleGPipe, 2 x 1 thread", f"{args.batch} x {args.batch_tokens}", None,
          torch_gpipe_s),
@@ -267,7 +278,8 @@ def main() -> None:
     gpipe_layers = "/".join(str(b - a) for a, b in split)
     for name, shape, p, measured in rows:
         if p is not None:
-            layers = "/".join(str(s.num_layers) for s in p.stages)
+            layers = "/".join(("+".join(f"d{d}" for d in s.devices) + ":" if len(s.devices) > 1
+                               else "") + str(s.num_layers) for s in p.stages)
         else:
             layers = gpipe_layers if "ScheduleGPipe" in name else "-"
         slices = str(len(p.slices)) if p else "-"
@@ -278,6 +290,9 @@ def main() -> None:
           f"(medians of {args.repeats} alternated runs; goal <= 0.6x, ideal 0.5x)")
     print("  per repeat: " + ", ".join(f"{h:.2f}/{b:.2f} s = {h / b:.2f}x"
                                        for h, b in zip(hp_runs, base_runs)))
+    if hp_t is not None:
+        print(f"HPipe's TP-pair pick / Base:            {hp_t / base:.2f}x   per repeat: "
+              + ", ".join(f"{h / b:.2f}x" for h, b in zip(tp_runs, base_runs)))
     if hp_p is not None:
         print(f"HPipe from a profile / Base ({args.tokens} tokens): {hp_p / base:.2f}x   per repeat: "
               + ", ".join(f"{h / b:.2f}x" for h, b in zip(prof_runs, base_runs)))

@@ -91,3 +91,18 @@ def test_device_fit_reports_its_worst_residual():
                         embedding_weight_bytes=0, head_weight_bytes=0, peak_memory_bytes=0)
     fit = fit_device(dev)
     assert fit.layer_rel_error_max < 1e-6
+
+
+def test_hpipe_picks_no_tp_group_from_a_profile_that_never_timed_one():
+    from hpipe.plan.api import plan_method
+
+    cluster = local_cluster(2)
+    # Short prompts: with its TP estimate trusted, this profile's best plan is the pair.
+    kw = dict(model=MODEL, cluster=cluster, batch=1, seq_len=32, dtype="float32")
+    fitted = FittedCost(make_profile(), MODEL, cluster, "float32")
+    assert all(len(st.devices) == 1 for st in plan_method("hpipe", cost=fitted, **kw).stages)
+    trusting = FittedCost(make_profile(), MODEL, cluster, "float32")
+    object.__setattr__(trusting, "times_tp_groups", True)  # what the rule turns off
+    assert len(plan_method("hpipe", cost=trusting, **kw).stages[0].devices) == 2
+    # Megatron's fixed pair is still timed with the fitted model's estimate.
+    assert len(plan_method("megatron", cost=fitted, **kw).stages[0].devices) == 2

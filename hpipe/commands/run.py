@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", choices=("base",), help="also run Base for real and compare")
+    p.add_argument("--no-tp", dest="allow_tp", action="store_false",
+                   help="keep HPipe to a pure pipeline (one device per stage); by default its "
+                        "search may also pick tensor-parallel pairs inside a host")
     add_profile_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", type=Path, help="write the measured timeline as a Chrome trace")
@@ -125,7 +128,7 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
                                     f"with --method {method}")
         plan = plan_method(method, model=spec, cluster=cluster, batch=batch, seq_len=prompt_len,
                            dtype=args.dtype or "float32", layers=layers, slices=slices,
-                           cost=cost)
+                           cost=cost, allow_tp=args.allow_tp)
     plans = [plan]
     if args.compare == "base":
         plans.append(plan_method("base", model=spec, cluster=plan.cluster, batch=batch,

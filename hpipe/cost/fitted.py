@@ -155,6 +155,8 @@ class FittedCost:
     cluster: ClusterSpec
     dtype: str
     fits: tuple[DeviceFit, ...] = field(init=False, repr=False)
+    # TP groups are an unmeasured estimate here (see stage_time_s): HPipe's search skips them.
+    times_tp_groups = False
 
     def __post_init__(self) -> None:
         check_profile(self.profile, self.model, self.cluster, self.dtype)

@@ -93,7 +93,11 @@ def plan_method(
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
     elif method == "hpipe":
-        plan = plan_hpipe(pb, allow_tp=allow_tp)  # its error already says what would fit
+        # A profile times single devices and point-to-point links, never an all-reduce, so a
+        # fitted model can only guess a TP group's time: HPipe does not pick one on a guess
+        # (Megatron and TP-T, whose parallelism is fixed, are still timed with it).
+        tp = allow_tp and getattr(pb.cost, "times_tp_groups", True)
+        plan = plan_hpipe(pb, allow_tp=tp)  # its error already says what would fit
     else:
         try:
             plan = _PLANNERS[method](pb)
