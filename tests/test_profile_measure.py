@@ -45,16 +45,17 @@ def test_profile_device_measures_every_grid_point_and_counts_real_tensors(tiny_p
 
 
 def test_emulated_slowdown_is_in_the_measured_times(tiny_path):
-    # The profiler sleeps (k - 1) x each call like the worker, so a k = 4 device measures
-    # about 4x slower (sleep overshoot only adds to it). Wide bounds: the two profiles run
-    # one after the other on a CPU that other work shares, and 2x noise has been seen.
+    # The profiler stretches each call to k x its CPU time like the worker, so a k = 4 device
+    # measures about 4x slower (sleep overshoot only adds to it). Without the emulation the
+    # ratio is about 1, hence the lower bound. The upper one is wide: the two profiles run one
+    # after the other on a CPU that other work shares; a full-suite run measured 9.4x once.
     grid = Grid(batches=(1,), tokens=(32, 64), prefixes=(0, 64), max_tokens=128, repeats=3,
                 warmup=1)
     source = open_model(tiny_path)
     fast, slow = (profile_device(source, d, dtype="float32", grid=grid)
                   for d in _cluster([1.0, 4.0]).devices)
     ratios = [s.time_s / f.time_s for s, f in zip(slow.layer, fast.layer)]
-    assert 2.0 < statistics.median(ratios) < 8.0, ratios
+    assert 2.0 < statistics.median(ratios) < 12.0, ratios
     assert slow.slowdown == 4.0 and fast.slowdown == 1.0
 
 
