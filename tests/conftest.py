@@ -140,3 +140,13 @@ def netns2():
         pytest.skip(reason)
     with netns_network(2, rates_mbit=200) as net:
         yield net
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Fail the test if anything tries to start workers (for requests refused before launch)."""
+    def no_launch(*_a, **_k):
+        raise AssertionError("a worker was started for a request that should be refused")
+
+    monkeypatch.setattr("hpipe.runtime.launch_local", no_launch)
+    monkeypatch.setattr("hpipe.runtime.launch.launch_local", no_launch)

@@ -131,3 +131,12 @@ def assert_equivalent(result: RunResult, ref: GenerationResult) -> None:
     assert result.output_ids == ref.output_ids, (
         f"{result.label}: pipeline {result.output_ids} != reference {ref.output_ids}")
     assert torch.isfinite(result.prefill_logits).all()
+
+
+def assert_stopped_early(result: RunResult, ref: GenerationResult, case) -> None:
+    """An early-EOS case: outputs equal the reference and row 0 was cut before max_new_tokens;
+    a batch of one also ran no decode step past its EOS."""
+    assert_equivalent(result, ref)
+    assert len(result.output_ids[0]) < case.max_new_tokens
+    if case.batch == 1:
+        assert result.num_decode_steps == len(ref.output_ids[0]) < case.max_new_tokens - 1

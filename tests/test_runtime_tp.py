@@ -29,6 +29,7 @@ from runtime_harness import (
     LOGITS_ATOL,
     Case,
     assert_equivalent,
+    assert_stopped_early,
     launch_on_own_clusters,
     plan_for,
     reference,
@@ -260,10 +261,7 @@ def test_early_eos_stops_every_member(name, runs, eos_cases, models, whole_model
     case = eos_cases[name]
     ref = reference(case, whole_models[case.model], models[case.model][1].spec)
     result = runs[name]
-    assert_equivalent(result, ref)
-    assert len(result.output_ids[0]) < case.max_new_tokens
-    if case.batch == 1:
-        assert result.num_decode_steps == len(ref.output_ids[0]) < case.max_new_tokens - 1
+    assert_stopped_early(result, ref, case)
 
 
 def test_measured_timeline_has_the_simulators_rows_and_actions(runs, models):
@@ -316,13 +314,6 @@ def test_cli_runs_megatron_on_a_tp_pair(models, whole_models, capsys):
 
 
 # -- refused before any worker starts ----------------------------------------------------------
-@pytest.fixture
-def tripwire(monkeypatch):
-    def no_launch(*_a, **_k):
-        raise AssertionError("a worker was started for a request that should be refused")
-
-    monkeypatch.setattr("hpipe.runtime.launch_local", no_launch)
-    monkeypatch.setattr("hpipe.runtime.launch.launch_local", no_launch)
 
 
 def test_group_wider_than_the_heads_is_refused_before_launch(models, tmp_path, tripwire, capsys):
