@@ -24,9 +24,12 @@ import numpy as np
 from hpipe.profile.profile_file import LinkSample
 
 # 4 KiB pins the latency; 1 and 8 MiB are the size of real activations (a 512-token slice of
-# a 576-wide fp32 model is 1.2 MB; 2048 tokens of LLaMA-7B in fp16 are 16 MB).
-SIZES_BYTES = (4 << 10, 256 << 10, 1 << 20, 8 << 20)
-QUICK_SIZES_BYTES = (4 << 10, 1 << 20, 4 << 20)
+# a 576-wide fp32 model is 1.2 MB; 2048 tokens of LLaMA-7B in fp16 are 16 MB). The largest size
+# must take well above the latency floor, or the slope is noise: on a loaded 2-core box gloo's
+# loopback showed a ~2 ms floor for 4 KiB to 4 MiB alike, and the quick fit said 200 Gbit/s.
+# 16 MiB moves in ~8 ms at loopback's ~2 GB/s.
+SIZES_BYTES = (4 << 10, 256 << 10, 1 << 20, 8 << 20, 16 << 20)
+QUICK_SIZES_BYTES = (4 << 10, 1 << 20, 16 << 20)
 
 
 def measure_link(peer: int, *, initiator: bool, sizes_bytes: Sequence[int] = SIZES_BYTES,
