@@ -47,6 +47,8 @@ GIB = 1024**3
 class SkewedCost:
     """An AnalyticCost whose layer l costs ``factors[l]`` times a plain layer, times ``scale``."""
 
+    times_tp_groups = True
+
     def __init__(self, base: AnalyticCost, factors: list[float], scale: float = 1.0):
         self.base, self.factors, self.scale = base, factors, scale
 

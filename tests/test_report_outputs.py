@@ -22,6 +22,8 @@ class SpeedCost:
     """Time grows with layers, rows, tokens and prefix, over a per-device speed; fixed memory per
     layer, so a plan that piles layers on one device overflows it."""
 
+    times_tp_groups = True
+
     def __init__(self, speeds, mem_per_layer_bytes=GIB):
         self.speeds = speeds
         self.mem_per_layer = mem_per_layer_bytes

@@ -15,6 +15,8 @@ TINY = ModelSpec(name="tiny", family="llama", num_layers=4, hidden=8, num_heads=
 class TableCost:
     """Compute time looked up per (stage's first layer, slice index by prefix); fixed transfers."""
 
+    times_tp_groups = True
+
     def __init__(self, times_by_stage_and_prefix, transfer_s=0.0):
         self.times = times_by_stage_and_prefix  # {(layer_start, prefix): seconds}
         self.transfer_s = transfer_s

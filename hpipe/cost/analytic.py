@@ -52,6 +52,7 @@ class AnalyticCost:
     # Per-instance memo of the per-layer time: planners ask for the same shapes many times.
     # Excluded from eq/hash/repr; it holds only values derived from the frozen fields.
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    times_tp_groups = True  # all-reduces timed on the link figures, like any transfer
 
     @property
     def elem_bytes(self) -> int:

@@ -11,6 +11,11 @@ from typing import Protocol
 
 
 class CostModel(Protocol):
+    # Whether stage_time_s of a tensor-parallel group rests on what the model knows (analytic
+    # all-reduce on the link figures) rather than a guess (a profile never times an
+    # all-reduce). HPipe's search only picks TP groups from a model that times them.
+    times_tp_groups: bool
+
     def stage_time_s(
         self,
         devices: tuple[int, ...],

@@ -96,7 +96,7 @@ def plan_method(
         # A profile times single devices and point-to-point links, never an all-reduce, so a
         # fitted model can only guess a TP group's time: HPipe does not pick one on a guess
         # (Megatron and TP-T, whose parallelism is fixed, are still timed with it).
-        tp = allow_tp and getattr(pb.cost, "times_tp_groups", True)
+        tp = allow_tp and pb.cost.times_tp_groups
         plan = plan_hpipe(pb, allow_tp=tp)  # its error already says what would fit
     else:
         try:
