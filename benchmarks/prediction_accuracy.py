@@ -8,7 +8,7 @@ plan HPipe and the even split (TeraPipe) with the *fitted* model, run both for r
 predicted vs measured, with the analytic (catalog roofline) model's prediction of the same
 plans beside it. Goal: median |error| <= 10 %, max <= 20 % for the fitted model.
 
-Devices are CPU workers; ``slowdown`` is emulation (the worker sleeps (k - 1) x its compute),
+Devices are CPU workers; ``slowdown`` is emulation (each compute stretched to k x its CPU time, hpipe.emulation),
 labelled as such in the output. Needs root + iproute2 for the shaped-link configurations
 (skipped with the reason otherwise).
 """

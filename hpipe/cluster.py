@@ -42,7 +42,8 @@ class DeviceSpec:
     """One device of the pipeline, with the figures the analytic cost model needs.
 
     ``slowdown`` > 1 is an *emulation* knob: the runtime sleeps after each compute so a fast
-    device behaves like a slower one. It is labelled as emulation wherever it shows.
+    device behaves like one k times slower (k x the compute's CPU time; hpipe.emulation). It
+    is labelled as emulation wherever it shows.
     """
 
     name: str
