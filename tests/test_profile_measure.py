@@ -79,14 +79,24 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
                           has_head=True)
     assert t > 0
-    # --json: the same run as data for scripts.
+    # The calibration run: the even split, equal slices of the profile's longest prompt, run
+    # for real on the same workers; each device measured, a sane ratio to the grid fit.
+    cal = prof.calibration
+    assert cal is not None and "calibration:" in printed and "in a pipeline x" in printed
+    assert cal.layer_counts == (2, 2) and sum(cal.slices) == 128  # the tiny model: 4 layers
+    assert all(m > 0 for m in cal.measured_compute_s) and cal.measured_latency_s > 0
+    assert all(0.2 < k < 5 for k in cal.compute_scale), cal
+    assert cost.compute_scale == cal.compute_scale
+    # --json: the same run as data for scripts; --no-calibrate skips the run.
     import json
 
     assert main(["profile", "--model", str(tiny_path), "--cluster", str(cluster_file),
-                 "--out", str(out), "--quick", "--seq-len", "128", "--json"]) == 0
+                 "--out", str(out), "--quick", "--seq-len", "128", "--json",
+                 "--no-calibrate"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in summary["devices"]] == ["cpu0", "cpu1"] and summary["emulated"]
     assert summary["links"][0]["bandwidth_gbps"] > 0
+    assert summary["calibration"] is None and read_profile(out).calibration is None
 
 
 def test_profiler_worker_error_arrives_typed(tmp_path):

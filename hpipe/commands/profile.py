@@ -34,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="largest batch in the grid")
     p.add_argument("--quick", action="store_true",
                    help="a small grid and fewer repeats: under a minute for a small model")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the calibration run (one real pipelined prefill after the grid, "
+                        "whose measured/predicted compute ratio per device corrects the fit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (per device: layer time and fit error; per link: "
@@ -86,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         with _model_path(args.model) as model_path:
-            job = make_job(model_path, cluster, args.dtype, grid, quick=args.quick)
+            # A preset is profiled on a two-layer random twin: nothing to run a pipeline on.
+            calibrate = not args.no_calibrate and model_path == args.model
+            job = make_job(model_path, cluster, args.dtype, grid, quick=args.quick,
+                           calibrate=calibrate)
             env = torchrun_env()
             profile = (profile_torchrun(job, env, on_progress) if env
                        else profile_local(job, on_progress=on_progress))
@@ -104,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, model_name=args.model)
     args.out.write_text(profile.to_json())
     fits = {dev.name: fit_device(dev) for dev in profile.devices}
+    cal = profile.calibration
+    scale = dict(zip(profile.device_names, cal.compute_scale)) if cal else {}
     if args.json:
         import json
 
@@ -111,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
             "out": str(args.out), "model": profile.model_name, "dtype": profile.dtype,
             "cluster": cluster.name, "emulated": profile.emulated,
             "devices": [{"name": d.name, "kind": d.kind, "slowdown": d.slowdown,
-                         "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max}
+                         "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max,
+                         "calibration_compute_scale": scale.get(d.name)}
                         for d in profile.devices],
+            "calibration": None if cal is None else cal.to_dict(),
             "links": [{"src": lk.src, "dst": lk.dst,
                        "bandwidth_gbps": lk.bandwidth_bytes_s * 8 / 1e9,
                        "latency_s": lk.latency_s} for lk in profile.links],
@@ -126,10 +136,19 @@ def run(args: argparse.Namespace) -> int:
         one = next(s for s in dev.layer if s.rows == 1 and s.prefix == 0)
         print(f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} ms "
               f"@ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
+              + (f"; in a pipeline x{scale[dev.name]:.2f}" if dev.name in scale else "")
               + ("  (emulated)" if dev.slowdown != 1.0 else ""))
     for lk in profile.links:
         print(f"  {lk.src} <-> {lk.dst}: {lk.bandwidth_bytes_s * 8 / 1e9:.2f} Gbit/s, "
               f"latency {lk.latency_s * 1e6:.0f} us")
+    if cal is not None:
+        print(f"  calibration: layers {list(cal.layer_counts)}, {len(cal.slices)} equal slices of "
+              f"{sum(cal.slices)} tokens: measured {cal.measured_latency_s:.3f} s, the grid fit "
+              f"predicted {cal.predicted_latency_s:.3f} s; each device's compute is scaled by "
+              "its own ratio")
+    elif not args.no_calibrate:
+        print("  calibration: not run (a preset's random twin, or the even split did not fit); "
+              "predictions are the grid fit alone")
     print(f"wrote {args.out}")
     return 0
 

@@ -148,13 +148,21 @@ def _eval(features, coef: tuple[float, ...], b: int, s: int, p: int) -> float:
 
 @dataclass(frozen=True)
 class FittedCost:
-    """CostModel from a profile. Refuses a profile of another model, dtype or cluster."""
+    """CostModel from a profile. Refuses a profile of another model, dtype or cluster.
+
+    With ``calibrated`` (the default) and a profile that has a calibration run, each device's
+    compute is multiplied by its measured/predicted ratio from that run (see
+    ``hpipe.profile.calibrate``, [Note: why calibrate]); ``calibrated=False`` gives the grid fit
+    alone, which is what the calibration itself compares against.
+    """
 
     profile: Profile
     model: ModelSpec
     cluster: ClusterSpec
     dtype: str
+    calibrated: bool = True
     fits: tuple[DeviceFit, ...] = field(init=False, repr=False)
+    compute_scale: tuple[float, ...] = field(init=False)
     # TP groups are an unmeasured estimate here (see stage_time_s): HPipe's search skips them.
     times_tp_groups = False
 
@@ -162,6 +170,9 @@ class FittedCost:
         check_profile(self.profile, self.model, self.cluster, self.dtype)
         fits = tuple(fit_device(self.profile.device(d.name)) for d in self.cluster.devices)
         object.__setattr__(self, "fits", fits)
+        cal = self.profile.calibration if self.calibrated else None
+        scale = cal.compute_scale if cal is not None else (1.0,) * len(fits)
+        object.__setattr__(self, "compute_scale", tuple(scale))
 
     # -- CostModel -----------------------------------------------------------------------
     def layer_time_s(self, device: int, *, batch: int, tokens: int, prefix: int) -> float:
@@ -179,7 +190,7 @@ class FittedCost:
                 t += _eval(embed_features, fit.embedding, batch, tokens, prefix)
             if has_head:
                 t += _eval(head_features, fit.head, batch, tokens, prefix)
-            times.append(t)
+            times.append(t * self.compute_scale[d])
         if len(devices) == 1:
             return times[0]
         # [design] Tensor parallelism was not profiled: assume an ideal split of the measured

@@ -46,6 +46,9 @@ class ProfileJob:
     link_sizes_bytes: tuple[int, ...]
     link_repeats: int
     quick: bool
+    # After the grid, one real pipelined prefill on the same workers (hpipe.profile.calibrate);
+    # needs every layer of the model, so not for a preset's two-layer random twin.
+    calibrate: bool = False
 
 
 def concurrent_profiling(cluster: ClusterSpec) -> bool:
@@ -53,10 +56,11 @@ def concurrent_profiling(cluster: ClusterSpec) -> bool:
     return all(d.torch_device == "cpu" for d in cluster.devices)
 
 
-def make_job(model: str, cluster: ClusterSpec, dtype: str, grid: Grid, *, quick: bool) -> ProfileJob:
+def make_job(model: str, cluster: ClusterSpec, dtype: str, grid: Grid, *, quick: bool,
+             calibrate: bool = False) -> ProfileJob:
     return ProfileJob(model=model, cluster=cluster, dtype=dtype, grid=grid,
                       link_sizes_bytes=QUICK_SIZES_BYTES if quick else SIZES_BYTES,
-                      link_repeats=3 if quick else 5, quick=quick)
+                      link_repeats=3 if quick else 5, quick=quick, calibrate=calibrate)
 
 
 def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
@@ -118,8 +122,13 @@ def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
 
 def _profile_target(job: ProfileJob, ctx: RankContext) -> Profile | None:
     """The per-rank target the runtime's launchers run (module level: spawn pickles it)."""
-    return profile_rank(job, rank=ctx.rank, world_size=ctx.world_size, report=ctx.progress,
-                        rank_of_device=ctx.rank_of_device)
+    profile = profile_rank(job, rank=ctx.rank, world_size=ctx.world_size, report=ctx.progress,
+                           rank_of_device=ctx.rank_of_device)
+    if job.calibrate:
+        from hpipe.profile.calibrate import calibrate_rank
+
+        profile = calibrate_rank(job, profile, ctx)
+    return profile
 
 
 def profile_local(job: ProfileJob, *, on_progress: OnProgress | None = None) -> Profile:

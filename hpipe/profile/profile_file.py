@@ -91,6 +91,45 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """One real pipelined prefill on the profiled workers, each device's compute measured
+    against what the uncalibrated fit predicted for the same actions (see
+    ``hpipe.profile.calibrate``, [Note: why calibrate]). Per-device tuples in cluster order; a
+    device the calibration plan left without layers has 0 in both and scale 1."""
+
+    layer_counts: tuple[int, ...]  # the calibration plan: layers per device (even split)
+    slices: tuple[int, ...]  # its token slices (equal ones)
+    batch: int
+    predicted_compute_s: tuple[float, ...]  # per device: prefill compute, uncalibrated fit
+    measured_compute_s: tuple[float, ...]  # per device: median over the measured runs
+    predicted_latency_s: float  # prefill latency of the plan, uncalibrated fit
+    measured_latency_s: float  # median over the runs
+
+    @property
+    def compute_scale(self) -> tuple[float, ...]:
+        """Measured / predicted compute per device: what the fitted model multiplies by."""
+        return tuple(m / p if p > 0 and m > 0 else 1.0
+                     for m, p in zip(self.measured_compute_s, self.predicted_compute_s))
+
+    def to_dict(self) -> dict:
+        return {"layer_counts": list(self.layer_counts), "slices": list(self.slices),
+                "batch": self.batch, "predicted_compute_s": list(self.predicted_compute_s),
+                "measured_compute_s": list(self.measured_compute_s),
+                "compute_scale": list(self.compute_scale),
+                "predicted_latency_s": self.predicted_latency_s,
+                "measured_latency_s": self.measured_latency_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(layer_counts=tuple(int(c) for c in d["layer_counts"]),
+                   slices=tuple(int(s) for s in d["slices"]), batch=int(d["batch"]),
+                   predicted_compute_s=tuple(float(t) for t in d["predicted_compute_s"]),
+                   measured_compute_s=tuple(float(t) for t in d["measured_compute_s"]),
+                   predicted_latency_s=float(d["predicted_latency_s"]),
+                   measured_latency_s=float(d["measured_latency_s"]))
+
+
+@dataclass(frozen=True)
 class Profile:
     model_name: str
     model_shape: tuple[tuple[str, object], ...]  # SHAPE_FIELDS -> value
@@ -103,6 +142,7 @@ class Profile:
     links: tuple[LinkProfile, ...]
     quick: bool = False
     version: int = PROFILE_VERSION
+    calibration: Calibration | None = None  # None: profiled with --no-calibrate
 
     @property
     def emulated(self) -> bool:
@@ -159,6 +199,7 @@ class Profile:
             "device_names": list(self.device_names),
             "emulated": self.emulated,
             "quick": self.quick,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "devices": [dev(d) for d in self.devices],
             "links": [
                 {"src": lk.src, "dst": lk.dst, "latency_s": lk.latency_s,
@@ -213,6 +254,8 @@ class Profile:
                 cluster_name=d["cluster_name"], device_names=tuple(d["device_names"]),
                 devices=devices, links=links, quick=bool(d.get("quick", False)),
                 version=int(version),
+                calibration=(None if d.get("calibration") is None
+                             else Calibration.from_dict(d["calibration"])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileMismatchError(
