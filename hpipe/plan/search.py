@@ -11,6 +11,8 @@
 3. simulated exactly (``hpipe.sim``), and the fastest plan wins: the closed form is only an
    estimate with heterogeneous stages (algorithms.md section 5 shows it can be off by a
    third), so the simulator, not the estimate, has the last word.
+With ``allow_tp`` this runs twice: over single devices (the whole ``allow_tp=False`` search),
+then over TP groups too, starting from the first search's plan.
 
 [Note: HPipe contains every baseline] Each baseline's final configuration is one of HPipe's
 candidates, scored by the same simulator, so HPipe's pick is never slower than any of them,
@@ -30,8 +32,8 @@ only skips what cannot win, by two lower bounds:
 - a plan whose flow-shop bound (``rank.plan_bound_s``) is no less is not simulated: every
   stage and link handles its units one at a time, after the first unit has passed the ones
   before it and before the last unit passes the ones after it.
-The same argument makes ``allow_tp`` never slower than a pure pipeline: the fully searched
-splits then include the pure pipeline's (``plan_hpipe``).
+``allow_tp`` is never slower than a pure pipeline, exactly, for the same reason: its search
+starts from the pure pipeline's final plan (``plan_hpipe``).
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ from hpipe.plan.slices import plan_slicing
 # slicings per split are re-scored with the simulator.
 NUM_SPLITS = 3
 NUM_SLICINGS = 8
-# Candidate splits that get the slicing DP and the simulator, best ranked first. Four keeps
-# the paper setting well under a second; with three, an extra or a faster device made the plan
-# worse on 3 of 1,300 random small instances, with four on none (tests/test_plan_random.py).
+# Candidate splits that get the slicing DP and the simulator, best ranked first (in each of the
+# two searches with ``allow_tp``). Four keeps the paper setting well under a second; with
+# three, an extra or a faster device made the plan worse on 3 of 1,300 random small
+# instances, with four on none (tests/test_plan_random.py).
 NUM_FULL_SPLITS = 4
 EPSILON = 1e-2  # cap clustering of the slicing DP: within 1% of its optimum, ~10x fewer caps
 
@@ -125,50 +128,44 @@ def plan_hpipe_split(pb: Problem) -> list[tuple[StagePlan, ...]]:
 class Candidate:
     """A split worth planning. ``bottleneck_s`` bounds its latency from below (0 when unknown).
     ``baseline``: a baseline runs it with one slice and 1 .. batch micro-batches; ``terapipe``:
-    TeraPipe or TP-T runs it with TeraPipe's slicing. Those configurations are always scored.
-    ``pipeline``: proposed by the search over single devices, the one ``allow_tp=False`` runs."""
+    TeraPipe or TP-T runs it with TeraPipe's slicing. Those configurations are always scored."""
 
     bottleneck_s: float
     stages: tuple[StagePlan, ...]
     baseline: bool = False
     terapipe: bool = False
-    pipeline: bool = False
 
 
-def candidate_splits(pb: Problem, *, allow_tp: bool = True) -> tuple[list[Candidate], bool]:
-    """(candidates best bottleneck first, whether the workload DP found any split that fits).
+def candidate_splits(pb: Problem, *, tp: bool) -> tuple[list[Candidate], bool]:
+    """(candidates best bottleneck first, whether the workload DP found any split that fits),
+    over single devices, or with ``tp`` over single devices and TP groups mixed.
 
-    For single devices and, with ``allow_tp``, for TP groups too:
     - the workload DP's best split for each of the best ``NUM_SPLITS`` host orders: its
       bottleneck is the right objective when many slices keep every stage busy;
     - its best split for every number of stages K (over host orders): a pipeline of K stages
       fills in about K - 1 slice times, so with few slices a split with fewer, slower stages
       can win; and a new device that adds a stage to the best split cannot hide the best split
-      with the old stage count (the DP allows it zero layers), which keeps an extra device
-      from making the plan worse in practice (not a theorem: tests/test_plan_random.py);
+      with the old stage count (the DP allows it zero layers);
     - the split with the least *sum* of stage times (``solve_split_one_pass``), the optimum
       when a prompt runs as one slice, with room for the whole prompt's workspace and with
       room for a grain slice's;
     the DP's splits leave room for a grain slice of the whole batch or, when none can, for
     one row of whole sequences (the finest micro-batch);
-    and the baselines' even splits (over devices; with ``allow_tp`` over Megatron's pairs),
-    so that HPipe contains every baseline (the note above).
+    and the baselines' even split (over devices; with ``tp`` over Megatron's pairs), so that
+    HPipe contains every baseline (the note above).
     """
     singles = single_groups(pb.cluster)
-    groups = stage_groups(pb.cluster, allow_tp=allow_tp)
-    kinds = [singles, groups] if allow_tp else [singles]
+    groups = stage_groups(pb.cluster, allow_tp=tp)
     found: dict[tuple[StagePlan, ...], Candidate] = {}
 
-    def add(split_groups, counts, *, kind, baseline: bool = False,
-            terapipe: bool = False) -> None:
+    def add(split_groups, counts, *, baseline: bool = False, terapipe: bool = False) -> None:
         stages = stages_from_counts(split_groups, counts)
         b = split_bottleneck_s(sc, tuple(split_groups), tuple(counts))
         old = found.get(stages, Candidate(0.0, stages))
         # A split too full for the whole batch's grain slice may still take micro-batches of a
         # few rows; with no bound to prune by, it is always tried (key 0).
         found[stages] = Candidate(b if math.isfinite(b) else 0.0, stages,
-                                  baseline or old.baseline, terapipe or old.terapipe,
-                                  kind == singles or old.pipeline)
+                                  baseline or old.baseline, terapipe or old.terapipe)
 
     dp_feasible = False
     orders = pb.cluster.host_orders()
@@ -179,34 +176,30 @@ def candidate_splits(pb: Problem, *, allow_tp: bool = True) -> tuple[list[Candid
         finest.append(((1, pb.seq_len, 0),))
     for units in finest:
         sc = _split_costs(pb, groups, units)
-        for gs in kinds:
-            by_order = [splits_by_stages(sc, o, groups=gs) for o in orders]
-            splits = sorted((min(b, key=lambda s: s.bottleneck_s) for b in by_order),
-                            key=lambda s: s.bottleneck_s)
-            splits = [s for s in splits if math.isfinite(s.bottleneck_s)]
-            dp_feasible |= bool(splits)
-            for i, split in enumerate(splits[:NUM_SPLITS]):
-                add(split.groups, split.counts, kind=gs,
-                    baseline=i == 0 and gs == singles and units is finest[0])  # GP-B's
-            for K in range(1, pb.cluster.num_devices + 1):
-                split = min((b[K - 1] for b in by_order), key=lambda s: s.bottleneck_s)
-                if math.isfinite(split.bottleneck_s):
-                    add(split.groups, split.counts, kind=gs)
+        by_order = [splits_by_stages(sc, o, groups=groups) for o in orders]
+        splits = sorted((min(b, key=lambda s: s.bottleneck_s) for b in by_order),
+                        key=lambda s: s.bottleneck_s)
+        splits = [s for s in splits if math.isfinite(s.bottleneck_s)]
+        dp_feasible = bool(splits)
+        for i, split in enumerate(splits[:NUM_SPLITS]):
+            add(split.groups, split.counts,
+                baseline=i == 0 and not tp and units is finest[0])  # GP-B's
+        for K in range(1, pb.cluster.num_devices + 1):
+            split = min((b[K - 1] for b in by_order), key=lambda s: s.bottleneck_s)
+            if math.isfinite(split.bottleneck_s):
+                add(split.groups, split.counts)
         if dp_feasible:
             break
     if dp_feasible:
         whole = _split_costs(pb, groups, ((pb.batch, pb.seq_len, 0),))
         for scx in (whole, sc):
-            for gs in kinds:
-                one_pass = [solve_split_one_pass(scx, o, groups=gs) for o in orders]
-                best = min(one_pass, key=lambda s: split_sum_s(scx, s.groups, s.counts))
-                if math.isfinite(best.bottleneck_s):
-                    add(best.groups, best.counts, kind=gs)
+            one_pass = [solve_split_one_pass(scx, o, groups=groups) for o in orders]
+            best = min(one_pass, key=lambda s: split_sum_s(scx, s.groups, s.counts))
+            if math.isfinite(best.bottleneck_s):
+                add(best.groups, best.counts)
     n = pb.model.num_layers
-    add(singles, even_counts(n, len(singles)), kind=singles, baseline=True, terapipe=True)
-    if allow_tp:
-        pairs = tuple(tp_pairs(pb.cluster))
-        add(pairs, even_counts(n, len(pairs)), kind=groups, baseline=True, terapipe=True)
+    even = tuple(tp_pairs(pb.cluster)) if tp else singles
+    add(even, even_counts(n, len(even)), baseline=True, terapipe=True)
     return sorted(found.values(), key=lambda c: c.bottleneck_s), dp_feasible
 
 
@@ -316,17 +309,34 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
     short to cut into useful slices, splitting the batch into micro-batches (GPipe's unit)
     can pipeline better, so the search scores those too and keeps whichever is fastest.
 
-    ``allow_tp=False`` restricts it to pure pipelines (one device per stage)."""
-    candidates, dp_feasible = candidate_splits(pb, allow_tp=allow_tp)
-    ranked = sorted(candidates, key=lambda c: (estimate_split_s(pb, c.stages), c.bottleneck_s,
-                                               _stages_key(c.stages)))
-    # The best ranked, and the best ranked of the pure-pipeline search: with ``allow_tp`` the
-    # fully searched splits then include those of ``allow_tp=False``, so allowing tensor
-    # parallelism never makes the plan slower.
+    ``allow_tp=False`` restricts it to pure pipelines (one device per stage). With it, the
+    pure-pipeline search runs first, unchanged, and the search over TP groups starts from its
+    plan, so allowing tensor parallelism never makes the plan slower."""
+    seen: set[tuple[StagePlan, ...]] = set()  # splits planned in full
+    best, dp_feasible = _search(pb, tp=False, best=None, seen=seen)
+    if allow_tp:
+        best, tp_feasible = _search(pb, tp=True, best=best, seen=seen)
+        dp_feasible |= tp_feasible
+    if best is None:
+        if not dp_feasible:
+            raise _no_split_error(pb)
+        raise InfeasiblePlanError(
+            f"hpipe: layers fit but no slicing of {pb.seq_len} tokens at a {pb.grain_tokens}-"
+            f"token grain fits memory at batch {pb.batch}; fits: a smaller batch or grain_tokens")
+    return best
+
+
+def _search(pb: Problem, *, tp: bool, best: Plan | None,
+            seen: set[tuple[StagePlan, ...]]) -> tuple[Plan | None, bool]:
+    """(the fastest of ``best`` and the plans found over ``candidate_splits(pb, tp=tp)``,
+    whether the workload DP found a split). ``seen``: splits already
+    planned in full, which are not planned again (they could not beat ``best``); it grows."""
+    candidates, dp_feasible = candidate_splits(pb, tp=tp)
+    ranked = sorted((c for c in candidates if c.stages not in seen),
+                    key=lambda c: (estimate_split_s(pb, c.stages), c.bottleneck_s,
+                                   _stages_key(c.stages)))
     full = ranked[:NUM_FULL_SPLITS]
-    full += [c for c in ranked if c.pipeline][:NUM_FULL_SPLITS]
-    full = list(dict.fromkeys(full))
-    best: Plan | None = None
+    seen.update(c.stages for c in full)
 
     def cutoff() -> float:
         return math.inf if best is None else best.predicted_latency_s
@@ -343,11 +353,7 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
             extra = () if sl is None else (sl,)
         runs: list = []
         if cand in full:
-            runs.append(lambda c=cand, e=extra: plan_slices_for(
-                pb, c.stages, method="hpipe", extra_slicings=e, cutoff_s=cutoff()))
-            if pb.batch > 1:
-                runs.append(lambda c=cand: best_microbatches(
-                    pb, "hpipe", c.stages, counts=range(2, pb.batch + 1), cutoff_s=cutoff()))
+            runs.append(lambda c=cand, e=extra: _plan_split(pb, c.stages, cutoff(), e))
         else:  # only what a baseline runs on it
             for sl in extra:
                 runs.append(lambda c=cand, sl=sl: _scored_below(
@@ -359,10 +365,21 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
             plan = run()
             if plan is not None and plan.predicted_latency_s < cutoff():
                 best = plan
-    if best is None:
-        if not dp_feasible:
-            raise _no_split_error(pb)
-        raise InfeasiblePlanError(
-            f"hpipe: layers fit but no slicing of {pb.seq_len} tokens at a {pb.grain_tokens}-"
-            f"token grain fits memory at batch {pb.batch}; fits: a smaller batch or grain_tokens")
+    return best, dp_feasible
+
+
+def _plan_split(pb: Problem, stages: tuple[StagePlan, ...], cutoff_s: float,
+                extra_slicings: tuple[tuple[int, ...], ...] = ()) -> Plan | None:
+    """A split planned in full: HPipe's slicing (with ``extra_slicings``) and 2 .. batch
+    micro-batches, the fastest simulated. None, or a plan no faster than ``cutoff_s``, when
+    nothing fits or what was pruned could not beat it (``plan_slices_for``)."""
+    best = plan_slices_for(pb, stages, method="hpipe", extra_slicings=extra_slicings,
+                           cutoff_s=cutoff_s)
+    if best is not None:
+        cutoff_s = min(cutoff_s, best.predicted_latency_s)
+    if pb.batch > 1:
+        plan = best_microbatches(pb, "hpipe", stages, counts=range(2, pb.batch + 1),
+                                 cutoff_s=cutoff_s)
+        if plan is not None and plan.predicted_latency_s < cutoff_s:
+            best = plan
     return best
