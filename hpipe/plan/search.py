@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.evaluate import (
+    MemoCost,
     Problem,
     check_memory,
     memory_overflows,
@@ -312,6 +313,8 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
     ``allow_tp=False`` restricts it to pure pipelines (one device per stage). With it, the
     pure-pipeline search runs first, unchanged, and the search over TP groups starts from its
     plan, so allowing tensor parallelism never makes the plan slower."""
+    # Both searches ask the cost model the same questions many times (MemoCost).
+    pb = dataclasses.replace(pb, cost=MemoCost(pb.cost))
     seen: set[tuple[StagePlan, ...]] = set()  # splits planned in full
     best, dp_feasible = _search(pb, tp=False, best=None, seen=seen)
     if allow_tp:
