@@ -26,6 +26,7 @@ from hpipe.plan.brute import (
     brute_split_objectives,
     grid_slicings,
 )
+from hpipe.plan.climb import neighbour_splits
 from hpipe.plan.evaluate import Problem, predicted_latency_s
 from hpipe.plan.groups import stage_groups
 from hpipe.plan.layers import (
@@ -167,6 +168,47 @@ def test_dp_per_stage_count_and_one_pass_dp_equal_exhaustive(allow_tp):
                    if math.isfinite(s.bottleneck_s)), default=math.inf)
         assert got == pytest.approx(least_sum, rel=1e-9) or got == least_sum == math.inf
     assert checked > 100, checked
+
+
+@pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
+def test_the_climbs_neighbours_are_valid_splits_one_change_away(allow_tp):
+    """Every neighbour the climb plans (``climb.neighbour_splits``) is a split the search
+    could return: non-empty stages covering the layers in order, each on an allowed group,
+    no device twice, the devices in the order of some host order; and every boundary move
+    by one layer is among them."""
+    checked = 0
+    for seed in range(0, 200, 5):
+        pb = random_instance(seed, max_devices=6)
+        groups = stage_groups(pb.cluster, allow_tp=allow_tp)
+        sc = split_costs(pb, allow_tp=allow_tp)
+        for order in pb.cluster.host_orders()[:2]:
+            for split in splits_by_stages(sc, order, groups=groups):
+                stages = split.stages()
+                if not stages:
+                    continue
+                found = neighbour_splits(stages, pb, groups)
+                assert stages not in found and len(set(found)) == len(found)
+                for nb in found:
+                    assert nb[0].layer_start == 0 and nb[-1].layer_stop == pb.model.num_layers
+                    assert all(a.layer_stop == b.layer_start for a, b in zip(nb, nb[1:]))
+                    assert all(st.num_layers > 0 and st.devices in groups for st in nb), nb
+                    devs = [d for st in nb for d in st.devices]
+                    assert len(set(devs)) == len(devs), nb
+                    assert any(_in_order(devs, o) for o in pb.cluster.host_orders()), nb
+                    checked += 1
+                for j in range(len(stages) - 1):
+                    for cut in (stages[j].layer_stop - 1, stages[j].layer_stop + 1):
+                        if stages[j].layer_start < cut < stages[j + 1].layer_stop:
+                            moved = list(stages)
+                            moved[j] = dataclasses.replace(stages[j], layer_stop=cut)
+                            moved[j + 1] = dataclasses.replace(stages[j + 1], layer_start=cut)
+                            assert tuple(moved) in found
+    assert checked > 1000, checked
+
+
+def _in_order(devices: list[int], order: tuple[int, ...]) -> bool:
+    pos = {d: i for i, d in enumerate(order)}
+    return all(pos[a] < pos[b] for a, b in zip(devices, devices[1:]))
 
 
 def test_flow_bound_is_below_the_simulator_and_exact_for_equal_micro_batches():
@@ -337,12 +379,17 @@ def _with_device(pb: Problem, *, extra: bool = False, faster: bool = False) -> P
     return dataclasses.replace(pb, cluster=cluster, cost=SkewedCost(base, pb.cost.factors))
 
 
+# Larger random instances, where the search's proxies are more often wrong.
+WIDE = dict(max_devices=6, max_layers=12, max_grid=12)
+
+
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
 @pytest.mark.parametrize("change", ["extra", "faster"])
 def test_an_extra_or_faster_device_never_makes_hpipe_worse(change, allow_tp):
     """Exact for the workload DP, a theorem (an extra device may take no layers; a faster one
-    only lowers block times). For the whole planner it is asserted exactly on these 50
-    instances, but it is a property of the search, not a theorem:
+    only lowers block times). For the whole planner it is asserted exactly on these 75
+    instances (50 of up to 4 devices; 25 of up to 6 devices, 12 layers and 12 grid steps),
+    but it is a property of the search, not a theorem:
 
     - Why not exact. The planner minimises simulated latency over candidates chosen by
       proxies (the DP's bottleneck per stage count, the least sum, the flow bound's ranking,
@@ -353,16 +400,24 @@ def test_an_extra_or_faster_device_never_makes_hpipe_worse(change, allow_tp):
       test_hpipe_matches_exhaustive_search_on_small_instances); closing the gap means
       enumerating splits x slicings, exponential in devices and grid steps.
     - What keeps it rare. The best split for every number of stages is a candidate, so a new
-      device that makes the best split one stage longer (the old failure: 4.7% worse on one
-      of these instances) cannot hide the best split with the old stage count; and splits
-      are ranked by a flow-shop bound that charges a short prompt its pipeline fill.
-    - Measured: no violation on seeds 0-599 (<= 4 devices, both changes, with and without
-      TP); with up to 6 devices, 12 layers and 12 grid steps (seeds 600-999), 2 of about 900
-      comparisons, a 4x faster device making the plan 4% and 15% slower.
+      device that makes the best split one stage longer cannot hide the best split with the
+      old stage count; splits are ranked by a flow-shop bound that charges a short prompt its
+      pipeline fill; and the search climbs from its best splits to every split one change
+      away (a boundary, a dropped stage, a host order, an idle device or TP partner), planned
+      in full, while that is faster (hpipe.plan.climb, [Note: why the search climbs]), which
+      finds the old winner again when it is a neighbour of the new candidates.
+    - Measured, both changes, with and without TP: no violation on seeds 0-599 (<= 4
+      devices). With up to 6 devices, 12 layers and 12 grid steps (seeds 600-2599), 11 of
+      4,802 comparisons, 0.02% to 16% slower; before the climb 24, up to 17% slower. In
+      those looked at, the old winner is two or more changes from the new search's plans,
+      each change slower on its own (seed 2369, 16%: a stage dropped and two hosts' TP pairs
+      swapped).
     """
     checked = 0
-    for seed in range(0, 200, 4):
-        pb = random_instance(seed, max_devices=4)
+    samples = [(seed, {}) for seed in range(0, 200, 4)]
+    samples += [(seed, WIDE) for seed in range(600, 1000, 16)]
+    for seed, sizes in samples:
+        pb = random_instance(seed, **sizes)
         other = _with_device(pb, **{change: True})
         sc0, sc1 = split_costs(pb, allow_tp=allow_tp), split_costs(other, allow_tp=allow_tp)
         before = plan_layers(sc0, pb.cluster.host_orders())[0].bottleneck_s
@@ -375,7 +430,7 @@ def test_an_extra_or_faster_device_never_makes_hpipe_worse(change, allow_tp):
         lat1 = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(other)).predicted_latency_s
         assert lat1 <= lat0, f"seed {seed}: {lat0} -> {lat1} ({lat1 / lat0 - 1:.1%} slower)"
         checked += 1
-    assert checked > 20, checked
+    assert checked > 35, checked
 
 
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
@@ -426,11 +481,11 @@ def test_allowing_tensor_parallelism_never_makes_hpipe_slower():
 def test_hpipe_matches_exhaustive_search_on_small_instances(allow_tp):
     """The whole search against every plan it could return (every split x every grid or equal
     slicing x micro-batch counts, simulated): on these small instances (<= 3 devices,
-    <= 6 layers, <= 5 grid steps) it finds the optimum on all but one of about 50 (seed 134,
-    5.4% short: the optimum is a split of another host order, not among the candidates,
-    with two equal slices); on 150 more (odd seeds to 600), all but one, 0.8% short. This
-    gap also bounds how much an extra or faster device can make HPipe worse, since the
-    optimum itself is monotone."""
+    <= 6 layers, <= 5 grid steps) it finds the optimum on all of about 50, and on 150 more
+    (odd seeds to 600) too. Before the climb (hpipe.plan.climb) it fell short on one of each:
+    seed 134 by 5.4% (the optimum runs the same devices with the same layers in another host
+    order, the first host last, and with two slices), and seed 597 by 0.8%. This gap also bounds how much an extra or
+    faster device can make HPipe worse, since the optimum itself is monotone."""
     gaps = []
     for seed in range(0, 200, 2):
         pb = random_instance(seed, max_devices=3, max_layers=6, max_grid=5)
@@ -441,7 +496,6 @@ def test_hpipe_matches_exhaustive_search_on_small_instances(allow_tp):
             assert math.isinf(oracle), f"seed {seed}: hpipe infeasible, oracle {oracle}"
             continue
         assert hp >= oracle * (1 - 1e-12), f"seed {seed}: beat the exhaustive optimum?"
-        gaps.append(hp / oracle - 1)
+        gaps.append((hp / oracle - 1, seed))
     assert len(gaps) > 40, len(gaps)
-    assert sum(g > 1e-9 for g in gaps) <= 1, sorted(gaps)[-3:]
-    assert max(gaps) < 0.055, sorted(gaps)[-3:]
+    assert max(gaps)[0] < 1e-9, sorted(gaps)[-3:]

@@ -11,6 +11,9 @@
 3. simulated exactly (``hpipe.sim``), and the fastest plan wins: the closed form is only an
    estimate with heterogeneous stages (algorithms.md section 5 shows it can be off by a
    third), so the simulator, not the estimate, has the last word.
+4. A hill climb (``climb.py``) plans the neighbours of the best plan's split and of the best
+   ranked splits in full, while any is faster: the proxies of steps 1-2 miss the fastest
+   split on short prompts ([Note: why the search climbs]).
 With ``allow_tp`` this runs twice: over single devices (the whole ``allow_tp=False`` search),
 then over TP groups too, starting from the first search's plan.
 
@@ -32,6 +35,7 @@ only skips what cannot win, by two lower bounds:
 - a plan whose flow-shop bound (``rank.plan_bound_s``) is no less is not simulated: every
   stage and link handles its units one at a time, after the first unit has passed the ones
   before it and before the last unit passes the ones after it.
+The climb only ever replaces the best plan by a faster one, so this holds after it too.
 ``allow_tp`` is never slower than a pure pipeline, exactly, for the same reason: its search
 starts from the pure pipeline's final plan (``plan_hpipe``).
 """
@@ -43,6 +47,7 @@ import math
 from dataclasses import dataclass
 
 from hpipe.errors import InfeasiblePlanError
+from hpipe.plan.climb import climb
 from hpipe.plan.evaluate import (
     MemoCost,
     Problem,
@@ -78,6 +83,10 @@ NUM_SLICINGS = 8
 # three, an extra or a faster device made the plan worse on 3 of 1,300 random small
 # instances, with four on none (tests/test_plan_random.py).
 NUM_FULL_SPLITS = 4
+# Of those, how many the climb starts from besides the best plan's split. On the 862 random
+# instances of [Note: why the search climbs], climbing from the best split alone left 23 short
+# of planning every split in full, from the four best ranked too 3, for ~20% more time.
+NUM_CLIMB_STARTS = 4
 EPSILON = 1e-2  # cap clustering of the slicing DP: within 1% of its optimum, ~10x fewer caps
 
 
@@ -313,7 +322,7 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
     ``allow_tp=False`` restricts it to pure pipelines (one device per stage). With it, the
     pure-pipeline search runs first, unchanged, and the search over TP groups starts from its
     plan, so allowing tensor parallelism never makes the plan slower."""
-    # Both searches ask the cost model the same questions many times (MemoCost).
+    # Both searches and the climbs ask the cost model the same questions many times (MemoCost).
     pb = dataclasses.replace(pb, cost=MemoCost(pb.cost))
     seen: set[tuple[StagePlan, ...]] = set()  # splits planned in full
     best, dp_feasible = _search(pb, tp=False, best=None, seen=seen)
@@ -331,8 +340,8 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
 
 def _search(pb: Problem, *, tp: bool, best: Plan | None,
             seen: set[tuple[StagePlan, ...]]) -> tuple[Plan | None, bool]:
-    """(the fastest of ``best`` and the plans found over ``candidate_splits(pb, tp=tp)``,
-    whether the workload DP found a split). ``seen``: splits already
+    """(the fastest of ``best`` and the plans found over ``candidate_splits(pb, tp=tp)`` and
+    the climb from them, whether the workload DP found a split). ``seen``: splits already
     planned in full, which are not planned again (they could not beat ``best``); it grows."""
     candidates, dp_feasible = candidate_splits(pb, tp=tp)
     ranked = sorted((c for c in candidates if c.stages not in seen),
@@ -368,6 +377,12 @@ def _search(pb: Problem, *, tp: bool, best: Plan | None,
             plan = run()
             if plan is not None and plan.predicted_latency_s < cutoff():
                 best = plan
+    if best is not None:
+        best = climb(pb, best, [c.stages for c in full[:NUM_CLIMB_STARTS]],
+                     groups=stage_groups(pb.cluster, allow_tp=tp), seen=seen,
+                     plan_split=lambda stages, b: _plan_split(
+                         pb, stages, b.predicted_latency_s,
+                         (b.slices,) if b.num_microbatches == 1 else ()))
     return best, dp_feasible
 
 

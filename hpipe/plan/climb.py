@@ -1,0 +1,185 @@
+"""A hill climb over neighbouring splits, after the search (``search.py``) has planned its
+candidates: each neighbour is planned in full (slicing DP, micro-batch counts, simulator).
+
+[Note: why the search climbs] The search picks splits by proxies: the workload DP's
+bottleneck for each stage count, the least sum, the flow-shop bound's ranking. On short
+prompts (a few slices, so the pipeline fill and the memory left for slices matter) the
+fastest simulated split is often none of them but a small change away from one of them: a
+boundary moved by a layer, a stage dropped, another host order, an idle device taking a
+stage. An extra or a faster device changes the proxies, so the old winner could leave the
+candidates while nothing as fast replaced it: a 4x faster device made the plan 15% slower.
+Climbing on the simulator's latency, from the best plan and from the best ranked splits,
+finds such plans again. On 862 random instances of up to 6 devices, 12 layers and 12 grid
+steps with at most 400 splits, the search's plan was slower than the best of every split
+planned in full on 78 and is now on 3; an extra or a faster device made the plan worse on 11
+of 4,802 comparisons instead of 24 (tests/test_plan_random.py). Still not a theorem: a plan
+two changes away, each of them slower on its own, stays out of reach. Only a strictly faster plan is ever taken, so what
+the search guarantees before the climb (search.py's notes) holds after it.
+
+Each neighbour costs about as much as a candidate, a slicing DP over grid points^2 x stages,
+so the climb plans neighbours within ``CLIMB_WORK`` of that work. Short prompts, where the
+proxies are poorest, get a full climb (12 grid steps on 6 stages: over 100 neighbours, more
+than a climb takes); the paper setting (129 grid points, 3 stages) a neighbour or two; a
+32k-token prompt on 8 stages none, which keeps the planner speed goals
+(benchmarks/planner_speed.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+from hpipe.plan.evaluate import Problem, stage_slice_times
+from hpipe.plan.groups import Group
+from hpipe.plan.layers import even_counts
+from hpipe.plan.plan import Plan, StagePlan
+from hpipe.plan.slices import grid_positions
+
+CLIMB_WORK = 2**17  # grid points^2 x stages, summed over the neighbours planned
+
+
+def neighbour_splits(stages: tuple[StagePlan, ...], pb: Problem,
+                     groups: tuple[Group, ...]) -> list[tuple[StagePlan, ...]]:
+    """Splits one change away from ``stages``, each valid in some host order:
+
+    - a boundary between two stages moved by one layer either way (a stage left empty
+      drops out), or a stage dropped, its layers going to the stage before or after it;
+    - two hosts' runs of stages swapped, every stage keeping its group and its number of
+      layers (another host order);
+    - an idle group of ``groups`` (none of its devices in use) that some host order places
+      between stages j - 1 and j: taking the last layer of stage j - 1 or the first of
+      stage j (a new stage), or all of stage j - 1's or stage j's layers (the stage moves);
+    - a stage on another group of ``groups`` that overlaps its own and is otherwise idle
+      (a device joins or leaves its TP group, or the group shifts by one); two adjacent
+      stages whose devices form a group of ``groups`` joined on it, and a TP stage split
+      into one stage per device, its layers shared evenly.
+    """
+    out: list[tuple[StagePlan, ...]] = []
+    num = len(stages)
+    for j in range(num - 1):
+        a, b = stages[j], stages[j + 1]
+        for cut in (a.layer_stop - 1, a.layer_stop + 1):
+            if a.layer_start <= cut <= b.layer_stop:
+                moved = (*stages[:j], dataclasses.replace(a, layer_stop=cut),
+                         dataclasses.replace(b, layer_start=cut), *stages[j + 2:])
+                out.append(tuple(st for st in moved if st.num_layers))
+    for j in range(num):  # stage j's layers all go to the stage before or after it
+        for k in (j - 1, j + 1):
+            if 0 <= k < num:
+                grown = _resized(stages[k], stages[k].num_layers + stages[j].num_layers)
+                out.append(_restacked([grown if i == k else st
+                                       for i, st in enumerate(stages) if i != j]))
+    allowed = set(groups)
+    for j in range(num):
+        a = stages[j]
+        if j + 1 < num and a.devices + stages[j + 1].devices in allowed:
+            # two stages become one on their devices' TP group, with both stages' layers
+            joined = StagePlan(a.devices + stages[j + 1].devices, a.layer_start,
+                               stages[j + 1].layer_stop)
+            out.append((*stages[:j], joined, *stages[j + 2:]))
+        if len(a.devices) > 1 and a.num_layers > 1 and all((d,) in allowed for d in a.devices):
+            # and back: a TP stage becomes one stage per device, its layers shared evenly
+            parts = [StagePlan((d,), 0, c)
+                     for d, c in zip(a.devices, even_counts(a.num_layers, len(a.devices)))]
+            out.append(_restacked([*stages[:j], *(p for p in parts if p.num_layers),
+                                   *stages[j + 1:]]))
+    host = [pb.cluster.devices[st.device].host for st in stages]
+    runs, i = [], 0  # [start, stop) of each host's run of stages
+    for j in range(1, num + 1):
+        if j == num or host[j] != host[i]:
+            runs.append((i, j))
+            i = j
+    for x, (a0, a1) in enumerate(runs):
+        for b0, b1 in runs[x + 1:]:
+            out.append(_restacked([*stages[:a0], *stages[b0:b1], *stages[a1:b0],
+                                   *stages[a0:a1], *stages[b1:]]))
+    used = {d for st in stages for d in st.devices}
+    for order in pb.cluster.host_orders():
+        pos = {d: i for i, d in enumerate(order)}
+        first = [pos[st.devices[0]] for st in stages]
+        last = [pos[st.devices[-1]] for st in stages]
+        if any(first[j + 1] <= last[j] for j in range(num - 1)):
+            continue  # this order does not hold the split
+        for g in groups:
+            lo, hi = pos[g[0]], pos[g[-1]]
+            if hi - lo != len(g) - 1:
+                continue  # not consecutive in this order
+            j = sum(1 for x in last if x < lo)  # the first stage that ends at or after g
+            if used.isdisjoint(g) and (j == num or first[j] > hi):
+                # g sits idle between stages j - 1 and j: a new stage, or one moving there
+                new = StagePlan(tuple(g), 0, 0)
+                if j > 0:
+                    s = stages[j - 1]
+                    if s.num_layers > 1:
+                        out.append(_restacked([*stages[:j - 1], _resized(s, s.num_layers - 1),
+                                               _resized(new, 1), *stages[j:]]))
+                    out.append(_restacked([*stages[:j - 1], _resized(new, s.num_layers),
+                                           *stages[j:]]))
+                if j < num:
+                    s = stages[j]
+                    if s.num_layers > 1:
+                        out.append(_restacked([*stages[:j], _resized(new, 1),
+                                               _resized(s, s.num_layers - 1), *stages[j + 1:]]))
+                    out.append(_restacked([*stages[:j], _resized(new, s.num_layers),
+                                           *stages[j + 1:]]))
+            elif (j < num and g != stages[j].devices
+                  and used.intersection(g) <= set(stages[j].devices)
+                  and (j == 0 or last[j - 1] < lo) and (j == num - 1 or hi < first[j + 1])):
+                # g overlaps stage j's group and is otherwise idle: the stage grows into it,
+                # shrinks to it or shifts onto it (a device joins or leaves its TP group)
+                out.append((*stages[:j], dataclasses.replace(stages[j], devices=tuple(g)),
+                            *stages[j + 1:]))
+    return [s for s in dict.fromkeys(out) if s != stages]
+
+
+def _resized(st: StagePlan, num_layers: int) -> StagePlan:
+    return StagePlan(st.devices, 0, num_layers)
+
+
+def _restacked(stages: list[StagePlan]) -> tuple[StagePlan, ...]:
+    """The same groups and layer counts, in this order, layers renumbered from 0."""
+    out, start = [], 0
+    for st in stages:
+        out.append(StagePlan(st.devices, start, start + st.num_layers))
+        start += st.num_layers
+    return tuple(out)
+
+
+def climb(pb: Problem, best: Plan, starts: list[tuple[StagePlan, ...]], *,
+          groups: tuple[Group, ...], seen: set,
+          plan_split: Callable[[tuple[StagePlan, ...], Plan], Plan | None]) -> Plan:
+    """The fastest plan found by first-improvement hill climbing from ``best``'s split, then
+    from each of ``starts``: every neighbour (``neighbour_splits`` over ``groups``) not in
+    ``seen`` is planned by ``plan_split(stages, best)`` (its plan, or None where nothing
+    fits or beats ``best``); a faster plan becomes ``best`` and its split is climbed from
+    next. ``seen`` (splits already planned) grows with every neighbour planned.
+
+    A neighbour whose slowest stage over the whole prefill is no faster than ``best`` is not
+    planned: no slicing or micro-batching of its work is faster (search.py's note)."""
+    work_left = CLIMB_WORK
+    grid2 = len(grid_positions(pb.seq_len, pb.grain_tokens)) ** 2
+    todo = list(dict.fromkeys([best.stages, *starts]))
+    while todo:
+        split = todo.pop(0)
+        for stages in neighbour_splits(split, pb, groups):
+            if stages in seen:
+                continue
+            seen.add(stages)
+            if _whole_bottleneck_s(pb, stages) >= best.predicted_latency_s:
+                continue
+            work_left -= grid2 * len(stages)
+            if work_left < 0:
+                return best
+            plan = plan_split(stages, best)
+            if plan is not None and plan.predicted_latency_s < best.predicted_latency_s:
+                best = plan
+                todo.insert(0, stages)
+                break
+    return best
+
+
+def _whole_bottleneck_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
+    times = stage_slice_times(stages, pb.cost, model=pb.model, dtype=pb.dtype, rows=pb.batch,
+                              tokens=pb.seq_len, prefix=0, overlap_comm=pb.overlap_comm)
+    return max(times) if times else math.inf
