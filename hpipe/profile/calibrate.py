@@ -38,7 +38,8 @@ from hpipe.timeline import Timeline
 log = logging.getLogger(__name__)
 
 NUM_SLICES = 4
-NUM_RUNS = 2  # measured runs after one untimed warm-up run; per device, the median
+NUM_RUNS = 3  # measured runs after one untimed warm-up run; per device, the median (a burst of
+# other work on a shared machine spoils one run, which the median drops)
 
 
 def calibration_tokens(model: ModelSpec, max_tokens: int) -> int:
