@@ -80,8 +80,11 @@ def test_ctrl_c_leaves_no_orphan_workers(tiny_checkpoints, tmp_path):
     req_file = tmp_path / "req.pt"
     torch.save([req], req_file)
     pid_file = tmp_path / "pids"
+    # The Ctrl-C handler is set in the script: a suite started in the background by a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and Python keeps it so.
     script = textwrap.dedent(f"""
-        import sys, torch
+        import signal, sys, torch
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from hpipe.runtime import launch_local
         def started(pids):
             open({str(pid_file)!r}, "w").write(" ".join(map(str, pids)))
