@@ -108,6 +108,7 @@ def calibrate_rank(job, profile: Profile | None, ctx) -> Profile | None:
 
     spec = open_model(job.model).spec
     box: list = [None]
+    fit = None  # rank 0: the uncalibrated fit, to plan with and to compare against
     if ctx.rank == 0:
         assert profile is not None
         try:
@@ -139,7 +140,6 @@ def calibrate_rank(job, profile: Profile | None, ctx) -> Profile | None:
         return None
     if ctx.progress is not None:
         ctx.progress("calibration", 1, 1)
-    assert results is not None and profile is not None
-    cost = FittedCost(profile, spec, job.cluster, job.dtype, calibrated=False)
-    cal = make_calibration(plan, cost, [r.timeline for r in results[1:]])
+    assert results is not None and profile is not None and fit is not None
+    cal = make_calibration(plan, fit, [r.timeline for r in results[1:]])
     return dataclasses.replace(profile, calibration=cal)
