@@ -191,31 +191,28 @@ class MemoCost:
         self._transfer: dict = {}
         self._memory: dict = {}
 
+    @staticmethod
+    def _remember(table: dict, key, compute):
+        if key not in table:
+            table[key] = compute()
+        return table[key]
+
     def stage_time_s(self, devices, layer_start, layer_stop, *, batch, tokens, prefix,
                      has_embedding, has_head):
         key = (devices, layer_start, layer_stop, batch, tokens, prefix, has_embedding, has_head)
-        t = self._time.get(key)
-        if t is None:
-            t = self._time[key] = self.base.stage_time_s(
-                devices, layer_start, layer_stop, batch=batch, tokens=tokens, prefix=prefix,
-                has_embedding=has_embedding, has_head=has_head)
-        return t
+        return self._remember(self._time, key, lambda: self.base.stage_time_s(
+            devices, layer_start, layer_stop, batch=batch, tokens=tokens, prefix=prefix,
+            has_embedding=has_embedding, has_head=has_head))
 
     def transfer_time_s(self, src, dst, num_bytes):
         if isinstance(num_bytes, np.ndarray):
             return self.base.transfer_time_s(src, dst, num_bytes)
-        key = (src, dst, num_bytes)
-        t = self._transfer.get(key)
-        if t is None:
-            t = self._transfer[key] = self.base.transfer_time_s(src, dst, num_bytes)
-        return t
+        return self._remember(self._transfer, (src, dst, num_bytes),
+                              lambda: self.base.transfer_time_s(src, dst, num_bytes))
 
     def stage_memory_bytes(self, devices, layer_start, layer_stop, *, batch, seq_len, units,
                            has_embedding, has_head):
         key = (devices, layer_start, layer_stop, batch, seq_len, units, has_embedding, has_head)
-        m = self._memory.get(key)
-        if m is None:
-            m = self._memory[key] = self.base.stage_memory_bytes(
-                devices, layer_start, layer_stop, batch=batch, seq_len=seq_len, units=units,
-                has_embedding=has_embedding, has_head=has_head)
-        return m
+        return self._remember(self._memory, key, lambda: self.base.stage_memory_bytes(
+            devices, layer_start, layer_stop, batch=batch, seq_len=seq_len, units=units,
+            has_embedding=has_embedding, has_head=has_head))
