@@ -24,10 +24,24 @@ def test_oversubscribed_cluster_warns_with_the_numbers(caplog):
     too_many = local_cluster(cores + 1)
     req = SimpleNamespace(plan=SimpleNamespace(cluster=too_many))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([req])
+        warn_if_oversubscribed([req], load_avg=0.0)
     assert f"need about {cores + 1:.1f} cores" in caplog.text and f"has {cores}" in caplog.text
     caplog.clear()
     fits = SimpleNamespace(plan=SimpleNamespace(cluster=_cluster((4.0,) * cores)))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([fits])
+        warn_if_oversubscribed([fits], load_avg=0.0)
+    assert caplog.text == ""
+
+
+def test_a_busy_machine_warns_that_timings_will_be_off(caplog):
+    """Two one-thread workers fit a 2-core machine only when nothing else runs there."""
+    cores = len(os.sched_getaffinity(0))
+    req = SimpleNamespace(plan=SimpleNamespace(cluster=local_cluster(cores)))
+    with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
+        warn_if_oversubscribed([req], load_avg=1.0)
+    assert "other processes already keep about 1.0 busy" in caplog.text
+    assert "run when the machine is idle" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
+        warn_if_oversubscribed([req], load_avg=0.3)  # a shell's noise: no warning
     assert caplog.text == ""

@@ -49,6 +49,9 @@ from hpipe.runtime.request import RunRequest, RunResult
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # supervisor's poll period for exit codes and messages
+# Load the OS reports beyond the cores a cluster leaves free before the run warns: a shell, an
+# editor or a just-finished run add a few tenths without taking a core.
+LOAD_SLACK_CORES = 0.5
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
 SETTLE_S = 1.0  # after a first failure, wait this long for the root cause to show up
 PR_SET_PDEATHSIG = 1
@@ -114,10 +117,13 @@ def cpu_demand_cores(cluster) -> float:
                if d.torch_device == "cpu")
 
 
-def warn_if_oversubscribed(requests: list[RunRequest]) -> None:
+def warn_if_oversubscribed(requests: list[RunRequest], *, load_avg: float | None = None) -> None:
     """A local cluster wanting more cores than this machine has still runs, but its workers
-    then wait for cores: timings stop describing the devices the cluster file names."""
+    then wait for cores: timings stop describing the devices the cluster file names. The same
+    holds when other processes already keep cores busy (``load_avg``: the last minute's load
+    average, read from the OS when None), which on a small machine is the commoner case."""
     cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0] if load_avg is None else load_avg
     for cluster in {id(r.plan.cluster): r.plan.cluster for r in requests}.values():
         need = cpu_demand_cores(cluster)
         if need > cores + 1e-9:
@@ -126,6 +132,13 @@ def warn_if_oversubscribed(requests: list[RunRequest]) -> None:
                 "but this machine has %d; computes will wait for a core, so measured times "
                 "include that wait. Give the workers fewer threads or fewer devices for "
                 "timings that describe the cluster.", cluster.name, need, cores)
+        elif need > 0 and need + load > cores + LOAD_SLACK_CORES:
+            log.warning(
+                "cluster %r: its CPU workers need about %.1f of this machine's %d cores, but "
+                "other processes already keep about %.1f busy (load average over the last "
+                "minute), so the workers will share cores and measured times and ratios will "
+                "be off. For timings, run when the machine is idle (see `uptime`).",
+                cluster.name, need, cores, load)
 
 
 def launch_ranks(
