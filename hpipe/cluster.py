@@ -165,12 +165,29 @@ def _number(value) -> float | None:
     return None
 
 
+def _check_keys(value: dict, known: tuple[str, ...], where: str, *,
+                also: tuple[str, ...] = ()) -> None:
+    """Refuse a key the loader would otherwise ignore: a typo such as ``bandwidth: 5`` or
+    ``slowdwn: 3`` must not silently fall back to the catalog figure. ``also``: accepted but
+    not suggested (to_dict's spelling)."""
+    unknown = [str(k) for k in value if k not in known and k not in also]
+    if unknown:
+        raise ClusterError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                           f"known: {', '.join(known)}")
+
+
+_LINK_KEYS = ("between", "kind", "bandwidth_gbps", "latency_s")
+_HOST_KEYS = ("name", "intra_link", "devices")
+_CLUSTER_KEYS = ("name", "hosts", "links")
+
+
 def _link_from(value, where: str) -> LinkSpec:
     """A link given by catalog kind ('pcie3') or by explicit bandwidth_gbps/latency_s."""
     if isinstance(value, str):
         value = {"kind": value}
     if not isinstance(value, dict):
         raise ClusterError(f"{where}: expected a link kind or a mapping, got {value!r}")
+    _check_keys(value, _LINK_KEYS, where)
     kind = value.get("kind", "custom")
     base: LinkKind | None = None
     if kind != "custom":
@@ -202,9 +219,15 @@ _EXPLICIT = {
 }
 
 
+_DEVICE_KEYS = ("name", "type", *_EXPLICIT, "slowdown", "num_threads", "torch_device")
+# The spelling ClusterSpec.to_dict writes (plan and profile files carry their cluster).
+_DEVICE_KEYS_TO_DICT = ("kind", "host", *(attr for attr, _ in _EXPLICIT.values()))
+
+
 def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
     if not isinstance(value, dict) or "name" not in value:
         raise ClusterError(f"{where}: each device needs a 'name' (and a 'type' or explicit figures)")
+    _check_keys(value, _DEVICE_KEYS, where, also=_DEVICE_KEYS_TO_DICT)
     # Accept both the YAML spelling (type, memory_gb, ...) and to_dict's (kind, memory_bytes, ...).
     fields: dict = {}
     kind = value.get("type", value.get("kind", "custom"))
@@ -232,7 +255,7 @@ def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
         raise ClusterError(f"{where}.slowdown must be a number >= 1 (an emulated slower device), got {slowdown!r}")
     slowdown = _number(slowdown)
     threads = value.get("num_threads", 1)
-    if not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ClusterError(f"{where}.num_threads must be a positive integer, got {threads!r}")
     torch_device = str(value.get("torch_device", "cpu"))
     if not (torch_device == "cpu" or torch_device.startswith("cuda")):
@@ -252,17 +275,28 @@ def parse_cluster(d: dict, *, name: str | None = None) -> ClusterSpec:
     """Validate a cluster mapping (the YAML file's content) into a ClusterSpec."""
     if not isinstance(d, dict):
         raise ClusterError(f"a cluster file must be a mapping with 'hosts', got {type(d).__name__}")
+    _check_keys(d, _CLUSTER_KEYS, "cluster")
     hosts_in = d.get("hosts")
     if not hosts_in:
         raise ClusterError("cluster is empty: 'hosts' must list at least one host with devices")
+    if not isinstance(hosts_in, list):
+        raise ClusterError(f"'hosts' must be a list of hosts ('- name: ...'), got {hosts_in!r}")
     hosts, devices, seen = [], [], set()
     for hi, h in enumerate(hosts_in):
         where = f"hosts[{hi}]"
         if not isinstance(h, dict) or "name" not in h:
             raise ClusterError(f"{where}: each host needs a 'name'")
+        _check_keys(h, _HOST_KEYS, where)
+        if str(h["name"]) in {x.name for x in hosts}:
+            # Hosts are keyed by name (links, host orders): two with one name would merge.
+            raise ClusterError(f"{where}: duplicate host name {str(h['name'])!r}; give each "
+                               "host its own name (a host may list several devices)")
         devs = h.get("devices") or []
         if not devs:
             raise ClusterError(f"{where} ({h['name']!r}): 'devices' is empty")
+        if not isinstance(devs, list):
+            raise ClusterError(f"{where}.devices must be a list of devices ('- {{name: ..., "
+                               f"type: ...}}'), got {devs!r}")
         intra = _link_from(h.get("intra_link", "pcie3"), f"{where}.intra_link")
         names = []
         for di, dv in enumerate(devs):
@@ -275,18 +309,28 @@ def parse_cluster(d: dict, *, name: str | None = None) -> ClusterSpec:
         hosts.append(HostSpec(name=str(h["name"]), intra_link=intra, device_names=tuple(names)))
     host_names = {h.name for h in hosts}
     links = []
-    for li, lk in enumerate(d.get("links") or []):
+    links_in = d.get("links") or []
+    if not isinstance(links_in, list):
+        raise ClusterError(f"'links' must be a list ('- {{between: [a, b], kind: 1gbe}}'), "
+                           f"got {links_in!r}")
+    for li, lk in enumerate(links_in):
         where = f"links[{li}]"
         between = lk.get("between") if isinstance(lk, dict) else None
-        if not between or len(between) != 2:
+        if not isinstance(between, list) or len(between) != 2:
             raise ClusterError(f"{where}.between must name two hosts, got {between!r}")
         for hn in between:
-            if hn not in host_names:
+            if str(hn) not in host_names:
                 raise ClusterError(
                     f"{where}.between refers to host {hn!r}, which is not in the cluster "
                     f"(hosts: {', '.join(sorted(host_names))})"
                 )
         a, b = sorted(map(str, between))
+        if a == b:
+            raise ClusterError(f"{where}.between names host {a!r} twice; a host's own link "
+                               "is its intra_link")
+        if any((a, b) == (x, y) for x, y, _ in links):
+            raise ClusterError(f"{where}: a second link between {a!r} and {b!r}; give each "
+                               "pair of hosts one link")
         spec = {k: v for k, v in lk.items() if k != "between"}
         links.append((a, b, _link_from(spec, where)))
     cluster = ClusterSpec(name=str(d.get("name", name or "cluster")), hosts=tuple(hosts),

@@ -89,3 +89,44 @@ def test_cluster_written_as_json_reads_back_as_yaml():
 
     cluster = paper_cluster()
     assert parse_cluster(yaml.safe_load(json.dumps(cluster.to_dict()))) == cluster
+
+
+def _two_hosts(**extra):
+    return {"hosts": [{"name": "a", "devices": [{"name": "x", "type": "t4"}]},
+                      {"name": "b", "devices": [{"name": "y", "type": "t4"}]}], **extra}
+
+
+def test_duplicate_host_names_are_refused_not_a_planner_crash():
+    # Two hosts named 'a' used to reach the planner, which indexed a device twice (KeyError).
+    d = {"hosts": [{"name": "a", "devices": [{"name": "x", "type": "t4"}]},
+                   {"name": "a", "devices": [{"name": "y", "type": "t4"}]}]}
+    with pytest.raises(ClusterError, match=r"hosts\[1\]: duplicate host name 'a'"):
+        parse_cluster(d)
+
+
+@pytest.mark.parametrize("d,match", [
+    # A typo must not silently leave the catalog figure in place.
+    (_one_host(slowdwn=3), r"hosts\[0\]\.devices\[0\]: unknown key\(s\) 'slowdwn'; known: .*slowdown"),
+    (_two_hosts(links=[{"between": ["a", "b"], "kind": "1gbe", "bandwidth": 5}]),
+     r"links\[0\]: unknown key\(s\) 'bandwidth'; known: .*bandwidth_gbps"),
+    (_two_hosts(link=[{"between": ["a", "b"], "kind": "1gbe"}]),
+     r"cluster: unknown key\(s\) 'link'; known: name, hosts, links"),
+    (_two_hosts(links=[{"between": ["a", "b"], "kind": "1gbe"},
+                       {"between": ["b", "a"], "kind": "10gbe"}]),
+     r"links\[1\]: a second link between 'a' and 'b'"),
+    ({"hosts": {"name": "a", "devices": [{"name": "x", "type": "t4"}]}}, "'hosts' must be a list"),
+    ({"hosts": [{"name": "a", "devices": {"name": "x", "type": "t4"}}]},
+     r"hosts\[0\]\.devices must be a list"),
+    (_one_host(num_threads=True), r"num_threads must be a positive integer, got True"),
+])
+def test_keys_and_shapes_the_loader_would_otherwise_ignore(d, match):
+    with pytest.raises(ClusterError, match=match):
+        parse_cluster(d)
+
+
+def test_numeric_host_names_match_their_links():
+    # YAML reads `name: 1` as an int; the link `between: [1, 2]` must still find the hosts.
+    d = {"hosts": [{"name": 1, "devices": [{"name": "x", "type": "t4"}]},
+                   {"name": 2, "devices": [{"name": "y", "type": "t4"}]}],
+         "links": [{"between": [1, 2], "kind": "10gbe"}]}
+    assert parse_cluster(d).link(0, 1).kind == "10gbe"
