@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,6 +163,28 @@ def test_cli_refuses_layer_count_dtype_and_length_before_launch(tiny_checkpoints
     long_ids = ",".join(["5"] * 120)
     assert _cli("--model", path, "--prompt-ids", long_ids, "--max-new-tokens", "20") == 2
     assert "context of 128" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    # An empty --prompt-ids used to end in an IndexError traceback from the planner call.
+    (["--prompt-ids", ""], "the prompt is empty"),
+    (["--prompt-ids", " ; "], "the prompt is empty"),
+    # Sampling settings used to pass here and fail in every worker, after the launch.
+    (["--prompt-ids", "5,6", "--temperature", "-1"], "temperature -1.0 < 0"),
+    (["--prompt-ids", "5,6", "--top-p", "0"], r"top_p 0.0 outside \(0, 1\]"),
+    # Over the context: the prompt's length, not a planner's '--seq-len' (run has no such flag).
+    (["--prompt-ids", ",".join(["5"] * 130)],
+     "prompt of 130 tokens exceeds llama's context of 128 tokens; shorten the prompt to <= 128"),
+    # New tokens alone over the context: no prompt length fixes it (it said '<= -72 tokens').
+    (["--prompt-ids", "5,6", "--max-new-tokens", "200"],
+     r"202 exceeds llama's context of 128 tokens; lower --max-new-tokens to <= 126$"),
+])
+def test_cli_refuses_prompt_and_sampling_mistakes_before_launch(tiny_checkpoints, tripwire,
+                                                                capsys, argv, message):
+    assert _cli("--model", str(tiny_checkpoints["llama"]), "--max-new-tokens", "2", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hpipe run: error: ") and "seq-len" not in err
+    assert re.search(message, err), err
 
 
 def test_prompt_too_long_is_typed(tiny_checkpoints):

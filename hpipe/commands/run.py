@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.cluster import load_cluster
     from hpipe.model.source import open_model
     from hpipe.runtime.launch import launch_local, run_as_torchrun_rank, torchrun_env
-    from hpipe.runtime.request import RunRequest, check_request
+    from hpipe.runtime.request import RunRequest, check_prompt, check_request
 
     env = torchrun_env()
     is_rank0 = env is None or env["RANK"] == "0"
@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         spec = source.spec
         cluster = load_cluster(args.cluster)
         rows = prompt_rows(args, source.tokenizer)
+        # The prompt first: the planner would report an empty or too long one as a --seq-len.
+        check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
         cost = load_cost(args, spec, cluster, args.dtype or "float32")
         plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]),
                             cost=cost)

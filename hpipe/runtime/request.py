@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hpipe.errors import HPipeError, PlanMismatchError, PromptTooLongError
+from hpipe.model.generate import Sampler
 from hpipe.model.shard import check_tp_size
 from hpipe.plan.plan import Plan
 from hpipe.spec import ModelSpec
@@ -97,24 +98,43 @@ def fit_plan(plan: Plan, *, batch: int, prompt_len: int) -> Plan:
         num_microbatches=min(plan.num_microbatches, batch), slice_table=())
 
 
-def check_request(req: RunRequest, spec: ModelSpec) -> None:
-    """Refuse a request that cannot run, naming the values and the fix. Pure; no workers yet."""
-    if not req.prompt_ids or not req.prompt_ids[0]:
+def check_prompt(prompt_ids, spec: ModelSpec, *, max_new_tokens: int) -> None:
+    """Refuse prompts that cannot run on ``spec`` whatever the plan: empty, ragged, beyond the
+    context, or token ids outside the vocabulary. ``hpipe run`` calls it before planning, so
+    the user hears about the prompt, not about a planner's ``seq_len``."""
+    if not prompt_ids or not any(prompt_ids):
         raise PromptShapeError("the prompt is empty: give at least one token")
-    lengths = sorted({len(p) for p in req.prompt_ids})
+    lengths = sorted({len(p) for p in prompt_ids})
     if len(lengths) > 1:
         # The decoder has no padding mask, so rows of a batch must be the same length.
         raise PromptShapeError(
             f"prompts of one batch must have the same token count, got lengths {lengths}; "
             "run them in separate batches or trim them to the same length")
-    if req.max_new_tokens < 0:
-        raise PromptShapeError(f"max_new_tokens must be >= 0, got {req.max_new_tokens}")
-    need = req.prompt_len + req.max_new_tokens
-    if need > spec.max_seq_len:
+    if max_new_tokens < 0:
+        raise PromptShapeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt_len, context = lengths[0], spec.max_seq_len
+    if prompt_len > context:
         raise PromptTooLongError(
-            f"prompt of {req.prompt_len} tokens + {req.max_new_tokens} new tokens = {need} "
-            f"exceeds {spec.name}'s context of {spec.max_seq_len} tokens; shorten the prompt to "
-            f"<= {spec.max_seq_len - req.max_new_tokens} tokens or lower --max-new-tokens")
+            f"prompt of {prompt_len} tokens exceeds {spec.name}'s context of {context} "
+            f"tokens; shorten the prompt to <= {context} tokens or use a longer-context model")
+    if prompt_len + max_new_tokens > context:
+        fixes = [f"lower --max-new-tokens to <= {context - prompt_len}"]
+        if max_new_tokens < context:  # else no prompt is short enough
+            fixes.append(f"shorten the prompt to <= {context - max_new_tokens} tokens")
+        raise PromptTooLongError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens = "
+            f"{prompt_len + max_new_tokens} exceeds {spec.name}'s context of {context} tokens; "
+            + " or ".join(fixes))
+    for bad in sorted({t for row in prompt_ids for t in row if not 0 <= t < spec.vocab_size}):
+        raise PromptShapeError(
+            f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}) of {spec.name!r}")
+
+
+def check_request(req: RunRequest, spec: ModelSpec) -> None:
+    """Refuse a request that cannot run, naming the values and the fix. Pure; no workers yet."""
+    check_prompt(req.prompt_ids, spec, max_new_tokens=req.max_new_tokens)
+    # The workers build this Sampler; out-of-range settings must fail here, not in N workers.
+    Sampler(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
     plan = req.plan
     mine = (spec.num_layers, spec.hidden, spec.vocab_size)
     theirs = (plan.model.num_layers, plan.model.hidden, plan.model.vocab_size)
@@ -137,9 +157,6 @@ def check_request(req: RunRequest, spec: ModelSpec) -> None:
         raise PlanMismatchError(
             f"plan is for batch {plan.batch} x {plan.seq_len} tokens but the request has "
             f"{req.batch} x {req.prompt_len}; build it with fit_plan(plan, batch=, prompt_len=)")
-    for bad in sorted({t for row in req.prompt_ids for t in row if not 0 <= t < spec.vocab_size}):
-        raise PromptShapeError(
-            f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}) of {spec.name!r}")
 
 
 def dtype_of(plan: Plan) -> torch.dtype:
