@@ -45,3 +45,31 @@ def test_generate_smollm2_chat_text(smollm2, capsys, monkeypatch):
     assert "Paris" in out["text"]
     assert out["prompt_tokens"] == len(smollm2.tokenizer.encode(
         smollm2.tokenizer.chat_prompt("What is the capital of France?")))
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-chat",), ("--chat",)])
+def test_run_feeds_the_same_prompt_ids_as_generate(smollm2, flags):
+    # `hpipe run --prompt TEXT` used to skip the chat template that `hpipe generate --prompt TEXT`
+    # applies by default, so the pipeline answered another prompt than the reference (SmolLM2
+    # ended at once on the raw question).
+    from hpipe.cli import _prompt_ids, build_parser
+    from hpipe.commands.run import prompt_rows
+
+    text = ["--prompt", "What is the capital of France?", *flags]
+    run_args = build_parser().parse_args(["run", "--model", "smollm2", *text])
+    gen_args = build_parser().parse_args(["generate", "--model", "smollm2", *text])
+    ids = _prompt_ids(gen_args, smollm2.tokenizer)
+    assert prompt_rows(run_args, smollm2.tokenizer) == [ids]
+    raw = smollm2.tokenizer.encode("What is the capital of France?")
+    assert (ids == raw) == (flags == ("--no-chat",))
+
+
+def test_run_refuses_chat_and_question_without_text(smollm2):
+    from hpipe.cli import build_parser
+    from hpipe.commands.run import prompt_rows
+    from hpipe.runtime.request import PromptShapeError
+
+    for flag in (["--chat"], ["--question", "why?"]):
+        args = build_parser().parse_args(["run", "--model", "smollm2", "--prompt-ids", "1,2", *flag])
+        with pytest.raises(PromptShapeError, match=f"{flag[0]} needs text"):
+            prompt_rows(args, smollm2.tokenizer)

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--question",
                    help="with --prompt/--prompt-file: ask this about the text, in the model's "
                         "chat format (instruct models)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt text (with --question, if any) in the model's chat "
+                        "template (default: if it has one, as 'hpipe generate' does)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=None,
                    help="run the prompt as a batch of B identical rows (default: 1, or the "
@@ -83,16 +86,20 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
 
     if args.prompt_ids is not None:
         rows = [list(_ints(r, "--prompt-ids")) for r in args.prompt_ids.split(";") if r.strip()]
-        if args.question:
-            raise PromptShapeError("--question needs text (--prompt or --prompt-file), "
-                                   "not --prompt-ids")
+        if args.question or args.chat:
+            raise PromptShapeError(f"{'--question' if args.question else '--chat'} needs text "
+                                   "(--prompt or --prompt-file), not --prompt-ids")
     else:
+        if args.prompt_file is not None and not args.prompt_file.is_file():
+            raise PromptShapeError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
         text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
         if args.question:
             from hpipe.demo import demo_prompt_text  # the demo's wording, kept in one place
 
-            text = tokenizer.chat_prompt(demo_prompt_text(text, args.question))
-        rows = [tokenizer.encode(text)]
+            text = demo_prompt_text(text, args.question)
+        # The same default as 'hpipe generate', so both commands feed the model the same ids.
+        chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
+        rows = [tokenizer.encode(tokenizer.chat_prompt(text) if chat else text)]
     if args.batch is not None:
         if args.batch < 1:
             raise PromptShapeError(f"--batch must be >= 1, got {args.batch}")
