@@ -187,6 +187,41 @@ def test_cli_refuses_prompt_and_sampling_mistakes_before_launch(tiny_checkpoints
     assert re.search(message, err), err
 
 
+def test_cli_refuses_a_cluster_or_method_the_plan_was_not_made_for(tiny_checkpoints, tmp_path,
+                                                                   tripwire, capsys):
+    # Both used to be ignored: the plan ran on its own cluster and method, and the report named
+    # the --cluster given (or the default local:2) instead of the cluster that ran.
+    from hpipe.cluster import local_cluster
+    from hpipe.model.source import open_model
+
+    path = str(tiny_checkpoints["llama"])
+    spec = open_model(path).spec
+    plan = plan_for(Case("p", "llama", layers=(1, 3), slices=(4,)), spec, local_cluster(2))
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    common = ("--model", path, "--prompt-ids", "5,6,7,8", "--max-new-tokens", "2",
+              "--plan", str(tmp_path / "plan.json"))
+    assert _cli(*common, "--cluster", "local:3") == 2
+    assert re.search(r"--cluster 'local:3' is not the cluster the plan .* was made for "
+                     r"\('local:2': cpu0, cpu1\)", capsys.readouterr().err)
+    assert _cli(*common, "--method", "base") == 2
+    assert re.search(r"--method base but the plan .* is a manual plan", capsys.readouterr().err)
+
+
+def test_cli_runs_a_plan_on_its_own_cluster_by_default(tiny_checkpoints, tmp_path):
+    from hpipe.cli import build_parser
+    from hpipe.cluster import load_cluster
+    from hpipe.commands.run import resolve_cluster
+    from hpipe.model.source import open_model
+
+    spec = open_model(tiny_checkpoints["llama"]).spec
+    slow2 = load_cluster(str(Path(__file__).parent.parent / "examples" / "slow2.yaml"))
+    plan = plan_for(Case("p", "llama", layers=(1, 3), slices=(4,)), spec, slow2)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    args = build_parser().parse_args(["run", "--model", "m", "--prompt-ids", "1",
+                                      "--plan", str(tmp_path / "plan.json")])
+    assert resolve_cluster(args) == slow2  # not local:2, the default without a plan
+
+
 def test_prompt_too_long_is_typed(tiny_checkpoints):
     from hpipe.model.source import open_model
 

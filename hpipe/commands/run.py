@@ -27,9 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model dir, .gguf file, or 'smollm2'")
-    p.add_argument("--cluster", default="local:2",
-                   help="'local:N' (N CPU workers here) or a cluster YAML file")
-    p.add_argument("--method", default="hpipe", choices=RUN_METHODS,
+    p.add_argument("--cluster", default=None,
+                   help="'local:N' (N CPU workers here) or a cluster YAML file (default: the "
+                        "--plan's cluster, else local:2)")
+    p.add_argument("--method", default=None, choices=RUN_METHODS,
                    help="the planner to run (default hpipe); megatron and tpt put tensor-"
                         "parallel pairs on stages, which the runtime shards Megatron-style "
                         "(one worker per device)")
@@ -126,10 +127,14 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
             raise PlanMismatchError(
                 f"--dtype {args.dtype} but the plan {str(args.plan)!r} was made for "
                 f"{plan.dtype}; drop --dtype or re-plan with --dtype {args.dtype}")
+        if args.method is not None and args.method != plan.method:
+            raise PlanMismatchError(
+                f"--method {args.method} but the plan {str(args.plan)!r} is a {plan.method} "
+                f"plan; drop --method to run the plan, or drop --plan to plan {args.method}")
         plan = fit_plan(plan, batch=batch, prompt_len=prompt_len)
     else:
         layers, slices = args.layers, args.slices
-        method = args.method
+        method = args.method or "hpipe"
         if (layers or slices) and method not in ("hpipe", "manual"):
             raise PlanMismatchError(f"--layers/--slices make a manual plan; they do not go "
                                     f"with --method {method}")
@@ -141,6 +146,29 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
         plans.append(plan_method("base", model=spec, cluster=plan.cluster, batch=batch,
                                  seq_len=prompt_len, dtype=plan.dtype, cost=cost))
     return plans
+
+
+def resolve_cluster(args):
+    """--cluster, else the --plan's cluster, else local:2. A --plan runs on the cluster it was
+    made for, so a --cluster that differs from it is refused rather than ignored."""
+    import dataclasses
+
+    from hpipe.cluster import load_cluster
+    from hpipe.plan.plan import Plan
+
+    if args.plan is None:
+        return load_cluster(args.cluster or "local:2")
+    planned = Plan.from_json(args.plan.read_text()).cluster
+    if args.cluster is None:
+        return planned
+    cluster = load_cluster(args.cluster)
+    if dataclasses.replace(cluster, name=planned.name) != planned:
+        names = ", ".join(d.name for d in planned.devices)
+        raise PlanMismatchError(
+            f"--cluster {args.cluster!r} is not the cluster the plan {str(args.plan)!r} was "
+            f"made for ({planned.name!r}: {names}); drop --cluster to run on the plan's, or "
+            f"re-plan with 'hpipe plan --cluster {args.cluster} --json'")
+    return cluster
 
 
 def predicted_timeline(result, plan, cost):
@@ -229,7 +257,6 @@ class _Bars:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpipe.cluster import load_cluster
     from hpipe.model.source import open_model
     from hpipe.runtime.launch import launch_local, run_as_torchrun_rank, torchrun_env
     from hpipe.runtime.request import RunRequest, check_prompt, check_request
@@ -241,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         source = open_model(args.model)
         spec = source.spec
-        cluster = load_cluster(args.cluster)
+        cluster = resolve_cluster(args)
         rows = prompt_rows(args, source.tokenizer)
         # The prompt first: the planner would report an empty or too long one as a --seq-len.
         check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
@@ -286,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     summaries = [result_summary(r, p, pr, source.tokenizer)
                  for r, p, pr in zip(results, plans, predicted)]
     main = summaries[0]
-    report = {"model": spec.name, "cluster": cluster.name, **main}
+    report = {"model": spec.name, "cluster": plans[0].cluster.name, **main}
     if len(summaries) > 1:
         base = summaries[1]
         report["compare"] = {
