@@ -34,3 +34,18 @@ def test_layer_lists_are_checked_by_argparse(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--method", "manual", "--layers", "8,x"])
     assert "not a comma-separated list of integers" in capsys.readouterr().err
+
+
+def test_run_text_report_shows_the_ids_of_a_model_without_tokenizer():
+    # It printed "(no tokenizer; ids in --json)": the run's output was lost unless re-run.
+    from hpipe.commands.run import format_report
+
+    stage = {"device": "cpu0", "layers": [0, 4], "busy_prefill_s": 0.1, "busy_decode_s": 0.1,
+             "peak_memory_bytes": 2**20, "tp_degree": 1, "prefill_allreduce_s": 0.0}
+    rep = {"model": "tiny", "cluster": "local:1", "method": "hpipe", "batch": 2,
+           "prompt_tokens": 4, "slices": [4], "emulated": False,
+           "output": {"text": [None, None], "ids": [[7, 8, 9], [3]]},
+           "prefill_latency_s": 0.1, "predicted_prefill_latency_s": 0.1, "prefill_tok_s": 80.0,
+           "ttft_s": 0.1, "decode_tok_s": 10.0, "num_decode_steps": 2, "latency_s": 0.3,
+           "stages": [stage]}
+    assert format_report(rep).splitlines()[:4] == ["7 8 9", "", "3", ""]

@@ -348,8 +348,9 @@ def _write_artifacts(args, results, predicted) -> None:
 
 def format_report(rep: dict) -> str:
     lines = []
-    for text in rep["output"]["text"]:
-        lines.append(text if text is not None else "(no tokenizer; ids in --json)")
+    for text, ids in zip(rep["output"]["text"], rep["output"]["ids"]):
+        # Without a tokenizer the ids are the output, as 'hpipe generate' prints them.
+        lines.append(text if text is not None else " ".join(map(str, ids)))
         lines.append("")
     emu = "  [emulated device speeds]" if rep["emulated"] else ""
     lines.append(f"{rep['model']} on {rep['cluster']}, method {rep['method']}, batch "
