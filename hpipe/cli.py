@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hpipe.commands import experiment, plan, profile, run, simulate
 from hpipe.commands.settings import int_list
-from hpipe.errors import HPipeError
+from hpipe.errors import DeviceError, HPipeError
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,12 +47,27 @@ def _prompt_ids(args, tokenizer) -> list[int]:
         return list(args.prompt_ids)
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
-            raise PromptError(f"--prompt-file {str(args.prompt_file)!r} does not exist")
+            raise PromptError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
         text = args.prompt_file.read_text()
     else:
         text = args.prompt
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     return tokenizer.encode(tokenizer.chat_prompt(text) if chat else text)
+
+
+def _torch_device(name: str):
+    """--device as a torch.device, refused by name when torch cannot use it here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r} is not a torch device; use cpu or cuda:K") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name!r}: this torch build sees no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name!r}: hpipe runs on cpu or cuda:K")
+    return device
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -62,10 +77,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from hpipe.model.source import open_model
     from hpipe.model.tokenizer import TokenizerNotFoundError
 
+    device = _torch_device(args.device)
     src = open_model(args.model)
     ids = _prompt_ids(args, src.tokenizer)
     sampler = Sampler(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = src.load_model(dtype=getattr(torch, args.dtype), device=args.device)
+    model = src.load_model(dtype=getattr(torch, args.dtype), device=device)
     result = generate(model, [ids], max_new_tokens=args.max_new_tokens, slices=args.slices,
                       sampler=sampler, eos_token_ids=src.tokenizer.eos_token_ids)
     out = list(result.output_ids[0])

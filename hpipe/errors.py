@@ -43,6 +43,10 @@ class SamplingError(HPipeError):
     """Sampling settings out of range (temperature < 0, top_p outside (0, 1])."""
 
 
+class DeviceError(HPipeError):
+    """A --device that torch cannot use here (not a device type, or no CUDA in this build)."""
+
+
 class TokenizerNotFoundError(HPipeError):
     """A model opened without a usable tokenizer was asked to turn text into ids."""
 

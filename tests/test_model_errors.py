@@ -1,6 +1,7 @@
 """Errors a user can cause are typed ValueErrors whose message names the values and the fix."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -89,3 +90,20 @@ def test_cli_prints_one_line_and_exits_2(tiny_checkpoints, capsys):
 def test_cli_missing_model_exits_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "hi"]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    # Each of these was a traceback (IndexError from the embedding, torch's AssertionError and
+    # RuntimeError) or a KV-cache message that did not name the flag.
+    (["--prompt-ids", "5,1000"], r"token id 1000 is outside the vocabulary \[0, 96\) of 'llama'"),
+    (["--prompt-ids", "5,6", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+    (["--prompt-ids", "5,6", "--device", "tpu"], "--device 'tpu' is not a torch device"),
+    pytest.param(["--prompt-ids", "5,6", "--device", "cuda"], "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    (["--prompt-file", "."], "--prompt-file '.' is not a file"),
+])
+def test_generate_cli_input_mistakes_are_one_line(tiny_checkpoints, capsys, argv, message):
+    assert main(["generate", "--model", str(tiny_checkpoints["llama"]), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err

@@ -94,6 +94,8 @@ def validate_slices(slices: Sequence[int] | None, prompt_tokens: int) -> tuple[i
 
 
 def check_fits(spec: ModelSpec, prompt_tokens: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 0:
+        raise PromptError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if prompt_tokens > spec.max_seq_len:
         raise PromptTooLongError(
             f"prompt of {prompt_tokens} tokens exceeds {spec.name}'s context of "
@@ -153,6 +155,11 @@ def generate(
     batch, prompt_tokens = ids.shape
     slices = validate_slices(slices, prompt_tokens)
     check_fits(spec, prompt_tokens, max_new_tokens)
+    # The embedding lookup would fail with a bare IndexError on an id past the vocabulary.
+    bad = ids[(ids < 0) | (ids >= spec.vocab_size)]
+    if bad.numel():
+        raise PromptError(f"token id {int(bad[0])} is outside the vocabulary "
+                          f"[0, {spec.vocab_size}) of {spec.name!r}")
     sampler = sampler or Sampler()
     eos = set(spec.eos_token_ids if eos_token_ids is None else eos_token_ids)
     caches = [s.new_cache(batch=batch, max_tokens=prompt_tokens + max_new_tokens) for s in stages]
