@@ -47,6 +47,10 @@ class DeviceError(HPipeError):
     """A --device that torch cannot use here (not a device type, or no CUDA in this build)."""
 
 
+class ChatTemplateError(HPipeError):
+    """A model's chat template that does not render (a syntax error, or it raised)."""
+
+
 class TokenizerNotFoundError(HPipeError):
     """A model opened without a usable tokenizer was asked to turn text into ids."""
 

@@ -107,3 +107,23 @@ def test_generate_cli_input_mistakes_are_one_line(tiny_checkpoints, capsys, argv
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% for m in messages %}{{ m['content'] }{% endfor %}", "TemplateSyntaxError: unexpected '}'"),
+    ("{{ raise_exception('System role required') }}", "TemplateError: System role required"),
+])
+def test_a_chat_template_that_fails_is_a_typed_error_naming_no_chat(template, match):
+    # A user's checkpoint may ship a template that raises for a lone user turn or does not
+    # parse; it was a jinja2 traceback from both generate and run.
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    from hpipe.errors import ChatTemplateError
+    from hpipe.model.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel(vocab={"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    tok = Tokenizer(backend, eos_token_ids=(), bos_token=None, eos_token=None,
+                    chat_template=template)
+    with pytest.raises(ChatTemplateError, match=f"{match}; pass --no-chat"):
+        tok.chat_prompt("hi")

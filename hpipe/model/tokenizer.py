@@ -16,7 +16,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from hpipe.errors import TokenizerNotFoundError, UnsupportedArchitectureError
+from hpipe.errors import ChatTemplateError, TokenizerNotFoundError, UnsupportedArchitectureError
 
 
 class Tokenizer:
@@ -79,7 +79,13 @@ def _render_chat(template: str, messages: list[dict], **special: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                **special)
+    except TemplateError as e:  # also TemplateSyntaxError; the template is the model's, not ours
+        raise ChatTemplateError(
+            f"the model's chat template does not render one user turn: "
+            f"{type(e).__name__}: {e}; pass --no-chat to send the prompt text as it is") from None
 
 
 def _token_text(value: Any) -> str | None:
