@@ -127,3 +127,41 @@ def test_a_chat_template_that_fails_is_a_typed_error_naming_no_chat(template, ma
                     chat_template=template)
     with pytest.raises(ChatTemplateError, match=f"{match}; pass --no-chat"):
         tok.chat_prompt("hi")
+
+
+def _copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path, tiny_checkpoints):
+    # Each was a traceback (KeyError, SafetensorError, tokenizers' bare Exception).
+    from hpipe.errors import ModelSpecError, TokenizerNotFoundError
+
+    bad = _copy_checkpoint(tiny_checkpoints["llama"], tmp_path / "no_layers")
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError, match=r"has no 'num_hidden_layers', which a llama config"):
+        open_model(bad)
+
+    bad = _copy_checkpoint(tiny_checkpoints["llama"], tmp_path / "truncated")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(WeightsNotFoundError, match=r"cannot read safetensors file .*truncated"):
+        open_model(bad).load_model()
+
+    bad = _copy_checkpoint(tiny_checkpoints["llama_sharded"], tmp_path / "lost_shard")
+    shard = sorted(bad.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(WeightsNotFoundError, match=f"cannot read safetensors file .*{shard.name}"):
+        open_model(bad).load_model()
+
+    bad = _copy_checkpoint(tiny_checkpoints["llama"], tmp_path / "bad_tokenizer")
+    (bad / "tokenizer.json").write_text("{not json")
+    src = open_model(bad)  # ids still work
+    assert generate(src.load_model(), [[5, 6]], max_new_tokens=2).output_ids
+    with pytest.raises(TokenizerNotFoundError, match=r"cannot read the tokenizer of .*--prompt-ids"):
+        src.tokenizer.encode("hi")

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from hpipe.errors import ModelSpecError, UnsupportedArchitectureError
+from hpipe.errors import HPipeError, ModelSpecError, UnsupportedArchitectureError
 from hpipe.spec import ModelSpec
 
 # HF model_type -> our family. Mistral and Qwen2 are LLaMA blocks (Qwen2 adds q/k/v biases).
@@ -97,8 +97,21 @@ def spec_from_hf_config(config: Mapping[str, Any] | str | Path, *, name: str | N
             f"unsupported architecture {model_type!r} ({arch}); hpipe implements model types "
             f"{', '.join(sorted(HF_MODEL_TYPES))}"
         )
-    family = HF_MODEL_TYPES[model_type]
     name = name or cfg.get("_name_or_path") or model_type
+    try:
+        return _spec_from_hf_dict(cfg, model_type, str(name))
+    except KeyError as e:
+        raise ModelSpecError(f"HF config of {name!r} has no {e.args[0]!r}, which a "
+                             f"{model_type} config needs; is its config.json complete?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, HPipeError):  # already names the field
+            raise
+        raise ModelSpecError(f"HF config of {name!r} has a field of the wrong type or value: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def _spec_from_hf_dict(cfg: dict, model_type: str, name: str) -> ModelSpec:
+    family = HF_MODEL_TYPES[model_type]
     common = dict(
         name=str(name),
         family=family,

@@ -100,9 +100,14 @@ def tokenizer_from_hf_dir(model_dir: Path, *, eos_token_ids: Sequence[int]) -> T
     path = model_dir / "tokenizer.json"
     if not path.exists():
         return NoTokenizer(f"no tokenizer.json in {str(model_dir)!r}", eos_token_ids=eos_token_ids)
-    backend = Backend.from_file(str(path))
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    try:
+        backend = Backend.from_file(str(path))
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        # Token ids still run; text then fails naming the file (NoTokenizer).
+        return NoTokenizer(f"cannot read the tokenizer of {str(model_dir)!r} "
+                           f"({type(e).__name__}: {e})", eos_token_ids=eos_token_ids)
     template = cfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)

@@ -20,10 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from hpipe.errors import WeightsNotFoundError
 from hpipe.spec import ModelSpec
+
+
+def _safe_open(path: Path):
+    """safe_open, with a missing or damaged file named (a truncated download, an index json
+    that lists a shard that is not there) instead of the library's bare error."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise WeightsNotFoundError(
+            f"cannot read safetensors file {str(path)!r}: {e}; re-download or re-save the "
+            "checkpoint") from None
 
 
 class SafetensorsReader:
@@ -33,7 +44,11 @@ class SafetensorsReader:
         self.model_dir = Path(model_dir)
         index = self.model_dir / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise WeightsNotFoundError(f"cannot read the shard index {str(index)!r}: "
+                                           f"{type(e).__name__}: {e}") from None
             self._shard_of = {name: self.model_dir / f for name, f in weight_map.items()}
         else:
             files = sorted(self.model_dir.glob("*.safetensors"))
@@ -43,7 +58,7 @@ class SafetensorsReader:
                     "(re-save the model with save_pretrained(..., safe_serialization=True))")
             self._shard_of = {}
             for f in files:  # headers only: safe_open reads the JSON header, not the data
-                with safe_open(f, framework="pt") as handle:
+                with _safe_open(f) as handle:
                     self._shard_of.update({name: f for name in handle.keys()})
         self._handles: dict[Path, object] = {}
         self.names_read: list[str] = []
@@ -58,7 +73,7 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         shard = self._shard_of[name]
         if shard not in self._handles:
-            self._handles[shard] = safe_open(shard, framework="pt")
+            self._handles[shard] = _safe_open(shard)
         self.names_read.append(name)
         return self._handles[shard].get_tensor(name)
 
