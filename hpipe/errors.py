@@ -43,6 +43,10 @@ class SamplingError(HPipeError):
     """Sampling settings out of range (temperature < 0, top_p outside (0, 1])."""
 
 
+class OutputPathError(HPipeError):
+    """An output file (--trace, --png, --out) that cannot be written where it was asked."""
+
+
 class DeviceError(HPipeError):
     """A --device that torch cannot use here (not a device type, or no CUDA in this build)."""
 

@@ -49,3 +49,24 @@ def test_run_text_report_shows_the_ids_of_a_model_without_tokenizer():
            "ttft_s": 0.1, "decode_tok_s": 10.0, "num_decode_steps": 2, "latency_s": 0.3,
            "stages": [stage]}
     assert format_report(rep).splitlines()[:4] == ["7 8 9", "", "3", ""]
+
+
+def test_output_paths_are_prepared_before_the_work(tmp_path, capsys, tripwire):
+    # A --png/--trace/--out in a folder that did not exist was a FileNotFoundError traceback
+    # after the simulation, the run, or minutes of profiling, whose results it then lost.
+    png = tmp_path / "new" / "sub" / "base.png"
+    assert main(["simulate", "--method", "base", "--seq-len", "256", "--batch", "1",
+                 "--png", str(png)]) == 0
+    assert png.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["simulate", "--method", "base", "--seq-len", "256", "--batch", "1",
+                 "--trace", str(tmp_path)]) == 2
+    assert f"--trace {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["run", "--model", "m", "--prompt-ids", "1,2", "--trace",
+                 str(blocker / "t.json")]) == 2  # refused before the model is even opened
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main(["profile", "--model", "llama-7b", "--cluster", "local:1", "--out",
+                 str(blocker / "p.json")]) == 2
+    assert "--out" in capsys.readouterr().err

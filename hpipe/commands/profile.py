@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpipe.commands.settings import prepare_output
 from hpipe.errors import HPipeError, WorkerFailedError
 
 
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.runtime.launch import torchrun_env
 
     try:
+        prepare_output(args.out, "--out")  # before minutes of profiling, not after
         cluster = load_cluster(args.cluster)
         max_tokens = args.max_tokens or (1024 if args.quick else 2048)
         grid = default_grid(max_tokens, quick=args.quick, max_batch=args.max_batch)

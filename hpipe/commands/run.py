@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands.settings import int_list
+from hpipe.commands.settings import int_list, prepare_output
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
 from hpipe.profile import add_profile_argument, load_cost
 
@@ -266,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.max_new_tokens < 0:
             raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        prepare_output(args.trace, "--trace")
+        prepare_output(args.png, "--png")
         source = open_model(args.model)
         spec = source.spec
         cluster = resolve_cluster(args)

@@ -1,10 +1,13 @@
-"""The options ``plan`` and ``simulate`` share, and how they become a model spec and a cost model."""
+"""The options ``plan`` and ``simulate`` share, how they become a model spec and a cost model, and
+the output-path check of the commands that write files."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from hpipe.errors import OutputPathError
 from hpipe.plan.plan import DTYPES
 from hpipe.profile import add_profile_argument, load_cost
 from hpipe.spec import ModelSpec, model_preset
@@ -24,6 +27,23 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                    help="keep HPipe to pure pipelines (one device per stage); by default its "
                         "search also tries tensor-parallel pairs inside a host")
     add_profile_argument(p)
+
+
+def prepare_output(path: Path | None, flag: str) -> None:
+    """Create the folder of an output file before the work that fills it, so a path that cannot
+    be written fails now rather than after a run or a profile whose results it would lose."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} is a directory; give a file name in it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{flag} {str(path)!r}: cannot create its folder "
+                              f"{str(path.parent)!r} ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OutputPathError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} is not "
+                              "writable")
 
 
 def int_list(text: str) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands.settings import add_setting_args, load_settings
+from hpipe.commands.settings import add_setting_args, load_settings, prepare_output
 from hpipe.errors import HPipeError
 
 METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.report.trace import write_chrome_trace
 
     try:
+        prepare_output(args.trace, "--trace")
+        prepare_output(args.png, "--png")
         cluster, model, cost = load_settings(args)
         methods = PAPER_METHODS if args.method == "all" else (args.method,)
         results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
