@@ -13,7 +13,10 @@
    third), so the simulator, not the estimate, has the last word.
 4. A hill climb (``climb.py``) plans the neighbours of the best plan's split and of the best
    ranked splits in full, while any is faster: the proxies of steps 1-2 miss the fastest
-   split on short prompts ([Note: why the search climbs]).
+   split on short prompts ([Note: why the search climbs]). At a local optimum, with
+   budget left, it plans the best two-change neighbours by the estimate, then climbs from
+   the other ranked splits and the DP's splits with one device left out ([Note: two
+   changes at once]).
 With ``allow_tp`` this runs twice: over single devices (the whole ``allow_tp=False`` search),
 then over TP groups too, starting from the first search's plan.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hpipe.errors import InfeasiblePlanError
@@ -379,11 +383,34 @@ def _search(pb: Problem, *, tp: bool, best: Plan | None,
                 best = plan
     if best is not None:
         best = climb(pb, best, [c.stages for c in full[:NUM_CLIMB_STARTS]],
+                     later_starts=_later_starts(pb, ranked[NUM_FULL_SPLITS:], tp=tp),
                      groups=stage_groups(pb.cluster, allow_tp=tp), seen=seen,
                      plan_split=lambda stages, b: _plan_split(
                          pb, stages, b.predicted_latency_s,
                          (b.slices,) if b.num_microbatches == 1 else ()))
     return best, dp_feasible
+
+
+def _later_starts(pb: Problem, rest: list[Candidate], *,
+                  tp: bool) -> Iterator[tuple[StagePlan, ...]]:
+    """The climb's further starts, asked for only while its budget lasts: the ranked splits
+    not planned in full, then the workload DP's best split for every stage count with one
+    device left out, for each device, best estimate first ([Note: two changes at once])."""
+    yield from (c.stages for c in rest)
+    groups = stage_groups(pb.cluster, allow_tp=tp)
+    sc = _split_costs(pb, groups, hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len))
+    orders = pb.cluster.host_orders()
+    found: dict[tuple[StagePlan, ...], None] = {}
+    for d in range(pb.cluster.num_devices):
+        without = tuple(g for g in groups if d not in g)
+        by_order = [splits_by_stages(sc, o, groups=without) for o in orders]
+        for K in range(1, pb.cluster.num_devices):
+            split = min((b[K - 1] for b in by_order), key=lambda s: s.bottleneck_s)
+            if math.isfinite(split.bottleneck_s):
+                found[split.stages()] = None
+    estimates = {s: estimate_split_s(pb, s) for s in found}
+    yield from sorted((s for s in found if math.isfinite(estimates[s])),
+                      key=estimates.__getitem__)
 
 
 def _plan_split(pb: Problem, stages: tuple[StagePlan, ...], cutoff_s: float,
