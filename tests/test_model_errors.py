@@ -165,3 +165,14 @@ def test_damaged_checkpoint_files_are_named(tmp_path, tiny_checkpoints):
     assert generate(src.load_model(), [[5, 6]], max_new_tokens=2).output_ids
     with pytest.raises(TokenizerNotFoundError, match=r"cannot read the tokenizer of .*--prompt-ids"):
         src.tokenizer.encode("hi")
+
+
+def test_truncated_gguf_is_named_when_opened(tmp_path, smollm2_gguf):
+    # A cut download: a struct.error traceback (header) or a reshape error in every worker (data).
+    data = smollm2_gguf.read_bytes()
+    for name, size, match in [("header.gguf", 5000, r"header ends early at 5000 bytes"),
+                              ("data.gguf", len(data) - 1000, r"tensor '.*' ends at byte"),
+                              ("empty.gguf", 0, r"not a GGUF file \(too short\)")]:
+        (tmp_path / name).write_bytes(data[:size])
+        with pytest.raises(WeightsNotFoundError, match=match):
+            open_model(tmp_path / name)

@@ -41,11 +41,21 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.stat().st_size < 4:  # np.memmap refuses an empty file
+            raise WeightsNotFoundError(f"{str(self.path)!r} is not a GGUF file (too short)")
         self._mm = np.memmap(self.path, mode="r", dtype=np.uint8)
         self._buf = memoryview(self._mm)
         self._pos = 0
         if bytes(self._buf[:4]) != b"GGUF":
             raise WeightsNotFoundError(f"{str(self.path)!r} is not a GGUF file (bad magic)")
+        try:
+            self._read_header()
+        except struct.error:  # a read past the end: the download stopped in the header
+            raise WeightsNotFoundError(
+                f"{str(self.path)!r} is a truncated GGUF file (its header ends early at "
+                f"{len(self._mm)} bytes); download it again") from None
+
+    def _read_header(self) -> None:
         self._pos = 4
         version, num_tensors, num_kv = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
         if version not in (2, 3):
@@ -63,6 +73,8 @@ class GGUFFile:
         data_start = -(-self._pos // alignment) * alignment
         self.tensors = {name: GGUFTensorInfo(name, shape, t, data_start + off)
                         for name, shape, t, off in infos}
+        if self.tensors:  # the last tensor in the file reaches its end: a cut download shows here
+            self._end_byte(max(self.tensors.values(), key=lambda i: i.data_offset_bytes))
 
     def _unpack(self, fmt: str):
         (value,) = struct.unpack_from(fmt, self._buf, self._pos)
@@ -96,12 +108,26 @@ class GGUFFile:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         rows_shape = tuple(reversed(info.shape))  # numpy order
+        start, stop = info.data_offset_bytes, self._end_byte(info)
+        if info.ggml_type in _PLAIN:
+            return self._mm[start:stop].view(np.dtype(_PLAIN[info.ggml_type])).reshape(rows_shape)
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        byte_shape = (*rows_shape[:-1], rows_shape[-1] // block_size * type_size)
+        return self._mm[start:stop].reshape(byte_shape)
+
+    def _end_byte(self, info: GGUFTensorInfo) -> int:
+        """One past the tensor's last byte, checked against the file's size."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
         num_elems = int(np.prod(info.shape))
         if info.ggml_type in _PLAIN:
-            dtype = np.dtype(_PLAIN[info.ggml_type])
-            start, stop = info.data_offset_bytes, info.data_offset_bytes + num_elems * dtype.itemsize
-            return self._mm[start:stop].view(dtype).reshape(rows_shape)
-        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
-        num_bytes = num_elems // block_size * type_size
-        byte_shape = (*rows_shape[:-1], rows_shape[-1] // block_size * type_size)
-        return self._mm[info.data_offset_bytes : info.data_offset_bytes + num_bytes].reshape(byte_shape)
+            num_bytes = num_elems * np.dtype(_PLAIN[info.ggml_type]).itemsize
+        else:
+            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+            num_bytes = num_elems // block_size * type_size
+        stop = info.data_offset_bytes + num_bytes
+        if stop > len(self._mm):
+            raise WeightsNotFoundError(
+                f"{str(self.path)!r} is a truncated GGUF file: tensor {info.name!r} ends at byte "
+                f"{stop} but the file has {len(self._mm)}; download it again")
+        return stop
