@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hpipe.commands import experiment, plan, profile, run, simulate
-from hpipe.commands.settings import int_list
+from hpipe.commands.settings import int_list, read_prompt_file
 from hpipe.errors import DeviceError, HPipeError
 
 
@@ -41,14 +41,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
-    from hpipe.model.generate import PromptError
-
     if args.prompt_ids is not None:
         return list(args.prompt_ids)
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise PromptError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
-        text = args.prompt_file.read_text()
+        text = read_prompt_file(args.prompt_file)
     else:
         text = args.prompt
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)

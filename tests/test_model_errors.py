@@ -101,8 +101,13 @@ def test_cli_missing_model_exits_2(tmp_path, capsys):
     pytest.param(["--prompt-ids", "5,6", "--device", "cuda"], "sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     (["--prompt-file", "."], "--prompt-file '.' is not a file"),
+    (["--prompt-file", "__binary__"], r"is not UTF-8 text \(byte 1: invalid start byte\)"),
 ])
-def test_generate_cli_input_mistakes_are_one_line(tiny_checkpoints, capsys, argv, message):
+def test_generate_cli_input_mistakes_are_one_line(tiny_checkpoints, capsys, tmp_path, argv,
+                                                  message):
+    if "__binary__" in argv:  # a binary file given as the prompt: a UnicodeDecodeError before
+        (tmp_path / "bin.txt").write_bytes(b"a\xff\xfe")
+        argv = [str(tmp_path / "bin.txt") if a == "__binary__" else a for a in argv]
     assert main(["generate", "--model", str(tiny_checkpoints["llama"]), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err

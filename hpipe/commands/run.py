@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands.settings import int_list, prepare_output
+from hpipe.commands.settings import int_list, prepare_output, read_prompt_file
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
 from hpipe.profile import add_profile_argument, load_cost
 
@@ -91,9 +91,7 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
             raise PromptShapeError(f"{'--question' if args.question else '--chat'} needs text "
                                    "(--prompt or --prompt-file), not --prompt-ids")
     else:
-        if args.prompt_file is not None and not args.prompt_file.is_file():
-            raise PromptShapeError(f"--prompt-file {str(args.prompt_file)!r} is not a file")
-        text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+        text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
         if args.question:
             from hpipe.demo import demo_prompt_text  # the demo's wording, kept in one place
 

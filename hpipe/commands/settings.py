@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from hpipe.errors import OutputPathError
+from hpipe.errors import OutputPathError, PromptError
 from hpipe.plan.plan import DTYPES
 from hpipe.profile import add_profile_argument, load_cost
 from hpipe.spec import ModelSpec, model_preset
@@ -44,6 +44,19 @@ def prepare_output(path: Path | None, flag: str) -> None:
     if not os.access(path.parent, os.W_OK):
         raise OutputPathError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} is not "
                               "writable")
+
+
+def read_prompt_file(path: Path) -> str:
+    """--prompt-file's text (UTF-8), refused by name when it is not a readable text file."""
+    if not path.is_file():
+        raise PromptError(f"--prompt-file {str(path)!r} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start}: "
+                          f"{e.reason}); convert it, or pass token ids with --prompt-ids") from None
+    except OSError as e:
+        raise PromptError(f"--prompt-file {str(path)!r}: {e.strerror or e}") from None
 
 
 def int_list(text: str) -> tuple[int, ...]:
