@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ClusterError(f"{where}.num_threads must be a positive integer, got {threads!r}")
     torch_device = str(value.get("torch_device", "cpu"))
-    if not (torch_device == "cpu" or torch_device.startswith("cuda")):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", torch_device):
         raise ClusterError(f"{where}.torch_device must be 'cpu' or 'cuda:K', got {torch_device!r}")
     return DeviceSpec(
         name=str(value["name"]), kind=kind, host=host,

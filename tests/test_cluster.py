@@ -118,6 +118,7 @@ def test_duplicate_host_names_are_refused_not_a_planner_crash():
     ({"hosts": [{"name": "a", "devices": {"name": "x", "type": "t4"}}]},
      r"hosts\[0\]\.devices must be a list"),
     (_one_host(num_threads=True), r"num_threads must be a positive integer, got True"),
+    (_one_host(torch_device="cudaX"), r"torch_device must be 'cpu' or 'cuda:K', got 'cudaX'"),
 ])
 def test_keys_and_shapes_the_loader_would_otherwise_ignore(d, match):
     with pytest.raises(ClusterError, match=match):

@@ -222,6 +222,17 @@ def test_cli_runs_a_plan_on_its_own_cluster_by_default(tiny_checkpoints, tmp_pat
     assert resolve_cluster(args) == slow2  # not local:2, the default without a plan
 
 
+def test_cli_refuses_a_cuda_device_this_machine_lacks_before_launch(tiny_checkpoints, tmp_path,
+                                                                    tripwire, capsys):
+    # It launched, and the worker died on torch's "no attribute '_cuda_setDevice'".
+    (tmp_path / "gpu.yaml").write_text(
+        "hosts:\n- name: box\n  devices:\n  - {name: g0, type: t4, torch_device: 'cuda:99'}\n")
+    assert _cli("--model", str(tiny_checkpoints["llama"]), "--prompt-ids", "5,6,7",
+                "--max-new-tokens", "2", "--cluster", str(tmp_path / "gpu.yaml")) == 2
+    assert re.search(r"error: device 'g0' .* torch_device 'cuda:99', but torch here sees \d+ "
+                     r"CUDA device\(s\); set its torch_device to cpu", capsys.readouterr().err)
+
+
 def test_prompt_too_long_is_typed(tiny_checkpoints):
     from hpipe.model.source import open_model
 

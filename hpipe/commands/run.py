@@ -256,7 +256,12 @@ class _Bars:
 
 def run(args: argparse.Namespace) -> int:
     from hpipe.model.source import open_model
-    from hpipe.runtime.launch import launch_local, run_as_torchrun_rank, torchrun_env
+    from hpipe.runtime.launch import (
+        check_local_devices,
+        launch_local,
+        run_as_torchrun_rank,
+        torchrun_env,
+    )
     from hpipe.runtime.request import RunRequest, check_prompt, check_request
 
     env = torchrun_env()
@@ -284,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
             for plan in plans]
         for req in requests:
             check_request(req, spec)
+        if env is None:  # local workers: their devices are this machine's
+            check_local_devices(requests)
     except (HPipeError, OSError) as e:
         if is_rank0:
             print(f"hpipe run: error: {e}", file=sys.stderr)

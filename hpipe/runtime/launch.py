@@ -96,6 +96,7 @@ def launch_local(
 
     # One rank per device the plan uses (a tensor-parallel stage has several; see rank.py).
     world_size = world_size or max(len(rank_devices(r.plan)) for r in requests)
+    check_local_devices(requests)
     backend = pick_backend(requests)
     warn_if_oversubscribed(requests)
 
@@ -108,6 +109,29 @@ def launch_local(
                         addr=addr, port=port, connect_timeout_s=connect_timeout_s,
                         on_progress=on_progress, progress_ranks=(_last_rank(requests),),
                         on_started=on_started, describe_rank=where, cuda_devices=cuda_devices)
+
+
+def check_local_devices(requests: list[RunRequest]) -> None:
+    """Refuse, before any worker starts, a plan whose devices name a CUDA device this machine's
+    torch cannot use (a CPU-only build, or cuda:K past its GPUs): the worker would fail
+    anyway, with torch's own message about a missing attribute."""
+    import torch
+
+    from hpipe.runtime.rank import rank_devices
+
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for req in requests:
+        for d in rank_devices(req.plan):
+            dev = req.plan.cluster.devices[d]
+            if not dev.torch_device.startswith("cuda"):
+                continue
+            index = int(dev.torch_device.partition(":")[2] or 0)
+            if index >= num_gpus:
+                raise errors.DeviceError(
+                    f"device {dev.name!r} of cluster {req.plan.cluster.name!r} computes on "
+                    f"torch_device {dev.torch_device!r}, but torch here sees {num_gpus} CUDA "
+                    "device(s); set its torch_device to cpu (or a GPU this machine has), or run "
+                    "on the machine that has it (torchrun)")
 
 
 def cpu_demand_cores(cluster) -> float:
