@@ -76,6 +76,12 @@ def test_slices_not_summing_to_prompt():
 def test_bad_sampling_settings():
     with pytest.raises(SamplingError, match=r"top_p 1.5 outside"):
         Sampler(temperature=1.0, top_p=1.5)
+    # nan reached torch.multinomial ("probability tensor contains inf, nan"); a seed past 64
+    # bits was a bare "Overflow when unpacking long long".
+    with pytest.raises(SamplingError, match=r"temperature nan is not a number >= 0"):
+        Sampler(temperature=float("nan"))
+    with pytest.raises(SamplingError, match=r"seed 18446744073709551616 does not fit in 64 bits"):
+        Sampler(temperature=1.0, seed=2**64)
 
 
 def test_cli_prints_one_line_and_exits_2(tiny_checkpoints, capsys):

@@ -170,7 +170,7 @@ def test_cli_refuses_layer_count_dtype_and_length_before_launch(tiny_checkpoints
     (["--prompt-ids", ""], "the prompt is empty"),
     (["--prompt-ids", " ; "], "the prompt is empty"),
     # Sampling settings used to pass here and fail in every worker, after the launch.
-    (["--prompt-ids", "5,6", "--temperature", "-1"], "temperature -1.0 < 0"),
+    (["--prompt-ids", "5,6", "--temperature", "-1"], "temperature -1.0 is not a number >= 0"),
     (["--prompt-ids", "5,6", "--top-p", "0"], r"top_p 0.0 outside \(0, 1\]"),
     # Over the context: the prompt's length, not a planner's '--seq-len' (run has no such flag).
     (["--prompt-ids", ",".join(["5"] * 130)],

@@ -8,6 +8,7 @@ full prefill up to float rounding.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ class Sampler:
     """
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if temperature < 0:
-            raise SamplingError(f"temperature {temperature} < 0; use 0 for greedy or a value > 0")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise SamplingError(f"temperature {temperature} is not a number >= 0; use 0 for "
+                                "greedy or a finite value > 0")
         if not 0 < top_p <= 1:
             raise SamplingError(f"top_p {top_p} outside (0, 1]; 1 disables nucleus filtering")
+        if seed is not None and not -(2**63) <= seed < 2**64:  # torch.Generator's range
+            raise SamplingError(f"seed {seed} does not fit in 64 bits; use a smaller seed")
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self._generator = None
         if temperature > 0:
