@@ -171,3 +171,27 @@ def test_slicing_dp_cuts_longer_slices_first_when_attention_matters():
                        grain_tokens=pb.grain_tokens, num_stages=plan.num_stages)
     first, last = res.slices[:3], res.slices[-3:]
     assert min(first) > max(last), res.slices
+
+
+@pytest.mark.parametrize("method", ["hpipe", "gpipe", "gpb"])
+def test_a_huge_batch_is_refused_without_trying_every_micro_batch_count(method, monkeypatch):
+    """More micro-batches never need more memory, so when the finest count does not fit the
+    planner says so at once; it used to try all of 1..batch (batch 100000: over 10 minutes)."""
+    import hpipe.plan.evaluate as evaluate
+    import hpipe.plan.rank as rank
+    import hpipe.plan.search as search
+
+    calls = 0
+    real = evaluate.memory_overflows
+
+    def counted(plan, cost):
+        nonlocal calls
+        calls += 1
+        if calls > 5000:
+            raise AssertionError("the planner is sweeping micro-batch counts one by one")
+        return real(plan, cost)
+
+    for module in (rank, search):
+        monkeypatch.setattr(module, "memory_overflows", counted)
+    with pytest.raises(InfeasiblePlanError, match=r"fits: batch <= \d+"):
+        plan_method(method, model=LLAMA, cluster=PAPER, batch=100_000, seq_len=2048)

@@ -99,6 +99,11 @@ def estimate_split_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
         prefixes = np.concatenate([[0], np.cumsum(sl)[:-1]])
         best = min(best, flow_bound_s(pb, stages, [(pb.batch, int(s), int(p))
                                                    for s, p in zip(sl, prefixes)]))
+    # The finest count needs the least memory (search.best_microbatches says why): when it
+    # does not fit, no count does, and trying them all costs batch^2 units.
+    finest = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=pb.batch)
+    if memory_overflows(finest, pb.cost):
+        return best
     for m in range(2, pb.batch + 1):
         plan = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=m)
         if not memory_overflows(plan, pb.cost):
