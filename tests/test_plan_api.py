@@ -98,7 +98,7 @@ def test_manual_errors():
 
 
 def test_seq_len_beyond_context():
-    with pytest.raises(PromptTooLongError, match=r"seq_len 4096 exceeds 'llama-7b''s context of 2048"):
+    with pytest.raises(PromptTooLongError, match=r"seq_len 4096 exceeds the context of 'llama-7b', 2048 tokens"):
         plan_method("hpipe", model=LLAMA, cluster=PAPER, batch=6, seq_len=4096)
 
 

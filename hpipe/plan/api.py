@@ -78,7 +78,7 @@ def plan_method(
         raise PlanMismatchError(f"batch {batch} and seq_len {seq_len} must both be >= 1")
     if seq_len > model.max_seq_len:
         raise PromptTooLongError(
-            f"seq_len {seq_len} exceeds {model.name!r}'s context of {model.max_seq_len} tokens; "
+            f"seq_len {seq_len} exceeds the context of {model.name!r}, {model.max_seq_len} tokens; "
             f"use --seq-len <= {model.max_seq_len} or a long-context model")
     if grain_tokens is not None and grain_tokens < 1:
         raise PlanMismatchError(f"grain_tokens must be >= 1, got {grain_tokens}")
