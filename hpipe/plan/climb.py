@@ -26,21 +26,29 @@ more (seed 1417, a 4x faster device: the old winner leaves it idle and was the w
 DP's best 3-stage split, which now uses it; 3.0%). So at a local optimum, while budget is
 left, the climb (1) ranks the best plan's two-change neighbours (tens to a few hundred; too
 many to plan in full) by ``rank.estimate_split_s`` and plans the best ``NUM_PAIR_TRIES``, and
-failing that (2) plans and climbs from up to ``NUM_LATER_STARTS`` further starts: the
-search's ranked splits not yet planned in full, then the workload DP's best split for every
-stage count with one device left out, for each device (what the DP proposed before the
-device was added or sped up). Both run only on budget left over, so a long prompt, whose
-budget the first neighbours spend, gets the same plan in the same time. Of the 11 wide
-seeds where an extra or a faster device made the plan slower, none is left, and each step
-is needed: (1) alone mended 2369 and 1052 but not 922, (1) with the ranked splits of (2)
-not 1417 (tests/test_plan_random.py asserts all 11).
+failing that (2) plans and climbs from up to ``NUM_LATER_STARTS`` further starts (at most
+``NUM_LATER_PLANS`` plans in all): the search's ranked splits not yet planned in full, then
+the workload DP's best split for every stage count with one device left out, for each
+device (what the DP proposed before the device was added or sped up). Both run only on
+budget left over, so a long prompt, whose budget the first neighbours spend, gets the same
+plan in the same time; short prompts pay for them (below). Of the 11 wide seeds where an
+extra or a faster device made the plan slower, none is left, and each step is needed: (1)
+alone mended 2369 and 1052 but not 922, (1) with the ranked splits of (2) not 1417
+(tests/test_plan_random.py asserts all 11). Over seeds 600-2599 (4,802 comparisons) 2
+remain, both new and both an extra device without TP: seed 1054, 1.5%, and seed 1646,
+0.01%; the steps made the plan on the smaller cluster faster and not the one on the larger.
+They made 120 of the sweep's 4,802 plans faster, by up to 24%, and none slower (only a
+faster plan is taken); the sweep took 2,301 s instead of 1,248 s (a shared 2-core machine).
 
 Each neighbour costs about as much as a candidate, a slicing DP over grid points^2 x stages,
 so the climb plans neighbours within ``CLIMB_WORK`` of that work. Short prompts, where the
 proxies are poorest, get a full climb (12 grid steps on 6 stages: over 100 neighbours, more
 than a climb from the first starts takes); the paper setting (129 grid points, 3 stages) a
 neighbour or two; a 32k-token prompt on 8 stages none, which keeps the planner speed goals
-(benchmarks/planner_speed.py).
+(benchmarks/planner_speed.py), with the same plans and times after [Note: two changes at
+once]. Short prompts on large models pay for it with the same plans: on the paper's cluster
+a 128-token prompt plans in 0.9 s instead of 0.4 s, 256 tokens at batch 6 in 1.8 s instead
+of 1.4 s (same machine, same load).
 """
 
 from __future__ import annotations
@@ -60,10 +68,14 @@ CLIMB_WORK = 2**17  # grid points^2 x stages, summed over the neighbours planned
 # Two-change neighbours planned in full at each local optimum, best by estimate first
 # ([Note: two changes at once]).
 NUM_PAIR_TRIES = 3
-# At most this many further starts are climbed from at the local optima of one climb. On
-# seeds 600-639 of the wide random instances, eight made as many improvements as all of them
-# (16), in about half the time.
+# At most this many further starts are climbed from at the local optima of one climb, and
+# at most NUM_LATER_PLANS splits planned in full once the first of them is taken, besides
+# ``CLIMB_WORK``: a plan's cost has a floor (the simulator, the micro-batch counts) that
+# grid points^2 x stages misses on short prompts: with no limit but the budget the further
+# climbs made a 128-token prompt on the paper's cluster plan 5x as long, with 64 plans 2.4x.
+# With 32 plans, 1 of the 11 former violations came back (seed 1290, 0.05%), with 16 two.
 NUM_LATER_STARTS = 8
+NUM_LATER_PLANS = 64
 
 
 def neighbour_splits(stages: tuple[StagePlan, ...], pb: Problem,
@@ -186,7 +198,8 @@ def climb(pb: Problem, best: Plan, starts: list[tuple[StagePlan, ...]], *,
     At a local optimum of every start, while budget is left ([Note: two changes at once]):
     the best ``NUM_PAIR_TRIES`` of ``best``'s two-change neighbours by ``estimate_split_s``
     are planned, and the climb goes on from one that is faster; failing that, the next of
-    ``later_starts`` (best first; at most ``NUM_LATER_STARTS``) is planned and climbed from.
+    ``later_starts`` (best first; at most ``NUM_LATER_STARTS``, and ``NUM_LATER_PLANS``
+    plans from then on) is planned and climbed from.
 
     A split whose slowest stage over the whole prefill is no faster than ``best`` is not
     planned: no slicing or micro-batching of its work is faster (search.py's note)."""
@@ -195,19 +208,22 @@ def climb(pb: Problem, best: Plan, starts: list[tuple[StagePlan, ...]], *,
     todo = list(dict.fromkeys([best.stages, *starts]))
     later = iter(later_starts)  # lazy: the caller may compute them only when asked
     num_later = 0
+    later_plans_left: int | None = None  # counted once the first further start is taken
     paired: set[tuple[StagePlan, ...]] = set()  # splits whose two-change neighbours were tried
 
     def try_split(stages: tuple[StagePlan, ...]) -> bool | None:
         """Plan ``stages`` unless seen or hopeless; whether it beat ``best`` (now ``best``),
         None once the budget is spent."""
-        nonlocal best, work_left
+        nonlocal best, work_left, later_plans_left
         if stages in seen:
             return False
         seen.add(stages)
         if _whole_bottleneck_s(pb, stages) >= best.predicted_latency_s:
             return False
         work_left -= grid**2 * len(stages)
-        if work_left < 0:
+        if later_plans_left is not None:
+            later_plans_left -= 1
+        if work_left < 0 or (later_plans_left is not None and later_plans_left < 0):
             return None
         plan = plan_split(stages, best)
         if plan is not None and plan.predicted_latency_s < best.predicted_latency_s:
@@ -250,6 +266,8 @@ def climb(pb: Problem, best: Plan, starts: list[tuple[StagePlan, ...]], *,
             if stages is None or num_later == NUM_LATER_STARTS:
                 return best
             num_later += 1
+            if later_plans_left is None:
+                later_plans_left = NUM_LATER_PLANS
             won = try_split(stages)
             if won is None:
                 return best
