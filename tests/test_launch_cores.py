@@ -24,12 +24,12 @@ def test_oversubscribed_cluster_warns_with_the_numbers(caplog):
     too_many = local_cluster(cores + 1)
     req = SimpleNamespace(plan=SimpleNamespace(cluster=too_many))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([req], load_avg=0.0)
+        warn_if_oversubscribed([req], busy_cores=0.0)
     assert f"need about {cores + 1:.1f} cores" in caplog.text and f"has {cores}" in caplog.text
     caplog.clear()
     fits = SimpleNamespace(plan=SimpleNamespace(cluster=_cluster((4.0,) * cores)))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([fits], load_avg=0.0)
+        warn_if_oversubscribed([fits], busy_cores=0.0)
     assert caplog.text == ""
 
 
@@ -38,10 +38,32 @@ def test_a_busy_machine_warns_that_timings_will_be_off(caplog):
     cores = len(os.sched_getaffinity(0))
     req = SimpleNamespace(plan=SimpleNamespace(cluster=local_cluster(cores)))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([req], load_avg=1.0)
-    assert "other processes already keep about 1.0 busy" in caplog.text
+        warn_if_oversubscribed([req], busy_cores=1.0)
+    assert "other processes keep about 1.0 of this machine's" in caplog.text
     assert "run when the machine is idle" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([req], load_avg=0.3)  # a shell's noise: no warning
+        warn_if_oversubscribed([req], busy_cores=0.3)  # a shell's noise: no warning
     assert caplog.text == ""
+
+
+def test_busy_cores_are_measured_now_not_averaged_over_a_minute():
+    """A process spinning during the window shows up; the reading is a share of the cores."""
+    import threading
+    import time
+
+    from hpipe.runtime.launch import busy_cores_now
+
+    stop = time.monotonic() + 0.6
+
+    def spin() -> None:
+        while time.monotonic() < stop:
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        busy = busy_cores_now(window_s=0.3)
+    finally:
+        spinner.join()
+    assert 0.5 <= busy <= (os.cpu_count() or 1) + 1e-9

@@ -49,9 +49,10 @@ from hpipe.runtime.request import RunRequest, RunResult
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # supervisor's poll period for exit codes and messages
-# Load the OS reports beyond the cores a cluster leaves free before the run warns: a shell, an
-# editor or a just-finished run add a few tenths without taking a core.
-LOAD_SLACK_CORES = 0.5
+# Busy cores beyond those a cluster leaves free before a run warns: a shell or an editor adds a
+# few tenths without taking a core. The window is short because every launch pays it.
+BUSY_SLACK_CORES = 0.5
+BUSY_WINDOW_S = 0.2
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
 SETTLE_S = 1.0  # after a first failure, wait this long for the root cause to show up
 PR_SET_PDEATHSIG = 1
@@ -141,28 +142,52 @@ def cpu_demand_cores(cluster) -> float:
                if d.torch_device == "cpu")
 
 
-def warn_if_oversubscribed(requests: list[RunRequest], *, load_avg: float | None = None) -> None:
+def busy_cores_now(window_s: float = BUSY_WINDOW_S) -> float:
+    """Cores other processes keep busy right now: the non-idle share of /proc/stat's CPU time
+    over ``window_s``, times the core count (0 where /proc/stat is missing). Not the load
+    average: that one lags a minute, so it blamed a run for the test suite that had just ended."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def warn_if_oversubscribed(requests: list[RunRequest], *, busy_cores: float | None = None) -> None:
     """A local cluster wanting more cores than this machine has still runs, but its workers
     then wait for cores: timings stop describing the devices the cluster file names. The same
-    holds when other processes already keep cores busy (``load_avg``: the last minute's load
-    average, read from the OS when None), which on a small machine is the commoner case."""
+    holds when other processes already keep cores busy (``busy_cores``; measured when None),
+    which on a small machine is the commoner case."""
     cores = len(os.sched_getaffinity(0))
-    load = os.getloadavg()[0] if load_avg is None else load_avg
-    for cluster in {id(r.plan.cluster): r.plan.cluster for r in requests}.values():
-        need = cpu_demand_cores(cluster)
+    clusters = {id(r.plan.cluster): r.plan.cluster for r in requests}.values()
+    needs = {c.name: cpu_demand_cores(c) for c in clusters}
+    for name, need in needs.items():
         if need > cores + 1e-9:
             log.warning(
                 "cluster %r: its CPU workers need about %.1f cores (threads / emulated slowdown) "
                 "but this machine has %d; computes will wait for a core, so measured times "
                 "include that wait. Give the workers fewer threads or fewer devices for "
-                "timings that describe the cluster.", cluster.name, need, cores)
-        elif need > 0 and need + load > cores + LOAD_SLACK_CORES:
-            log.warning(
-                "cluster %r: its CPU workers need about %.1f of this machine's %d cores, but "
-                "other processes already keep about %.1f busy (load average over the last "
-                "minute), so the workers will share cores and measured times and ratios will "
-                "be off. For timings, run when the machine is idle (see `uptime`).",
-                cluster.name, need, cores, load)
+                "timings that describe the cluster.", name, need, cores)
+            return
+    need = max(needs.values(), default=0.0)
+    if need <= 0:
+        return
+    busy = busy_cores_now() if busy_cores is None else busy_cores
+    if need + busy > cores + BUSY_SLACK_CORES:
+        log.warning(
+            "other processes keep about %.1f of this machine's %d cores busy, and the CPU "
+            "workers need about %.1f: they will share cores, so measured times and ratios "
+            "will be off. For timings, run when the machine is idle (see `top`).",
+            busy, cores, need)
 
 
 def launch_ranks(
