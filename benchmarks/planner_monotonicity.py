@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/planner_monotonicity.py [--quick]
 
-The unit tests check the property on random synthetic instances (tests/test_plan_random.py);
+The unit tests check the property on random synthetic instances (tests/test_plan_properties.py);
 this checks it where users meet it: P100 hosts and RTX 3090 hosts over 1 GbE, real model
 presets, with and without tensor parallelism. For each base cluster it plans HPipe, then plans
 again on every variant (one more catalog GPU at the end of either host; one device made 1.5x

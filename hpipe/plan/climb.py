@@ -17,7 +17,7 @@ notes) holds after it.
 
 [Note: two changes at once] A first-improvement climb stops where every single change is
 slower, and an extra or a faster device can leave the search there while the old winner is
-two changes away, each slower on its own (seed 2369 of tests/test_plan_random.py's wide
+two changes away, each slower on its own (seed 2369 of tests/test_plan_properties.py's wide
 instances, a 4x faster device with TP: a stage dropped and two hosts' TP pairs swapped; 16%
 slower), or a neighbour of a ranked split that the new device's splits pushed out of the
 climb's starts (seed 922, an extra device: two 7-stage splits outranked the 3-stage split
@@ -34,7 +34,7 @@ budget left over, so a long prompt, whose budget the first neighbours spend, get
 plan in the same time; short prompts pay for them (below). Of the 11 wide seeds where an
 extra or a faster device made the plan slower, none is left, and each step is needed: (1)
 alone mended 2369 and 1052 but not 922, (1) with the ranked splits of (2) not 1417
-(tests/test_plan_random.py asserts all 11). Over seeds 600-2599 (4,802 comparisons) 2
+(tests/test_plan_properties.py asserts all 11). Over seeds 600-2599 (4,802 comparisons) 2
 remain, both new and both an extra device without TP: seed 1054, 1.5%, and seed 1646,
 0.01%; the steps made the plan on the smaller cluster faster and not the one on the larger.
 They made 120 of the sweep's 4,802 plans faster, by up to 24%, and none slower (only a

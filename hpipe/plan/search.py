@@ -85,7 +85,7 @@ NUM_SLICINGS = 8
 # Candidate splits that get the slicing DP and the simulator, best ranked first (in each of the
 # two searches with ``allow_tp``). Four keeps the paper setting well under a second; with
 # three, an extra or a faster device made the plan worse on 3 of 1,300 random small
-# instances, with four on none (tests/test_plan_random.py).
+# instances, with four on none (tests/test_plan_properties.py).
 NUM_FULL_SPLITS = 4
 # Of those, how many the climb starts from besides the best plan's split. On the 862 random
 # instances of [Note: why the search climbs], climbing from the best split alone left 23 short
