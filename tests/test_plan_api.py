@@ -195,3 +195,22 @@ def test_a_huge_batch_is_refused_without_trying_every_micro_batch_count(method, 
         monkeypatch.setattr(module, "memory_overflows", counted)
     with pytest.raises(InfeasiblePlanError, match=r"fits: batch <= \d+"):
         plan_method(method, model=LLAMA, cluster=PAPER, batch=100_000, seq_len=2048)
+
+
+def test_large_batches_sweep_only_the_counts_where_micro_batch_rows_change(monkeypatch):
+    import hpipe.plan.rank as rank
+    from hpipe.plan.rank import microbatch_counts
+
+    assert list(microbatch_counts(64)) == list(range(1, 65))  # small batches: every count
+    counts = microbatch_counts(300)
+    rows = [-(-300 // m) for m in counts]
+    assert len(set(rows)) == len(rows) == len(counts) <= 2 * 300**0.5 + 1
+    assert set(rows) == {-(-300 // m) for m in range(1, 301)}  # every row count, once
+    assert all(-(-300 // (m - 1)) != r for m, r in zip(counts[1:], rows[1:]))  # its smallest m
+    # The reduced sweep finds the full sweep's GPipe plan on a realistic case.
+    smol = model_preset("smollm2-135m")
+    reduced = plan_method("gpipe", model=smol, cluster=PAPER, batch=100, seq_len=512)
+    monkeypatch.setattr(rank, "EXACT_MICROBATCH_SWEEP", 10**9)
+    full = plan_method("gpipe", model=smol, cluster=PAPER, batch=100, seq_len=512)
+    assert reduced.predicted_latency_s == full.predicted_latency_s
+    assert reduced.num_microbatches == full.num_microbatches

@@ -85,6 +85,26 @@ def plan_bound_s(pb: Problem, plan: Plan) -> float:
                                           for u in prefill_units(plan)])
 
 
+# Micro-batch counts are swept one by one up to this batch. Above it only the counts at which
+# the rows per micro-batch change are (about 2 sqrt(batch) of them): count m costs O(m) units,
+# so the full sweep is quadratic (batch 300 of SmolLM2 took 31 s to plan), and between two
+# such counts the longest micro-batch, which sets the pipeline's beat, stays the same.
+EXACT_MICROBATCH_SWEEP = 64
+
+
+def microbatch_counts(batch: int, first: int = 1) -> range | list[int]:
+    """The micro-batch counts from ``first`` to ``batch`` that the GPipe-style sweeps try."""
+    if batch <= EXACT_MICROBATCH_SWEEP:
+        return range(first, batch + 1)
+    counts, rows = [], None
+    for m in range(first, batch + 1):
+        r = -(-batch // m)  # rows of the longest micro-batch
+        if r != rows:
+            counts.append(m)
+            rows = r
+    return counts
+
+
 def estimate_split_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
     """A cheap score of a split: ``flow_bound_s`` at the best of the equal slicings (plain and
     on the grid) and the micro-batch counts that fit memory; inf if none does."""
@@ -104,7 +124,7 @@ def estimate_split_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
     finest = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=pb.batch)
     if memory_overflows(finest, pb.cost):
         return best
-    for m in range(2, pb.batch + 1):
+    for m in microbatch_counts(pb.batch, first=2):
         plan = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=m)
         if not memory_overflows(plan, pb.cost):
             best = min(best, flow_bound_s(pb, stages, [(r, pb.seq_len, 0)

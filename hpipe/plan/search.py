@@ -75,7 +75,7 @@ from hpipe.plan.layers import (
     stages_from_counts,
 )
 from hpipe.plan.plan import Plan, StagePlan
-from hpipe.plan.rank import estimate_split_s, plan_bound_s, uniform_slicings
+from hpipe.plan.rank import estimate_split_s, microbatch_counts, plan_bound_s, uniform_slicings
 from hpipe.plan.slices import plan_slicing
 
 # How many of the workload DP's splits (best host orders) become candidates, and how many
@@ -287,13 +287,13 @@ def _fits(st, slices: tuple[int, ...]) -> bool:
 
 
 def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *,
-                      counts: range | None = None, cutoff_s: float = math.inf) -> Plan | None:
-    """GPipe's sweep: micro-batch counts 1..batch of whole sequences, the fastest that fits
-    memory (simulated). Raises naming the device when none fits and ``counts`` is the full
+                      counts=None, cutoff_s: float = math.inf) -> Plan | None:
+    """GPipe's sweep: micro-batch counts 1..batch (``rank.microbatch_counts``) of whole
+    sequences, the fastest that fits memory (simulated). Raises naming the device when none fits and ``counts`` is the full
     sweep (a baseline's OOM); returns None for a partial sweep that finds nothing, or nothing
     faster than ``cutoff_s`` (a count whose lower bound cannot beat it is not simulated)."""
     full_sweep = counts is None
-    counts = counts or range(1, pb.batch + 1)
+    counts = counts or microbatch_counts(pb.batch)
     # More micro-batches never need more memory (the weights and the whole batch's KV cache
     # stay; only the workspace shrinks with the rows per unit), so when the finest count does
     # not fit, none does: say so at once instead of trying every count (batch 100000 took
@@ -384,7 +384,7 @@ def _search(pb: Problem, *, tp: bool, best: Plan | None,
                     pb, pb.plan("hpipe", c.stages, sl), cutoff()))
             if cand.baseline:
                 runs.append(lambda c=cand: best_microbatches(
-                    pb, "hpipe", c.stages, counts=range(1, pb.batch + 1), cutoff_s=cutoff()))
+                    pb, "hpipe", c.stages, counts=microbatch_counts(pb.batch), cutoff_s=cutoff()))
         for run in runs:
             plan = run()
             if plan is not None and plan.predicted_latency_s < cutoff():
@@ -431,7 +431,7 @@ def _plan_split(pb: Problem, stages: tuple[StagePlan, ...], cutoff_s: float,
     if best is not None:
         cutoff_s = min(cutoff_s, best.predicted_latency_s)
     if pb.batch > 1:
-        plan = best_microbatches(pb, "hpipe", stages, counts=range(2, pb.batch + 1),
+        plan = best_microbatches(pb, "hpipe", stages, counts=microbatch_counts(pb.batch, first=2),
                                  cutoff_s=cutoff_s)
         if plan is not None and plan.predicted_latency_s < cutoff_s:
             best = plan
