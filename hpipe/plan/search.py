@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from hpipe.errors import InfeasiblePlanError
@@ -287,13 +287,17 @@ def _fits(st, slices: tuple[int, ...]) -> bool:
 
 
 def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *,
-                      counts=None, cutoff_s: float = math.inf) -> Plan | None:
+                      counts: Sequence[int] | None = None,
+                      cutoff_s: float = math.inf) -> Plan | None:
     """GPipe's sweep: micro-batch counts 1..batch (``rank.microbatch_counts``) of whole
-    sequences, the fastest that fits memory (simulated). Raises naming the device when none fits and ``counts`` is the full
-    sweep (a baseline's OOM); returns None for a partial sweep that finds nothing, or nothing
-    faster than ``cutoff_s`` (a count whose lower bound cannot beat it is not simulated)."""
+    sequences, the fastest that fits memory (simulated). Raises naming the device when none
+    fits and ``counts`` is the full sweep (a baseline's OOM); returns None for a partial sweep
+    that finds nothing, or nothing faster than ``cutoff_s`` (a count whose lower bound cannot
+    beat it is not simulated)."""
     full_sweep = counts is None
-    counts = counts or microbatch_counts(pb.batch)
+    counts = microbatch_counts(pb.batch) if counts is None else counts
+    if not counts:
+        return None
     # More micro-batches never need more memory (the weights and the whole batch's KV cache
     # stay; only the workspace shrinks with the rows per unit), so when the finest count does
     # not fit, none does: say so at once instead of trying every count (batch 100000 took
