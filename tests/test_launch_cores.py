@@ -2,7 +2,6 @@
 
 import logging
 import os
-from types import SimpleNamespace
 
 from hpipe.cluster import local_cluster, parse_cluster
 from hpipe.runtime.launch import cpu_demand_cores, warn_if_oversubscribed
@@ -22,12 +21,11 @@ def test_demand_counts_threads_and_divides_by_the_slowdown():
 def test_oversubscribed_cluster_warns_with_the_numbers(caplog):
     cores = len(os.sched_getaffinity(0))
     too_many = local_cluster(cores + 1)
-    req = SimpleNamespace(plan=SimpleNamespace(cluster=too_many))
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
-        warn_if_oversubscribed([req], busy_cores=0.0)
+        warn_if_oversubscribed([too_many], busy_cores=0.0)
     assert f"need about {cores + 1:.1f} cores" in caplog.text and f"has {cores}" in caplog.text
     caplog.clear()
-    fits = SimpleNamespace(plan=SimpleNamespace(cluster=_cluster((4.0,) * cores)))
+    fits = _cluster((4.0,) * cores)
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
         warn_if_oversubscribed([fits], busy_cores=0.0)
     assert caplog.text == ""
@@ -36,7 +34,7 @@ def test_oversubscribed_cluster_warns_with_the_numbers(caplog):
 def test_a_busy_machine_warns_that_timings_will_be_off(caplog):
     """Two one-thread workers fit a 2-core machine only when nothing else runs there."""
     cores = len(os.sched_getaffinity(0))
-    req = SimpleNamespace(plan=SimpleNamespace(cluster=local_cluster(cores)))
+    req = local_cluster(cores)
     with caplog.at_level(logging.WARNING, logger="hpipe.runtime.launch"):
         warn_if_oversubscribed([req], busy_cores=1.0)
     assert "other processes keep about 1.0 of this machine's" in caplog.text

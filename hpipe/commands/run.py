@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpipe.commands.settings import int_list, prepare_output, read_prompt_file
@@ -254,43 +255,73 @@ class _Bars:
             bar.close()
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs, checked before any worker starts."""
+
+    source: object  # hpipe.model.source.ModelSource
+    plans: list  # the plan to run, then Base's with --compare
+    requests: list  # one RunRequest per plan
+    cost: object  # the fitted cost model of --profile, or None for the analytic one
+
+
+def prepare(args, *, local: bool) -> Prepared:
+    """Parse and check every input, plan, and build the requests; raises HPipeError."""
     from hpipe.model.source import open_model
-    from hpipe.runtime.launch import (
-        check_local_devices,
-        launch_local,
-        run_as_torchrun_rank,
-        torchrun_env,
-    )
+    from hpipe.runtime.launch import check_local_devices
     from hpipe.runtime.request import RunRequest, check_prompt, check_request
+
+    if args.max_new_tokens < 0:
+        raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    prepare_output(args.trace, "--trace")
+    prepare_output(args.png, "--png")
+    source = open_model(args.model)
+    spec = source.spec
+    cluster = resolve_cluster(args)
+    rows = prompt_rows(args, source.tokenizer)
+    # The prompt first: the planner would report an empty or too long one as a --seq-len.
+    check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
+    cost = load_cost(args, spec, cluster, args.dtype or "float32")
+    plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]), cost=cost)
+    requests = [
+        RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed,
+                   eos_token_ids=tuple(source.tokenizer.eos_token_ids or spec.eos_token_ids),
+                   label=plan.method)
+        for plan in plans]
+    for req in requests:
+        check_request(req, spec)
+    if local:  # local workers: their devices are this machine's
+        check_local_devices(plans)
+    return Prepared(source=source, plans=plans, requests=requests, cost=cost)
+
+
+def run_in_sessions(args, prep: Prepared, bars) -> list:
+    """Each plan on its own session (a session holds one plan's stages): open, submit, close."""
+    from hpipe.session import Progress, Request, Session
+
+    results = []
+    for plan, req in zip(prep.plans, prep.requests):
+        with Session.open(model=args.model, plan=plan,
+                          connect_timeout_s=args.connect_timeout) as session:
+            stream = session.submit(Request(
+                prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens,
+                temperature=req.temperature, top_p=req.top_p, seed=req.seed, label=req.label))
+            for event in stream:
+                if isinstance(event, Progress):
+                    bars(event.kind, event.done, event.total)
+            results.append(stream.result().result)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpipe.runtime.launch import run_as_torchrun_rank, torchrun_env
 
     env = torchrun_env()
     is_rank0 = env is None or env["RANK"] == "0"
     try:
-        if args.max_new_tokens < 0:
-            raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        prepare_output(args.trace, "--trace")
-        prepare_output(args.png, "--png")
-        source = open_model(args.model)
-        spec = source.spec
-        cluster = resolve_cluster(args)
-        rows = prompt_rows(args, source.tokenizer)
-        # The prompt first: the planner would report an empty or too long one as a --seq-len.
-        check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
-        cost = load_cost(args, spec, cluster, args.dtype or "float32")
-        plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]),
-                            cost=cost)
-        requests = [
-            RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed,
-                       eos_token_ids=tuple(source.tokenizer.eos_token_ids or spec.eos_token_ids),
-                       label=plan.method)
-            for plan in plans]
-        for req in requests:
-            check_request(req, spec)
-        if env is None:  # local workers: their devices are this machine's
-            check_local_devices(requests)
+        prep = prepare(args, local=env is None)
     except (HPipeError, OSError) as e:
         if is_rank0:
             print(f"hpipe run: error: {e}", file=sys.stderr)
@@ -298,29 +329,39 @@ def run(args: argparse.Namespace) -> int:
 
     bars = _Bars(enabled=sys.stderr.isatty() and is_rank0)
     try:
-        if env is not None:
-            results = run_as_torchrun_rank(requests, env=env,
+        if env is not None:  # this process is one rank; every rank runs the same list
+            results = run_as_torchrun_rank(prep.requests, env=env,
                                            connect_timeout_s=args.connect_timeout)
             if results is None:
                 return 0  # not rank 0: rank 0 reports
         else:
-            results = launch_local(requests, connect_timeout_s=args.connect_timeout,
-                                   on_progress=bars)
+            results = run_in_sessions(args, prep, bars)
     except (WorkerFailedError, ShapeMismatchError, HPipeError) as e:
         bars.close()
         print(f"hpipe run: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # launch_local has already stopped every worker
+    except KeyboardInterrupt:  # leaving the session's block has already ended every worker
         bars.close()
         print("hpipe run: interrupted; workers stopped", file=sys.stderr)
         return 130
     bars.close()
+    predicted = [predicted_timeline(r, p, prep.cost) for r, p in zip(results, prep.plans)]
+    report = build_report(prep, results, predicted)
+    _write_artifacts(args, results, predicted)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
 
-    predicted = [predicted_timeline(r, p, cost) for r, p in zip(results, plans)]
-    summaries = [result_summary(r, p, pr, source.tokenizer)
-                 for r, p, pr in zip(results, plans, predicted)]
+
+def build_report(prep: Prepared, results: list, predicted: list) -> dict:
+    """The run's report: the main plan's figures beside ``predicted`` (its simulated
+    timelines), and the comparison with Base."""
+    summaries = [result_summary(r, p, pr, prep.source.tokenizer)
+                 for r, p, pr in zip(results, prep.plans, predicted)]
     main = summaries[0]
-    report = {"model": spec.name, "cluster": plans[0].cluster.name, **main}
+    report = {"model": prep.source.spec.name, "cluster": prep.plans[0].cluster.name, **main}
     if len(summaries) > 1:
         base = summaries[1]
         report["compare"] = {
@@ -331,12 +372,7 @@ def run(args: argparse.Namespace) -> int:
             "prefill_ratio": main["prefill_latency_s"] / base["prefill_latency_s"],
             "same_output": base["output"]["ids"] == main["output"]["ids"],
         }
-    _write_artifacts(args, results, predicted)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_report(report))
-    return 0
+    return report
 
 
 def _write_artifacts(args, results, predicted) -> None:

@@ -1,12 +1,18 @@
-"""One rank's life: join the process group, run its stage of each request, report to rank 0.
+"""One rank's life: join the process group, hold its stage, run requests, report.
 
-Used both by the local launcher (one spawned process per rank) and under ``torchrun`` (the
-launched program is this rank). A rank is a device: in a local launch, rank r holds the r-th
-device of the plan in pipeline order (each stage's devices in turn, the leader first), which is
-also the timeline's row r, so a plan without tensor parallelism has rank r run stage r. Under
-torchrun, ``rank_of_device`` says (see ``ranks_by_host``). A rank that a plan does not use sits
-that request out but still joins the barrier and the gather, which are collective. All ranks
-take the same list of requests, in the same order.
+A rank is a device: in a local launch, rank r holds the r-th device of the plan in pipeline
+order (each stage's devices in turn, the leader first), which is also the timeline's row r, so a
+plan without tensor parallelism has rank r run stage r. Under torchrun, ``rank_of_device`` says
+(see ``ranks_by_host``).
+
+Two ways to drive a rank share every piece below:
+
+- ``serve_rank``: the rank of a running Session (``hpipe.session``). It loads its stage once,
+  makes the tensor-parallel groups once, then takes commands (run, cancel, close) as messages
+  from its supervisor until it is closed, streaming tokens as they are sampled.
+- ``run_requests``: a fixed list of requests, all ranks in the same order, results gathered to
+  rank 0 (torchrun, and the profiler's calibration run). A stage is reloaded only when a
+  request's layout differs from the previous one's.
 
 [Note: a shared clock] Each request starts with a barrier on the control group; every rank takes
 t = 0 when it leaves it. Ranks leave within about one loopback round trip of each other (well
@@ -19,17 +25,18 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from hpipe.cluster import ClusterSpec
+from hpipe.cluster import ClusterSpec, DeviceSpec
 from hpipe.errors import ClusterError, WorkerFailedError
-from hpipe.plan.plan import Plan
+from hpipe.plan.plan import Plan, StagePlan
 from hpipe.runtime.comm import GroupLink, StageLink, wire_device_for
 from hpipe.runtime.request import RunRequest, RunResult, dtype_of
-from hpipe.runtime.worker import Progress, StageOutcome, StageRunner
+from hpipe.runtime.worker import OnToken, Progress, ShouldStop, StageOutcome, StageRunner
 from hpipe.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,12 @@ log = logging.getLogger(__name__)
 class Rendezvous:
     """Where the ranks meet: ``tcp://addr:port``, a free local port for a local launch and
     MASTER_ADDR:MASTER_PORT under torchrun (torch serves that exactly as it serves ``env://``,
-    torchrun's agent store included; the address is spelled out so errors can name it)."""
+    torchrun's agent store included; the address is spelled out so errors can name it).
+
+    ``connect_timeout_s`` bounds joining; ``collective_timeout_s`` (None: the same) bounds each
+    collective and receive afterwards. A session sets it long: its liveness comes from the
+    supervisor's heartbeat, and an idle pipeline has nothing pending that could time out.
+    """
 
     addr: str
     port: int
@@ -47,16 +59,16 @@ class Rendezvous:
     world_size: int
     backend: str  # "gloo" or "nccl"
     connect_timeout_s: float = 60.0
+    collective_timeout_s: float | None = None
 
     @property
     def init_method(self) -> str:
         return f"tcp://{self.addr}:{self.port}"
 
 
-def pick_backend(requests: list[RunRequest]) -> str:
-    """NCCL when every device of every request is on CUDA, otherwise gloo (see comm.py's note)."""
-    devices = {req.plan.cluster.devices[d].torch_device
-               for req in requests for d in rank_devices(req.plan)}
+def pick_backend(plans: list[Plan]) -> str:
+    """NCCL when every device of every plan is on CUDA, otherwise gloo (see comm.py's note)."""
+    devices = {plan.cluster.devices[d].torch_device for plan in plans for d in rank_devices(plan)}
     return "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
 
 
@@ -83,33 +95,42 @@ def describe_rank(plan: Plan, rank: int) -> str:
     return f"rank {rank}"
 
 
-def build_tp_groups(requests: list[RunRequest], *, backend: str,
+def build_tp_groups(plans: list[Plan], *, backend: str,
                     rank_of_device: dict[int, int] | None, timeout_s: float,
                     ) -> dict[tuple[int, ...], dist.ProcessGroup]:
-    """A process group for every tensor-parallel stage of every request, keyed by its sorted ranks.
+    """A process group for every tensor-parallel stage of every plan, keyed by its sorted ranks.
 
     ``dist.new_group`` is collective over the whole world: every rank must create every group,
-    members or not, in the same order, so the groups are made up front, sorted. Their timeout is
-    the requests' receive timeout, because a member waits in the leader's broadcast as long as
-    the leader waits for the previous stage.
+    members or not, in the same order, so the groups are made up front, sorted. Their timeout
+    is at least a receive's, because a member waits in the leader's broadcast as long as the
+    leader waits for the previous stage.
     """
-    wanted = sorted({tuple(sorted(ranks)) for req in requests
-                     for ranks in stage_ranks(req.plan, rank_of_device) if len(ranks) > 1})
+    wanted = sorted({tuple(sorted(ranks)) for plan in plans
+                     for ranks in stage_ranks(plan, rank_of_device) if len(ranks) > 1})
     timeout = datetime.timedelta(seconds=timeout_s)
     return {ranks: dist.new_group(list(ranks), backend=backend, timeout=timeout)
             for ranks in wanted}
 
 
 def join_group(rv: Rendezvous) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """init_process_group with an explicit timeout; returns (data group, gloo control group).
+    """init_process_group; returns (data group, gloo control group).
 
-    The control group carries the barrier and the pickled results; it is gloo even when the
-    data group is NCCL, because gather_object over NCCL would need the objects on the GPU.
+    Joining waits at most ``connect_timeout_s``; the groups' own timeout is
+    ``collective_timeout_s``. The control group carries the barrier and the pickled results; it
+    is gloo even when the data group is NCCL, because gather_object over NCCL would need the
+    objects on the GPU.
     """
-    timeout = datetime.timedelta(seconds=rv.connect_timeout_s)
+    connect = datetime.timedelta(seconds=rv.connect_timeout_s)
+    collective = datetime.timedelta(seconds=rv.collective_timeout_s or rv.connect_timeout_s)
     try:
-        dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
-                                world_size=rv.world_size, timeout=timeout)
+        if collective == connect:  # torchrun's agent store is reached through init_method
+            dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
+                                    world_size=rv.world_size, timeout=connect)
+        else:
+            store = dist.TCPStore(rv.addr, rv.port, rv.world_size, rv.rank == 0, timeout=connect)
+            dist.init_process_group(rv.backend, store=store, rank=rv.rank,
+                                    world_size=rv.world_size, timeout=collective)
+            dist.barrier()  # every rank has joined, within the connect timeout's reach
     except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError subclass RuntimeError
         raise WorkerFailedError(
             f"rank {rv.rank} could not join the process group at {rv.addr}:{rv.port} within "
@@ -117,10 +138,119 @@ def join_group(rv: Rendezvous) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
             "that rank 0 runs on that address, the port is open, and MASTER_ADDR/MASTER_PORT "
             "agree on every host") from e
     world = dist.group.WORLD
-    ctrl = world if rv.backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    ctrl = world if rv.backend == "gloo" else dist.new_group(backend="gloo", timeout=collective)
     return world, ctrl
 
 
+# -- what a rank holds across requests --------------------------------------------------------
+@dataclass
+class RankStage:
+    """One rank's stage, loaded once and kept across requests: its weights (or its
+    tensor-parallel share), its device and its link to the rest of its TP group."""
+
+    model: str  # what open_model was given
+    layout: tuple[StagePlan, ...]  # the plan's stages it was loaded for
+    stage_index: int
+    member: int  # index in the stage's TP group; 0 = the leader
+    module: torch.nn.Module
+    device: torch.device
+    device_spec: DeviceSpec
+    rank_of_stage: dict[int, int]  # the stage leaders' ranks
+    group: GroupLink | None = None
+
+
+class StageHost:
+    """The stage a rank holds and how often it loaded one (the session's tests count loads)."""
+
+    def __init__(self, *, rank: int, backend: str, rank_of_device: dict[int, int] | None,
+                 tp_groups: dict[tuple[int, ...], dist.ProcessGroup]) -> None:
+        self.rank = rank
+        self.backend = backend
+        self.rank_of_device = rank_of_device
+        self.tp_groups = tp_groups
+        self.current: RankStage | None = None
+        self.num_loads = 0
+        self._sources: dict[str, object] = {}
+
+    def stage_for(self, model: str, plan: Plan) -> RankStage | None:
+        """This rank's stage of ``plan`` (None if the plan does not use this rank), loading its
+        weights only when the model or the layout differs from what is held."""
+        held = self.current
+        if held is not None and (held.model, held.layout) == (model, plan.stages):
+            return held
+        self.current = None  # drop the old weights before reading the new ones
+        ranks = stage_ranks(plan, self.rank_of_device)
+        mine = [(s, group.index(self.rank)) for s, group in enumerate(ranks) if self.rank in group]
+        if not mine:
+            return None
+        (s, member), = mine
+        self.current = self._load(model, plan, s, member, ranks)
+        return self.current
+
+    def _load(self, model: str, plan: Plan, s: int, member: int, ranks) -> RankStage:
+        from hpipe.model.shard import plan_shard
+        from hpipe.model.source import open_model
+
+        st = plan.stages[s]
+        dev_spec = plan.cluster.devices[st.devices[member]]
+        device = torch.device(dev_spec.torch_device)
+        torch.set_num_threads(dev_spec.num_threads)
+        if model not in self._sources:
+            self._sources[model] = open_model(model)
+        source = self._sources[model]
+        group, tp_args = None, {}
+        if len(st.devices) > 1:
+            group = GroupLink(self.tp_groups[tuple(sorted(ranks[s]))], rank=self.rank,
+                              leader=ranks[s][0], compute_device=device,
+                              wire_device=wire_device_for(self.backend))
+            spec = source.spec  # the loader slices by the model's own heads
+            tp_args = {"tp": plan_shard(spec, rank=member, size=len(st.devices)),
+                       "all_reduce": group.all_reduce}
+        module = source.load_stage(
+            st.layer_start, st.layer_stop, has_embedding=s == 0,
+            # Only the last stage's leader samples, so only it needs the head.
+            has_head=s == plan.num_stages - 1 and member == 0, dtype=dtype_of(plan),
+            device=device, **tp_args)
+        self.num_loads += 1
+        log.info("rank %d: stage %d%s layers [%d, %d) on %s (%s, %d threads)%s", self.rank, s,
+                 f" (TP member {member} of {len(st.devices)})" if group else "",
+                 st.layer_start, st.layer_stop, dev_spec.name, device, dev_spec.num_threads,
+                 f", emulated slowdown x{dev_spec.slowdown:g}" if dev_spec.emulated else "")
+        return RankStage(model=model, layout=plan.stages, stage_index=s, member=member, module=module,
+                         device=device, device_spec=dev_spec,
+                         rank_of_stage={k: g[0] for k, g in enumerate(ranks)}, group=group)
+
+    def run(self, req: RunRequest, *, data_group: dist.ProcessGroup, clock: Callable[[], float],
+            progress: Progress | None = None, on_token: OnToken | None = None,
+            should_stop: ShouldStop | None = None) -> StageOutcome | None:
+        """This rank's part of ``req`` (None when the plan leaves it out)."""
+        rs = self.stage_for(req.model, req.plan)
+        if rs is None:
+            return None
+        link = StageLink(data_group, rank=self.rank, compute_device=rs.device,
+                         wire_device=wire_device_for(self.backend),
+                         recv_timeout_s=req.recv_timeout_s, rank_of_stage=rs.rank_of_stage,
+                         clock=clock)
+        runner = StageRunner(req, stage_index=rs.stage_index, stage_module=rs.module, link=link,
+                             device=rs.device, slowdown=rs.device_spec.slowdown,
+                             progress=progress, member=rs.member, group=rs.group,
+                             on_token=on_token, should_stop=should_stop)
+        t0 = time.perf_counter()
+        outcome = runner.run()
+        outcome.num_stage_loads = self.num_loads
+        log.info("rank %d: %s done in %.3f s", self.rank, req.label or req.plan.method,
+                 time.perf_counter() - t0)
+        return outcome
+
+
+def start_clock(ctrl_group: dist.ProcessGroup) -> Callable[[], float]:
+    """Barrier, then a clock from 0 (see [Note: a shared clock])."""
+    dist.barrier(group=ctrl_group)
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0
+
+
+# -- a fixed list of requests (torchrun, calibration) -----------------------------------------
 def run_requests(
     requests: list[RunRequest], *, rank: int, world_size: int, data_group: dist.ProcessGroup,
     ctrl_group: dist.ProcessGroup, backend: str, progress: Progress | None = None,
@@ -128,67 +258,108 @@ def run_requests(
 ) -> list[RunResult] | None:
     """Run every request; rank 0 returns the results, the others None.
 
-    ``rank_of_device`` (cluster device index -> rank) says which process holds which device;
-    None means a local launch (see ``rank_devices``).
+    A rank that a plan does not use sits that request out but still joins the barrier and the
+    gather, which are collective. ``rank_of_device`` (cluster device index -> rank) says which
+    process holds which device; None means a local launch (see ``rank_devices``).
     """
-    from hpipe.model.shard import plan_shard
-    from hpipe.model.source import open_model
-
-    sources: dict[str, object] = {}
-    results: list[RunResult] = []
-    tp_groups = build_tp_groups(requests, backend=backend, rank_of_device=rank_of_device,
+    tp_groups = build_tp_groups([r.plan for r in requests], backend=backend,
+                                rank_of_device=rank_of_device,
                                 timeout_s=max(req.recv_timeout_s for req in requests))
+    host = StageHost(rank=rank, backend=backend, rank_of_device=rank_of_device,
+                     tp_groups=tp_groups)
+    results: list[RunResult] = []
     for req in requests:
-        plan = req.plan
-        outcome: StageOutcome | None = None
-        runner = None
-        ranks = stage_ranks(plan, rank_of_device)
-        rank_of_stage = {s: group[0] for s, group in enumerate(ranks)}  # the leaders
-        mine = [(s, group.index(rank)) for s, group in enumerate(ranks) if rank in group]
-        if mine:
-            (me, member), = mine
-            st = plan.stages[me]
-            dev_spec = plan.cluster.devices[st.devices[member]]
-            device = torch.device(dev_spec.torch_device)
-            torch.set_num_threads(dev_spec.num_threads)
-            if req.model not in sources:
-                sources[req.model] = open_model(req.model)
-            group = None
-            tp_args = {}
-            if len(st.devices) > 1:
-                group = GroupLink(tp_groups[tuple(sorted(ranks[me]))], rank=rank,
-                                  leader=ranks[me][0], compute_device=device,
-                                  wire_device=wire_device_for(backend))
-                spec = sources[req.model].spec  # the loader slices by the model's own heads
-                tp_args = {"tp": plan_shard(spec, rank=member, size=len(st.devices)),
-                           "all_reduce": group.all_reduce}
-            stage = sources[req.model].load_stage(
-                st.layer_start, st.layer_stop, has_embedding=me == 0,
-                # Only the last stage's leader samples, so only it needs the head.
-                has_head=me == plan.num_stages - 1 and member == 0, dtype=dtype_of(plan),
-                device=device, **tp_args)
-            link = StageLink(data_group, rank=rank, compute_device=device,
-                             wire_device=wire_device_for(backend),
-                             recv_timeout_s=req.recv_timeout_s, rank_of_stage=rank_of_stage)
-            runner = StageRunner(req, stage_index=me, stage_module=stage, link=link,
-                                 device=device, slowdown=dev_spec.slowdown, progress=progress,
-                                 member=member, group=group)
-            log.info("rank %d: stage %d%s layers [%d, %d) on %s (%s, %d threads)%s", rank, me,
-                     f" (TP member {member} of {len(st.devices)})" if group else "",
-                     st.layer_start, st.layer_stop, dev_spec.name, device, dev_spec.num_threads,
-                     f", emulated slowdown x{dev_spec.slowdown:g}" if dev_spec.emulated else "")
-        dist.barrier(group=ctrl_group)
-        t0 = time.perf_counter()  # see [Note: a shared clock]
-        if runner is not None:
-            runner.link.clock = lambda t0=t0: time.perf_counter() - t0
-            outcome = runner.run()
-            log.info("rank %d: %s done in %.3f s", rank, req.label or plan.method,
-                     time.perf_counter() - t0)
+        host.stage_for(req.model, req.plan)  # load before the clock starts
+        clock = start_clock(ctrl_group)
+        outcome = host.run(req, data_group=data_group, clock=clock, progress=progress)
         gathered: list | None = [None] * world_size if rank == 0 else None
         dist.gather_object(outcome, gathered, dst=0, group=ctrl_group)
         if rank == 0:
             results.append(assemble_result(req, [g for g in gathered if g is not None]))
     return results if rank == 0 else None
+
+
+# -- a session's rank -------------------------------------------------------------------------
+def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], None]) -> None:
+    """The rank of a running Session: load once, then obey ``commands`` until "close".
+
+    ``commands`` is this rank's queue of messages from the supervisor, every rank getting the
+    same ones in the same order: ``("run", id, RunRequest)``, ``("cancel", id)``, ``("close",)``.
+    ``emit`` sends to the supervisor: ``("ready", rank, num_loads)`` once loaded,
+    ``("token", id, ids per row)`` and ``("progress", id, kind, done, total)`` from the rank
+    that samples, and ``("outcome", id, rank, StageOutcome)`` from every rank after each run.
+
+    [Note: cancel] Only two places act on a cancel, both at a unit boundary, so that every rank
+    still ends its action list cleanly: stage 0 (a one-device stage) stops feeding prefill
+    slices and sends STOP down the chain, and the sampling rank sends STOP instead of the next
+    token (the early-EOS path, see worker.py's [Note: early stop]). A request cancelled
+    mid-prefill therefore ends within one slice, and in decode within one step.
+    """
+    tp_groups = build_tp_groups([plan], backend=ctx.backend, rank_of_device=ctx.rank_of_device,
+                                timeout_s=COLLECTIVE_TIMEOUT_S)
+    host = StageHost(rank=ctx.rank, backend=ctx.backend, rank_of_device=ctx.rank_of_device,
+                     tp_groups=tp_groups)
+    host.stage_for(model, plan)
+    emit(("ready", ctx.rank, host.num_loads))
+    inbox = _Commands(commands)
+    while True:
+        cmd = inbox.next()
+        if cmd[0] == "close":
+            return
+        if cmd[0] != "run":
+            continue  # a cancel for a request that already ended
+        _, rid, req = cmd
+
+        def stop(rid=rid) -> bool:
+            return inbox.cancelled(rid)
+
+        clock = start_clock(ctx.ctrl_group)
+        outcome = host.run(
+            req, data_group=ctx.data_group, clock=clock,
+            progress=lambda kind, done, total, rid=rid: emit(("progress", rid, kind, done, total)),
+            on_token=lambda ids, rid=rid: emit(("token", rid, ids)), should_stop=stop)
+        emit(("outcome", rid, ctx.rank, outcome))
+        inbox.forget(rid)
+
+
+# A session's collectives and receives may wait this long: a long prompt upstream is the longest
+# legitimate wait. A rank that stopped is found by the supervisor's heartbeat long before.
+COLLECTIVE_TIMEOUT_S = 24 * 3600.0
+
+
+class _Commands:
+    """A rank's command queue, read between requests and polled for cancels during one."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+        self.later: list[tuple] = []
+        self.cancels: set = set()
+
+    def next(self) -> tuple:
+        if self.later:
+            return self.later.pop(0)
+        while True:
+            cmd = self.queue.get()
+            if cmd[0] != "cancel":
+                return cmd
+            self.cancels.add(cmd[1])
+
+    def cancelled(self, rid) -> bool:
+        import queue as queue_mod
+
+        while True:
+            try:
+                cmd = self.queue.get_nowait()
+            except queue_mod.Empty:
+                break
+            if cmd[0] == "cancel":
+                self.cancels.add(cmd[1])
+            else:
+                self.later.append(cmd)
+        return rid in self.cancels
+
+    def forget(self, rid) -> None:
+        self.cancels.discard(rid)
 
 
 def ranks_by_host(cluster: ClusterSpec, members: list[tuple[str, int]]) -> dict[int, int]:
@@ -216,7 +387,7 @@ def ranks_by_host(cluster: ClusterSpec, members: list[tuple[str, int]]) -> dict[
 
 
 def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
-    """Rank 0: the ranks' reports -> one RunResult with a measured Timeline, one row per device."""
+    """The ranks' reports -> one RunResult with a measured Timeline, one row per device."""
     plan = req.plan
     devs = [plan.cluster.devices[d] for d in rank_devices(plan)]  # in row order
     outcomes = sorted(outcomes, key=lambda o: o.row)
@@ -239,4 +410,6 @@ def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
                      prefill_logits=logits, timeline=timeline,
                      num_decode_steps=last.num_decode_steps,
                      prefill_cpu_s=tuple(o.prefill_cpu_s for o in outcomes),
-                     prefill_allreduce_s=tuple(o.prefill_allreduce_s for o in outcomes))
+                     prefill_allreduce_s=tuple(o.prefill_allreduce_s for o in outcomes),
+                     cancelled=any(o.cancelled for o in outcomes),
+                     num_stage_loads=tuple(o.num_stage_loads for o in outcomes))

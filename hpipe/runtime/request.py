@@ -83,6 +83,8 @@ class RunResult:
     # computes spent in tensor-parallel all-reduces (0 outside a TP stage).
     prefill_cpu_s: tuple[float, ...] = ()
     prefill_allreduce_s: tuple[float, ...] = ()
+    cancelled: bool = False  # the request was cancelled before it finished
+    num_stage_loads: tuple[int, ...] = ()  # per row: stage loads its rank had made by then
 
 
 def fit_plan(plan: Plan, *, batch: int, prompt_len: int) -> Plan:
@@ -130,19 +132,16 @@ def check_prompt(prompt_ids, spec: ModelSpec, *, max_new_tokens: int) -> None:
             f"token id {bad} is outside the vocabulary [0, {spec.vocab_size}) of {spec.name!r}")
 
 
-def check_request(req: RunRequest, spec: ModelSpec) -> None:
-    """Refuse a request that cannot run, naming the values and the fix. Pure; no workers yet."""
-    check_prompt(req.prompt_ids, spec, max_new_tokens=req.max_new_tokens)
-    # The workers build this Sampler; out-of-range settings must fail here, not in N workers.
-    Sampler(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-    plan = req.plan
+def check_plan(plan: Plan, spec: ModelSpec, *, model: str) -> None:
+    """Refuse a plan the runtime cannot run with ``model`` (whose spec is ``spec``): made for
+    another model, an unknown dtype or method, a tensor-parallel group wider than the heads."""
     mine = (spec.num_layers, spec.hidden, spec.vocab_size)
     theirs = (plan.model.num_layers, plan.model.hidden, plan.model.vocab_size)
     if mine != theirs:
         raise PlanMismatchError(
             f"the plan was made for {plan.model.name!r} (layers, hidden, vocab) = {theirs} but "
-            f"the model {req.model!r} has {mine}; re-plan for this model (drop --plan, or run "
-            f"'hpipe plan --model {req.model}')")
+            f"the model {model!r} has {mine}; re-plan for this model (drop --plan, or run "
+            f"'hpipe plan --model {model}')")
     if plan.dtype not in TORCH_DTYPES:
         raise PlanMismatchError(f"plan dtype {plan.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     if plan.method not in RUNNABLE_METHODS:
@@ -153,6 +152,15 @@ def check_request(req: RunRequest, spec: ModelSpec) -> None:
             names = [plan.cluster.devices[d].name for d in st.devices]
             check_tp_size(spec, len(st.devices),
                           where=f"stage {i}'s tensor-parallel group {names}")
+
+
+def check_request(req: RunRequest, spec: ModelSpec) -> None:
+    """Refuse a request that cannot run, naming the values and the fix. Pure; no workers yet."""
+    check_prompt(req.prompt_ids, spec, max_new_tokens=req.max_new_tokens)
+    # The workers build this Sampler; out-of-range settings must fail here, not in N workers.
+    Sampler(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+    check_plan(req.plan, spec, model=req.model)
+    plan = req.plan
     if plan.batch != req.batch or plan.seq_len != req.prompt_len:
         raise PlanMismatchError(
             f"plan is for batch {plan.batch} x {plan.seq_len} tokens but the request has "

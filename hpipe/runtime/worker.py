@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 # progress(kind, done, total): kind is "prefill" (units through the last stage) or "decode" (tokens)
 Progress = Callable[[str, int, int], None]
+# on_token(ids): the token just sampled for each row of the batch, on the sampling rank
+OnToken = Callable[[list[int]], None]
+# should_stop() -> True once the request was cancelled (see [Note: cancel] in rank.py)
+ShouldStop = Callable[[], bool]
 
 
 @dataclass
@@ -66,6 +70,8 @@ class StageOutcome:
     member: int = 0  # index in the stage's tensor-parallel group; 0 = the leader
     row: int = 0  # the timeline row of this rank's device
     prefill_allreduce_s: float = 0.0  # of the prefill's computes, time in TP all-reduces
+    cancelled: bool = False  # this rank stopped the request because it was cancelled
+    num_stage_loads: int = 0  # stage loads this rank has made in its life (set by its host)
 
 
 class StageRunner:
@@ -77,7 +83,8 @@ class StageRunner:
 
     def __init__(self, req: RunRequest, *, stage_index: int, stage_module, link: StageLink,
                  device: torch.device, slowdown: float, progress: Progress | None = None,
-                 member: int = 0, group: GroupLink | None = None) -> None:
+                 member: int = 0, group: GroupLink | None = None,
+                 on_token: OnToken | None = None, should_stop: ShouldStop | None = None) -> None:
         self.req = req
         self.plan = req.plan
         self.s = stage_index
@@ -95,6 +102,9 @@ class StageRunner:
         self.device = device
         self.slowdown = slowdown
         self.progress = progress
+        self.on_token = on_token
+        self.should_stop = should_stop or (lambda: False)
+        self.cancelled = False
         self.dtype = dtype_of(self.plan)
         self.rows = self.plan.microbatch_rows()
         self.row_starts = [sum(self.rows[:m]) for m in range(len(self.rows))]
@@ -142,6 +152,10 @@ class StageRunner:
                     break
                 x = got.tensor
             elif a.kind == "compute":
+                if self._cancel_prefill(u):
+                    if self.last > 0:
+                        self._post_send(None, 1, u, "prefill", stop=True)
+                    break
                 if self.s == 0:
                     if u.phase == "prefill":
                         inp = self.prompt[u.row_start:u.row_start + u.rows,
@@ -156,12 +170,11 @@ class StageRunner:
                     steps_run += 1
                 if self.samples:
                     num_tokens = len(self.generated)
+                    if self.progress is not None and u.phase == "prefill":
+                        self.progress("prefill", u.index + 1, num_prefill)
                     stopped = self._after_last_compute(u, out, final_prefill)
-                    if self.progress is not None:
-                        if u.phase == "prefill":
-                            self.progress("prefill", u.index + 1, num_prefill)
-                        if len(self.generated) > num_tokens:
-                            self.progress("decode", len(self.generated), self.req.max_new_tokens)
+                    if self.progress is not None and len(self.generated) > num_tokens:
+                        self.progress("decode", len(self.generated), self.req.max_new_tokens)
                 if self.last == 0 and self.group is not None and self._token_due(u, final_prefill):
                     stopped = self._share_token(u, stopped)
                 if stopped and self.last == 0:
@@ -183,6 +196,15 @@ class StageRunner:
         return self._outcome(steps_run)
 
     # -- pieces --------------------------------------------------------------------------
+    def _cancel_prefill(self, u) -> bool:
+        """Stage 0 of one device stops feeding a cancelled prompt at a slice boundary. A
+        tensor-parallel stage 0 does not: its members would each have to agree, so it stops at
+        the first token instead (see [Note: cancel] in rank.py)."""
+        if self.s != 0 or u.phase != "prefill" or self.group is not None:
+            return False
+        self.cancelled = self.cancelled or self.should_stop()
+        return self.cancelled
+
     def _recv(self, exp: Expected) -> Received:
         """The next message from the previous stage: the leader receives it, then shares it."""
         if self.group is None:
@@ -249,12 +271,18 @@ class StageRunner:
             logits = torch.cat([self.mb_logits[m] for m in range(len(self.rows))], dim=0)
         else:
             logits = out[:, -1].float().cpu()
+        if self.should_stop():  # a cancel: STOP instead of a token (see [Note: cancel], rank.py)
+            self.cancelled = True
+            self.tokens = torch.zeros(self.req.batch, dtype=torch.int64)
+            return True
         tok = self.sampler.next_token(logits).to(torch.int64).cpu()  # (B,)
         # A finished row keeps feeding its EOS: harmless for the others, dropped from output.
         tok = torch.where(self.done, self.eos[0].clamp(min=0), tok)
         self.generated.append(tok)
         self.done |= torch.isin(tok, self.eos)
         self.tokens = tok
+        if self.on_token is not None:
+            self.on_token(tok.tolist())
         return self.req.stop_at_eos and bool(self.done.all())
 
     def _post_send(self, tensor, dst: int, u, phase: str, *, stop: bool = False) -> None:
@@ -273,7 +301,8 @@ class StageRunner:
         outcome = StageOutcome(stage=self.s, intervals=self.intervals, peak_memory_bytes=peak,
                                num_decode_steps=steps_run, prefill_cpu_s=self.prefill_cpu_s,
                                member=self.member, row=self.row,
-                               prefill_allreduce_s=self.prefill_allreduce_s)
+                               prefill_allreduce_s=self.prefill_allreduce_s,
+                               cancelled=self.cancelled)
         if self.samples:
             outcome.output_ids = _trim_rows(self.generated, self.eos, self.req.batch)
             if self.mb_logits:

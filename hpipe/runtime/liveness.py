@@ -1,0 +1,91 @@
+"""Heartbeats: how a supervisor tells a worker that stopped answering from one that is busy.
+
+Every worker process runs a small thread that stamps ``time.monotonic()`` (one clock for every
+process on a Linux machine) into its slot of a shared-memory array every ``HEARTBEAT_S``. The
+thread does not depend on the compute loop: a worker computing a long slice, or waiting for
+its upstream, still beats. A worker that was stopped (SIGSTOP, a debugger, a frozen VM guest)
+or is wedged holding the interpreter stops beating, and the supervisor blames that rank after
+``liveness_s`` of silence, instead of the rank that was left waiting for it.
+
+A worker is allowed ``startup_s`` before its first beat: spawning a process and importing torch
+takes seconds on a small machine, and longer when it is busy.
+
+What this does not see: a device kernel that never returns while the Python thread waits in a
+call that releases the interpreter (a hung CUDA synchronize). The heartbeat goes on there, and
+the request waits until its receive timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+HEARTBEAT_S = 0.5
+DEFAULT_LIVENESS_S = 15.0  # a session's default; the session issue asks for 10-30 s
+
+
+@dataclass(frozen=True)
+class Silent:
+    """A rank whose heartbeat stopped: for ``silent_s`` seconds, or never began."""
+
+    rank: int
+    silent_s: float
+    started: bool
+
+
+class Heartbeats:
+    """One slot per rank in shared memory, written by the workers and read by the supervisor."""
+
+    def __init__(self, mp_context, world_size: int) -> None:
+        self.slots = mp_context.Array("d", world_size, lock=False)  # 0.0: no beat yet
+        self.created_s = time.monotonic()
+
+    def start_beating(self, rank: int) -> threading.Thread:
+        """In the worker: a daemon thread that beats until the process ends."""
+        slots = self.slots
+
+        def beat() -> None:
+            while True:
+                slots[rank] = time.monotonic()
+                time.sleep(HEARTBEAT_S)
+
+        thread = threading.Thread(target=beat, name="hpipe-heartbeat", daemon=True)
+        thread.start()
+        return thread
+
+    def silent(self, ranks, *, liveness_s: float, startup_s: float) -> list[Silent]:
+        """In the supervisor: the ranks (of ``ranks``) that have not beaten in time."""
+        now = time.monotonic()
+        out = []
+        for r in ranks:
+            last = self.slots[r]
+            if last == 0.0:
+                if now - self.created_s > startup_s:
+                    out.append(Silent(r, now - self.created_s, started=False))
+            elif now - last > liveness_s:
+                out.append(Silent(r, now - last, started=True))
+        return out
+
+
+def process_state(pid: int) -> str:
+    """Linux's one-letter state of ``pid`` ('T' stopped, 'R' running, 'S' sleeping, ...), or ''."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def describe_silence(s: Silent, *, pid: int, where: str) -> str:
+    """The error message for a silent rank, with what Linux says about its process."""
+    state = process_state(pid)
+    why = {"T": "its process is stopped (SIGSTOP or a debugger)",
+           "t": "its process is stopped by a debugger",
+           "D": "its process is blocked in the kernel (a device or disk wait)",
+           "Z": "its process has exited"}.get(state, f"process state {state!r}" if state else "")
+    if not s.started:
+        return (f"worker {where}, pid {pid}, never started answering within {s.silent_s:.0f} s"
+                + (f": {why}" if why else ""))
+    return (f"worker {where}, pid {pid}, stopped answering: no heartbeat for {s.silent_s:.1f} s"
+            + (f"; {why}" if why else ""))

@@ -1,0 +1,449 @@
+"""A Session owns a running pipeline: workers started once, weights loaded once, many requests.
+
+    from hpipe.session import Request, Session
+
+    with Session.open(model="smollm2", cluster="local:2", seq_len=2048) as session:
+        stream = session.submit(Request.from_ids(ids, max_new_tokens=32))
+        for event in stream:                 # Progress, then Tokens as they are sampled
+            ...
+        done = stream.result()               # Finished: the RunResult, finish reasons
+
+Opening plans (or takes a plan), spawns one worker per device the plan uses, joins them into
+process groups once and has each load its stage's weights once; ``open`` returns when every
+stage is loaded. Requests then travel to the workers as messages (``hpipe.runtime.rank``'s
+``serve_rank``), one after another in the order they were submitted; any thread may submit,
+and each submission gets its own stream of events. ``cancel`` ends a queued request at once
+and a running one within one slice or decode step.
+
+Liveness: the supervisor (``hpipe.runtime.pool``) watches exit codes and heartbeats. A worker
+that dies, or stops answering for ``liveness_s``, breaks the session: its running and queued
+requests end with a ``WorkerFailedError`` naming that rank, every worker is ended, and further
+submissions are refused with the same cause. A new session can be opened at once.
+
+An idle session holds no pending collective, so it waits for hours; the connect timeout only
+bounds joining.
+
+What this does not do yet: run requests at the same time (a scheduler that interleaves slices
+and decode steps of several requests comes with ``hpipe serve``), run across hosts under
+torchrun (``hpipe run`` still runs a fixed list of requests there), or reuse a KV cache
+between requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from hpipe.cluster import ClusterSpec, load_cluster
+from hpipe.errors import PlanMismatchError, WorkerFailedError
+from hpipe.plan.plan import Plan
+from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
+from hpipe.runtime.request import RunRequest, RunResult
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE_S = 5.0  # close(): how long a running request may take to finish before the kill
+WAIT_POLL_S = 0.25  # waits poll so Ctrl-C reaches the waiting thread
+
+
+class SessionClosedError(RuntimeError):
+    """A request submitted to a session that was closed."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate: ``prompt_ids`` (rows of equal length; one row is a batch of 1).
+
+    ``temperature == 0`` is greedy. Decoding stops after ``max_new_tokens`` or, with
+    ``stop_at_eos``, once every row has produced an end-of-sequence token.
+    """
+
+    prompt_ids: tuple[tuple[int, ...], ...]
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+    label: str = ""
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[int] | Sequence[Sequence[int]], **kwargs) -> Request:
+        """One row of token ids, or a list of rows."""
+        rows = [ids] if ids and isinstance(ids[0], int) else list(ids)
+        return cls(prompt_ids=tuple(tuple(int(t) for t in row) for row in rows), **kwargs)
+
+
+# -- events ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """``kind`` "prefill": ``done`` of ``total`` prefill units went through the last stage;
+    "decode": ``done`` of at most ``total`` tokens were sampled."""
+
+    request_id: int
+    kind: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token just sampled for each row (a finished row repeats its end-of-sequence id)."""
+
+    request_id: int
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request. ``result`` is None for a request cancelled before it started.
+    ``finish_reasons`` per row: "stop" (end of sequence), "length" (max_new_tokens) or
+    "cancelled"."""
+
+    request_id: int
+    result: RunResult | None
+    finish_reasons: tuple[str, ...]
+
+    @property
+    def output_ids(self) -> tuple[tuple[int, ...], ...]:
+        return self.result.output_ids if self.result is not None else ()
+
+
+Event = Progress | Tokens | Finished
+
+
+class Stream:
+    """One request's events, in order, ending with ``Finished``; iterate, or wait for
+    ``result()``. A failure of the session ends the stream by raising its error."""
+
+    def __init__(self, session: Session, request_id: int) -> None:
+        self._session = session
+        self.id = request_id
+        self._events: queue.Queue = queue.Queue()
+        self._final: Finished | BaseException | None = None
+        self._done = threading.Event()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            try:
+                item = self._events.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Wait for the end; raise the session's failure if it broke meanwhile."""
+        waited = 0.0
+        while not self._done.wait(WAIT_POLL_S):
+            waited += WAIT_POLL_S
+            if timeout is not None and waited >= timeout:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout:g} s")
+        if isinstance(self._final, BaseException):
+            raise self._final
+        assert self._final is not None
+        return self._final
+
+    def cancel(self) -> bool:
+        return self._session.cancel(self.id)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # -- fed by the session ---------------------------------------------------------------
+    def _push(self, event: Event) -> None:
+        self._events.put(event)
+
+    def _end(self, final: Finished | BaseException) -> None:
+        if self._done.is_set():
+            return
+        self._final = final
+        self._events.put(final)
+        self._done.set()
+
+
+@dataclass
+class _Job:
+    stream: Stream
+    run: RunRequest
+    outcomes: list = field(default_factory=list)
+
+
+# -- the session -------------------------------------------------------------------------------
+class Session:
+    """A running pipeline; make one with ``Session.open``. Thread-safe."""
+
+    def __init__(self, *, model: str, plan: Plan, spec, tokenizer, liveness_s: float,
+                 connect_timeout_s: float) -> None:
+        self.model = model
+        self.plan = plan
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.liveness_s = liveness_s
+        self.connect_timeout_s = connect_timeout_s
+        self.state = "loading"  # -> "ready" -> "closed", or "broken"
+        self.error: Exception | None = None
+        self.num_stage_loads: dict[int, int] = {}  # rank -> loads, as reported when ready
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._queue: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._pool = None
+        self._dispatcher: threading.Thread | None = None
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, *, model: str, plan: Plan | None = None, cluster: ClusterSpec | str = "local:2",
+             method: str = "hpipe", seq_len: int | None = None, batch: int = 1,
+             dtype: str = "float32", cost=None, allow_tp: bool = True,
+             liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
+             wait: bool = True) -> Session:
+        """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
+        every stage has loaded its weights (raising if a worker failed meanwhile).
+
+        Without a plan, ``method`` is planned on ``cluster`` for ``batch`` prompts of
+        ``seq_len`` tokens (default: the model's context, capped at 4096); prompts of other
+        lengths use the plan's slicing rescaled (``Plan.slices_for``). ``cost`` is a cost
+        model (e.g. fitted from a profile), None for the analytic one.
+        """
+        from hpipe.model.source import open_model
+        from hpipe.runtime.launch import check_local_devices
+        from hpipe.runtime.request import check_plan
+
+        if liveness_s <= 0 or connect_timeout_s <= 0:
+            raise PlanMismatchError(f"liveness_s ({liveness_s:g}) and connect_timeout_s "
+                                    f"({connect_timeout_s:g}) must be > 0 seconds")
+        source = open_model(model)
+        spec = source.spec
+        if plan is None:
+            from hpipe.plan.api import plan_method
+
+            cluster = load_cluster(cluster) if isinstance(cluster, str) else cluster
+            plan = plan_method(method, model=spec, cluster=cluster, batch=batch,
+                               seq_len=seq_len or min(spec.max_seq_len, 4096), dtype=dtype,
+                               cost=cost, allow_tp=allow_tp)
+        check_plan(plan, spec, model=model)
+        check_local_devices([plan])
+        session = cls(model=model, plan=plan, spec=spec, tokenizer=source.tokenizer,
+                      liveness_s=liveness_s, connect_timeout_s=connect_timeout_s)
+        session._start()
+        if wait:
+            session.wait_ready()
+        return session
+
+    def _start(self) -> None:
+        from hpipe.runtime.launch import cuda_devices_of, free_port, warn_if_oversubscribed
+        from hpipe.runtime.pool import WorkerPool, WorkerSettings
+        from hpipe.runtime.rank import (
+            COLLECTIVE_TIMEOUT_S,
+            describe_rank,
+            pick_backend,
+            rank_devices,
+        )
+
+        plan = self.plan
+        backend = pick_backend([plan])
+        warn_if_oversubscribed([plan.cluster])
+        world = len(rank_devices(plan))
+        settings = WorkerSettings(
+            world_size=world, addr="127.0.0.1", port=free_port(), backend=backend,
+            connect_timeout_s=self.connect_timeout_s, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+            cuda_devices=cuda_devices_of(plan) if backend == "nccl" else None)
+        self._pool = WorkerPool(
+            _serve_target, (plan, self.model), settings, on_message=self._on_message,
+            on_failure=self._on_failure, describe_rank=lambda r: describe_rank(plan, r),
+            liveness_s=self.liveness_s, process_name="hpipe-session-rank")
+        self._pool.start(watch_in_thread=True)
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                            name="hpipe-session-dispatch")
+        self._dispatcher.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every stage is loaded; raise the failure if the session broke first."""
+        waited = 0.0
+        with self._cond:
+            while self.state == "loading":
+                self._cond.wait(WAIT_POLL_S)
+                waited += WAIT_POLL_S
+                if timeout is not None and waited >= timeout:
+                    raise TimeoutError(f"the session's workers did not load within {timeout:g} s")
+            if self.state == "broken":
+                assert self.error is not None
+                raise self.error
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, by rank."""
+        return self._pool.pids if self._pool is not None else []
+
+    @property
+    def world_size(self) -> int:
+        return len(self.pids)
+
+    # -- requests ------------------------------------------------------------------------
+    def submit(self, request: Request) -> Stream:
+        """Queue ``request``; returns its stream at once. Bad input raises here (typed, naming
+        the value), before anything reaches the workers."""
+        from hpipe.model.generate import Sampler
+        from hpipe.runtime.request import check_prompt, check_request, fit_plan
+
+        rows = [list(r) for r in request.prompt_ids]
+        check_prompt(rows, self.spec, max_new_tokens=request.max_new_tokens)
+        Sampler(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        plan = fit_plan(self.plan, batch=len(rows), prompt_len=len(rows[0]))
+        eos = tuple(self.tokenizer.eos_token_ids or self.spec.eos_token_ids)
+        from hpipe.runtime.rank import COLLECTIVE_TIMEOUT_S
+
+        run = RunRequest(model=self.model, plan=plan, prompt_ids=request.prompt_ids,
+                         max_new_tokens=request.max_new_tokens,
+                         temperature=request.temperature, top_p=request.top_p,
+                         seed=request.seed, stop_at_eos=request.stop_at_eos, eos_token_ids=eos,
+                         recv_timeout_s=COLLECTIVE_TIMEOUT_S,
+                         label=request.label or plan.method)
+        check_request(run, self.spec)
+        with self._cond:
+            self._raise_if_unusable()
+            job = _Job(Stream(self, next(self._ids)), run)
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.stream
+
+    def generate(self, request: Request, timeout: float | None = None) -> Finished:
+        """Submit and wait for the end."""
+        return self.submit(request).result(timeout)
+
+    def cancel(self, request_id: int) -> bool:
+        """End a request: a queued one at once, a running one within a slice or a decode step.
+        False when it is unknown or already finished."""
+        with self._cond:
+            for job in self._queue:
+                if job.stream.id == request_id:
+                    self._queue.remove(job)
+                    reasons = ("cancelled",) * job.run.batch
+                    job.stream._end(Finished(request_id, None, reasons))
+                    return True
+            running = self._running
+            if (running is None or running.stream.id != request_id or running.stream.done
+                    or self.state != "ready"):
+                return False
+        self._pool.send_all(("cancel", request_id))
+        return True
+
+    def _raise_if_unusable(self) -> None:
+        if self.state == "broken":
+            raise WorkerFailedError(f"the session is broken ({self.error}); open a new one")
+        if self.state == "closed":
+            raise SessionClosedError("the session is closed; open a new one")
+
+    def _dispatch_loop(self) -> None:
+        """Hand the workers one request at a time, in submission order."""
+        while True:
+            with self._cond:
+                while self.state == "loading" or (self.state == "ready" and not self._queue):
+                    self._cond.wait()
+                if self.state != "ready":
+                    return
+                job = self._queue.popleft()
+                self._running = job
+            self._pool.send_all(("run", job.stream.id, job.run))
+            while not job.stream._done.wait(WAIT_POLL_S):
+                pass
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()
+
+    # -- messages from the workers (on the supervisor's thread) ----------------------------
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            with self._cond:
+                self.num_stage_loads[msg[1]] = msg[2]
+                if len(self.num_stage_loads) == self.world_size and self.state == "loading":
+                    self.state = "ready"
+                    log.info("session ready: %d workers, pids %s", self.world_size, self.pids)
+                self._cond.notify_all()
+            return
+        job = self._running
+        if job is None or job.stream.id != msg[1]:
+            return  # a late message of a request that already ended
+        if kind == "token":
+            job.stream._push(Tokens(msg[1], tuple(msg[2])))
+        elif kind == "progress":
+            job.stream._push(Progress(msg[1], msg[2], msg[3], msg[4]))
+        elif kind == "outcome":
+            if msg[3] is not None:
+                job.outcomes.append(msg[3])
+            if len(job.outcomes) == self.world_size:
+                self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        from hpipe.runtime.rank import assemble_result
+
+        result = assemble_result(job.run, job.outcomes)
+        n = job.run.max_new_tokens
+        reasons = tuple("cancelled" if result.cancelled else
+                        ("length" if len(row) >= n else "stop") for row in result.output_ids)
+        job.stream._end(Finished(job.stream.id, result, reasons))
+
+    def _on_failure(self, error: Exception) -> None:
+        """A worker died or went silent: the pool has ended every worker; fail what is left."""
+        log.warning("session broken: %s", error)
+        with self._cond:
+            if self.state == "closed":
+                return
+            self.state, self.error = "broken", error
+            jobs = ([self._running] if self._running else []) + list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in jobs:
+            job.stream._end(error)
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self, *, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Cancel queued requests, give a running one ``grace_s`` to finish, end every worker."""
+        with self._cond:
+            if self.state == "closed":
+                return
+            was_broken = self.state == "broken"
+            queued = list(self._queue)
+            self._queue.clear()
+            running = self._running
+        for job in queued:
+            job.stream._end(Finished(job.stream.id, None, ("cancelled",) * job.run.batch))
+        if running is not None and not was_broken:
+            self._pool.send_all(("cancel", running.stream.id))
+            running.stream._done.wait(grace_s)
+        with self._cond:
+            self.state = "closed"
+            self._cond.notify_all()
+        if running is not None:
+            running.stream._end(SessionClosedError("the session was closed during the request"))
+        if self._pool is not None:
+            self._pool.close(grace_s=grace_s)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Session({self.model!r}, {self.plan.method} on {self.plan.cluster.name}, "
+                f"{self.state}, pids {self.pids})")
+
+
+def _serve_target(plan_model: tuple, ctx, commands, emit) -> None:
+    """Each worker's life in a session (module level: spawn pickles it by name)."""
+    from hpipe.runtime.rank import serve_rank
+
+    plan, model = plan_model
+    serve_rank(plan, model, ctx, commands, emit)
+
