@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     import torch
 
     from hpipe.cluster import load_cluster
+    from hpipe.cost import read_profile
     from hpipe.cost.fitted import FittedCost
     from hpipe.model.source import open_model
     from hpipe.netns import netns_unavailable_reason
     from hpipe.plan.api import plan_method
-    from hpipe.profile import read_profile
     from hpipe.sim import simulate
 
     spec = open_model(args.model).spec

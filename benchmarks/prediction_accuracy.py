@@ -85,12 +85,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from hpipe.cluster import load_cluster
+    from hpipe.cost import read_profile
     from hpipe.cost.analytic import AnalyticCost
     from hpipe.cost.fitted import FittedCost
     from hpipe.model.source import open_model
     from hpipe.netns import netns_unavailable_reason
     from hpipe.plan.api import plan_method
-    from hpipe.profile import read_profile
     from hpipe.profile.random_model import write_random_checkpoint
     from hpipe.sim import simulate
     from hpipe.spec import ModelSpec

@@ -150,9 +150,9 @@ def profiled_plan(spec, cluster, tokens: int):
     import sys
     import tempfile
 
+    from hpipe.cost import read_profile
     from hpipe.cost.fitted import FittedCost
     from hpipe.plan.api import plan_method
-    from hpipe.profile import read_profile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pipeline_harness import profile_cluster

@@ -16,6 +16,7 @@ from pathlib import Path
 from hpipe.commands import experiment, plan, profile, run, simulate
 from hpipe.commands.settings import int_list, read_prompt_file
 from hpipe.errors import DeviceError, HPipeError
+from hpipe.spec import DTYPES
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: if it has one)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_generate)

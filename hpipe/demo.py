@@ -1,14 +1,16 @@
 """The demo: SmolLM2 answers a question about a long document (data/metric_system.md).
 
-The document, the question and the prompt wording live here, in one place, so that the
-pipelined demo (issue "Real runtime") can reuse them unchanged and compare with this
-single-process run.
+The document and the question live here; the prompt's wording is ``hpipe.model.prompts``'s,
+shared with ``hpipe run --question``. The pipelined demo is an ``hpipe run`` (see cli.py), and
+``--single-process`` runs the same prompt in one process.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from hpipe.model.prompts import document_question
 
 # An original document written for hpipe and released CC0 (see data/README.md): ~3.5k SmolLM2
 # tokens, long enough that prefill dominates, short enough for a prefill of ~20-40 s on 2 CPU cores.
@@ -21,9 +23,8 @@ EXPECTED_ANSWER = "Johnson Matthey"
 
 
 def demo_prompt_text(document: str, question: str = QUESTION) -> str:
-    """The user turn: the document, then the question (question last: small models follow it best)."""
-    return (f"Read the following document and answer the question.\n\n{document.strip()}\n\n"
-            f"Question: {question}\nAnswer in one sentence.")
+    """The demo's user turn (see hpipe.model.prompts)."""
+    return document_question(document, question)
 
 
 @dataclass(frozen=True)

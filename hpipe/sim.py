@@ -11,8 +11,9 @@ F[i][j] = max(F[i-1][j], F[i][j-1]) + t_c + t_t.
 from __future__ import annotations
 
 from hpipe.cost.base import CostModel
-from hpipe.plan.plan import Plan, dtype_bytes
+from hpipe.plan.plan import Plan
 from hpipe.schedule import TOKEN, Schedule, build_schedule
+from hpipe.spec import dtype_bytes
 from hpipe.timeline import Interval, Timeline
 
 TOKEN_BYTES = 8  # int64 token ids going back from the last stage to the first in decode

@@ -14,6 +14,16 @@ from dataclasses import dataclass
 from hpipe.errors import UnknownPresetError
 
 FAMILIES = ("llama", "gpt2", "neox")
+# The planners, by the paper's names; "manual" is a user-given split and/or slicing. Every one
+# plans, simulates and runs.
+METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manual")
+# Compute and wire dtypes, by torch's names.
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of ``dtype`` (one of DTYPES)."""
+    return 4 if dtype == "float32" else 2
 
 
 @dataclass(frozen=True)

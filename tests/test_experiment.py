@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hpipe.commands import simulate
-from hpipe.report.experiment import PaperExperiment
+from hpipe.experiment import PaperExperiment
 
 pytest.importorskip("hpipe.plan.api")
 

@@ -7,8 +7,8 @@ import pytest
 
 from hpipe.cluster import local_cluster
 from hpipe.cost.fitted import FittedCost, fit_device, fit_nonnegative, layer_features
+from hpipe.cost.profile_file import DeviceProfile, TimeSample
 from hpipe.plan.plan import Plan, StagePlan
-from hpipe.profile.profile_file import DeviceProfile, TimeSample
 from hpipe.sim import simulate
 from tests.test_profile_file import MODEL, make_profile
 

@@ -12,6 +12,7 @@ import pytest
 
 from hpipe.cluster import local_cluster
 from hpipe.cost.fitted import FittedCost
+from hpipe.cost.profile_file import Profile
 from hpipe.plan.api import plan_method
 from hpipe.profile.calibrate import (
     NUM_SLICES,
@@ -19,7 +20,6 @@ from hpipe.profile.calibrate import (
     compute_by_device,
     make_calibration,
 )
-from hpipe.profile.profile_file import Profile
 from hpipe.sim import simulate
 from tests.test_profile_file import MODEL, make_profile
 

@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 
 from hpipe.cluster import local_cluster, parse_cluster
+from hpipe.cost import cost_model, read_profile
 from hpipe.cost.fitted import FittedCost
-from hpipe.errors import ProfileMismatchError
-from hpipe.profile import load_cost, read_profile
-from hpipe.profile.profile_file import (
+from hpipe.cost.profile_file import (
     DeviceProfile,
     LinkProfile,
     LinkSample,
@@ -20,6 +19,7 @@ from hpipe.profile.profile_file import (
     check_profile,
     model_shape,
 )
+from hpipe.errors import ProfileMismatchError
 from hpipe.spec import model_preset
 
 MODEL = model_preset("smollm2-135m")
@@ -96,16 +96,17 @@ def test_profile_with_other_dtype_or_slowdown_is_refused():
         check_profile(prof, MODEL, slow, "float32")
 
 
-def test_load_cost_reads_profile_argument(tmp_path):
+def test_cost_model_is_fitted_from_a_profile_else_analytic(tmp_path):
+    from hpipe.cost.analytic import AnalyticCost
+
     path = tmp_path / "p.json"
     path.write_text(make_profile().to_json())
-    args = type("Args", (), {"profile": str(path)})()
-    cost = load_cost(args, MODEL, local_cluster(2), "float32")
-    assert isinstance(cost, FittedCost)
-    assert load_cost(type("Args", (), {"profile": None})(), MODEL, local_cluster(2), "float32") is None
+    assert isinstance(cost_model(MODEL, local_cluster(2), "float32", profile=path), FittedCost)
+    assert isinstance(cost_model(MODEL, local_cluster(2), "float32", profile=make_profile()),
+                      FittedCost)
+    assert isinstance(cost_model(MODEL, local_cluster(2), "float32"), AnalyticCost)
     with pytest.raises(ProfileMismatchError, match="no such file"):
-        load_cost(type("Args", (), {"profile": str(tmp_path / "nope.json")})(), MODEL,
-                  local_cluster(2), "float32")
+        cost_model(MODEL, local_cluster(2), "float32", profile=tmp_path / "nope.json")
 
 
 def test_malformed_or_old_profile_is_refused():

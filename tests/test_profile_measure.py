@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from hpipe.cluster import parse_cluster
+from hpipe.cost import read_profile
 from hpipe.cost.fitted import FittedCost
 from hpipe.model.source import open_model
-from hpipe.profile import read_profile
 from hpipe.profile.measure import Grid, default_grid, profile_device
 from hpipe.profile.random_model import write_random_checkpoint
 from hpipe.spec import ModelSpec

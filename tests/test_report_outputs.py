@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from hpipe.cluster import paper_cluster
+from hpipe.plan.compare import even_layer_split, result_from_plan
 from hpipe.plan.plan import Plan, StagePlan
-from hpipe.report.evaluate import even_layer_split, result_from_plan
 from hpipe.report.gantt import plot_timelines
 from hpipe.report.tables import memory_table, performance_table
 from hpipe.report.trace import chrome_trace, write_chrome_trace

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hpipe.report.experiment import PaperExperiment
+    from hpipe.experiment import PaperExperiment
     from hpipe.report.markdown import headline_lines
 
     if args.out.exists() and not args.out.is_dir():

@@ -16,7 +16,7 @@ import sys
 from hpipe.catalog import GIB  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 from hpipe.commands.settings import add_setting_args, int_list, load_settings
 from hpipe.errors import HPipeError
-from hpipe.plan.plan import METHODS
+from hpipe.spec import METHODS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

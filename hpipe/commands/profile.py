@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hpipe.commands.settings import prepare_output
 from hpipe.errors import HPipeError, WorkerFailedError
+from hpipe.spec import DTYPES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model dir, .gguf file, 'smollm2' or a preset")
     p.add_argument("--cluster", required=True, help="'local:N' or a cluster YAML file")
     p.add_argument("--out", type=Path, required=True, help="profile file to write")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     # --seq-len and --batch are what plan/simulate/run call the same quantities.
     p.add_argument("--max-tokens", "--seq-len", dest="max_tokens", type=int, default=None,
                    help="longest prompt to plan for: the grid spans it (default 2048, 1024 quick)")

@@ -16,11 +16,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpipe.commands.settings import int_list, prepare_output, read_prompt_file
+from hpipe.commands.settings import (
+    add_profile_argument,
+    int_list,
+    prepare_output,
+    read_prompt_file,
+)
+from hpipe.cost import cost_model
 from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
-from hpipe.profile import add_profile_argument, load_cost
-
-RUN_METHODS = ("hpipe", "base", "gpipe", "terapipe", "gpb", "megatron", "tpt", "manual")
+from hpipe.spec import DTYPES, METHODS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None,
                    help="'local:N' (N CPU workers here) or a cluster YAML file (default: the "
                         "--plan's cluster, else local:2)")
-    p.add_argument("--method", default=None, choices=RUN_METHODS,
+    p.add_argument("--method", default=None, choices=METHODS,
                    help="the planner to run (default hpipe); megatron and tpt put tensor-"
                         "parallel pairs on stages, which the runtime shards Megatron-style "
                         "(one worker per device)")
@@ -55,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="layer count per device, e.g. 12,18 (overrides the planner)")
     p.add_argument("--slices", type=int_list,
                    help="token slices, e.g. 1024,512,... (overrides the planner)")
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and wire dtype (default float32, or the --plan's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -94,9 +98,9 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
     else:
         text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
         if args.question:
-            from hpipe.demo import demo_prompt_text  # the demo's wording, kept in one place
+            from hpipe.model.prompts import document_question
 
-            text = demo_prompt_text(text, args.question)
+            text = document_question(text, args.question)
         # The same default as 'hpipe generate', so both commands feed the model the same ids.
         chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
         rows = [tokenizer.encode(tokenizer.chat_prompt(text) if chat else text)]
@@ -113,7 +117,7 @@ def prompt_rows(args, tokenizer) -> list[list[int]]:
 def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> list:
     """The plan to run (and Base's for --compare), all checked against the model.
 
-    ``cost`` is the fitted model of ``--profile`` or None for the analytic one."""
+    ``cost`` is the fitted model of ``--profile``, else the analytic one."""
     from hpipe.plan.api import plan_method
     from hpipe.plan.plan import Plan
     from hpipe.runtime.request import fit_plan
@@ -147,6 +151,12 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
     return plans
 
 
+def plan_file_dtype(path: Path) -> str:
+    from hpipe.plan.plan import Plan
+
+    return Plan.from_json(path.read_text()).dtype
+
+
 def resolve_cluster(args):
     """--cluster, else the --plan's cluster, else local:2. A --plan runs on the cluster it was
     made for, so a --cluster that differs from it is refused rather than ignored."""
@@ -172,10 +182,8 @@ def resolve_cluster(args):
 
 def predicted_timeline(result, plan, cost):
     """The simulator's timeline for the same plan and the decode steps that really ran."""
-    from hpipe.cost.analytic import AnalyticCost
     from hpipe.sim import simulate
 
-    cost = cost or AnalyticCost(plan.model, plan.cluster, plan.dtype)
     return simulate(plan, cost, num_decode_steps=result.num_decode_steps)
 
 
@@ -262,7 +270,7 @@ class Prepared:
     source: object  # hpipe.model.source.ModelSource
     plans: list  # the plan to run, then Base's with --compare
     requests: list  # one RunRequest per plan
-    cost: object  # the fitted cost model of --profile, or None for the analytic one
+    cost: object  # the fitted cost model of --profile, else the analytic one
 
 
 def prepare(args, *, local: bool) -> Prepared:
@@ -281,7 +289,9 @@ def prepare(args, *, local: bool) -> Prepared:
     rows = prompt_rows(args, source.tokenizer)
     # The prompt first: the planner would report an empty or too long one as a --seq-len.
     check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
-    cost = load_cost(args, spec, cluster, args.dtype or "float32")
+    # The --plan's dtype when it has one: its predictions must price what it will run.
+    dtype = args.dtype or (plan_file_dtype(args.plan) if args.plan else "float32")
+    cost = cost_model(spec, cluster, dtype, profile=args.profile)
     plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]), cost=cost)
     requests = [
         RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),

@@ -7,10 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
+from hpipe.cost import cost_model
 from hpipe.errors import OutputPathError, PromptError
-from hpipe.plan.plan import DTYPES
-from hpipe.profile import add_profile_argument, load_cost
-from hpipe.spec import ModelSpec, model_preset
+from hpipe.spec import DTYPES, ModelSpec, model_preset
 
 
 def add_setting_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +26,15 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                    help="keep HPipe to pure pipelines (one device per stage); by default its "
                         "search also tries tensor-parallel pairs inside a host")
     add_profile_argument(p)
+
+
+def add_profile_argument(parser) -> None:
+    """``--profile FILE`` for plan / simulate / run, one spelling everywhere."""
+    parser.add_argument(
+        "--profile", metavar="FILE", default=None,
+        help="a profile from 'hpipe profile': plan with measured device and link costs "
+             "instead of the analytic catalog figures",
+    )
 
 
 def prepare_output(path: Path | None, flag: str) -> None:
@@ -73,7 +81,7 @@ def resolve_dtype(args) -> str:
     if getattr(args, "dtype", None):
         return args.dtype
     if getattr(args, "profile", None):
-        from hpipe.profile import read_profile
+        from hpipe.cost import read_profile
 
         return read_profile(args.profile).dtype
     return "float16"
@@ -107,11 +115,4 @@ def load_settings(args):
     args.dtype = resolve_dtype(args)
     cluster = load_cluster(args.cluster)
     model = load_model_spec(args.model)
-    return cluster, model, cost_model(args, model, cluster, args.dtype)
-
-
-def cost_model(args, model: ModelSpec, cluster, dtype: str):
-    """The fitted model from ``--profile`` when given, else the analytic roofline."""
-    from hpipe.cost.analytic import AnalyticCost
-
-    return load_cost(args, model, cluster, dtype) or AnalyticCost(model, cluster, dtype)
+    return cluster, model, cost_model(model, cluster, args.dtype, profile=args.profile)

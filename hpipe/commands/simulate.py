@@ -14,8 +14,9 @@ from pathlib import Path
 
 from hpipe.commands.settings import add_setting_args, load_settings, prepare_output
 from hpipe.errors import HPipeError
+from hpipe.spec import METHODS
 
-METHOD_CHOICES = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "all")
+METHOD_CHOICES = tuple(m for m in METHODS if m != "manual") + ("all",)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def _describe(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpipe.report.evaluate import PAPER_METHODS, evaluate_methods
+    from hpipe.plan.compare import PAPER_METHODS, evaluate_methods
     from hpipe.report.gantt import plot_timelines
     from hpipe.report.tables import memory_table, performance_table
     from hpipe.report.trace import write_chrome_trace

@@ -27,8 +27,7 @@ import numpy as np
 
 from hpipe.cluster import ClusterSpec, DeviceSpec
 from hpipe.cost.memory import context_bytes, kv_bytes, weight_bytes, workspace_bytes
-from hpipe.plan.plan import dtype_bytes
-from hpipe.spec import ModelSpec
+from hpipe.spec import ModelSpec, dtype_bytes
 
 # Large fp16 GEMMs in cuBLAS reach 70-85% of the spec-sheet peak (P100 HGEMM, Ampere tensor
 # cores with fp32 accumulate); a whole layer with its norms, rotary and softmax kernels does a

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hpipe.cluster import ClusterSpec
-from hpipe.plan.plan import dtype_bytes
-from hpipe.profile.profile_file import DeviceProfile, LinkProfile, Profile, check_profile
-from hpipe.spec import ModelSpec
+from hpipe.cost.profile_file import DeviceProfile, LinkProfile, Profile, check_profile
+from hpipe.spec import ModelSpec, dtype_bytes
 
 LAYER_TERMS = ("1", "b*s", "b*p", "b*s*p", "b*s^2")
 # The head runs on the rows and tokens the last stage receives; whether it projects every

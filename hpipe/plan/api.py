@@ -12,15 +12,15 @@ from __future__ import annotations
 import math
 
 from hpipe.cluster import ClusterSpec
-from hpipe.cost.analytic import AnalyticCost
+from hpipe.cost import cost_model
 from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError, PromptTooLongError
 from hpipe.plan import baselines
 from hpipe.plan.evaluate import Problem
 from hpipe.plan.feasibility import largest_fitting
-from hpipe.plan.plan import DTYPES, METHODS, Plan
+from hpipe.plan.plan import Plan
 from hpipe.plan.search import plan_hpipe
-from hpipe.spec import ModelSpec
+from hpipe.spec import DTYPES, METHODS, ModelSpec
 
 # Grid points the slicing DP works on: ~256 keep it well under a second; the grain is a power
 # of two (tile-aligned, design notes: g = 8..64) of at least 16 tokens.
@@ -88,7 +88,7 @@ def plan_method(
             f"--layers/--slices make a manual plan; use method 'manual' (or 'hpipe' to fill "
             f"the rest with HPipe's DPs), not {method!r}")
     pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype=dtype,
-                 cost=cost if cost is not None else AnalyticCost(model, cluster, dtype),
+                 cost=cost if cost is not None else cost_model(model, cluster, dtype),
                  grain_tokens=grain_tokens or default_grain_tokens(seq_len))
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
@@ -141,7 +141,7 @@ def plan_all(
 
     Argument errors (prompt too long, bad dtype) still raise: they concern all methods alike.
     """
-    cost = cost if cost is not None else AnalyticCost(model, cluster, dtype)
+    cost = cost if cost is not None else cost_model(model, cluster, dtype)
     out: dict[str, Plan | InfeasiblePlanError] = {}
     for m in methods:
         try:

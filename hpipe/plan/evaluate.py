@@ -19,10 +19,10 @@ import numpy as np
 from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError
-from hpipe.plan.plan import Plan, StagePlan, dtype_bytes
+from hpipe.plan.plan import Plan, StagePlan
 from hpipe.schedule import prefill_units
 from hpipe.sim import simulate
-from hpipe.spec import ModelSpec
+from hpipe.spec import ModelSpec, dtype_bytes
 
 GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 

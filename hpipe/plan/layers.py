@@ -38,8 +38,8 @@ import numpy as np
 from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
 from hpipe.plan.groups import Group, single_groups
-from hpipe.plan.plan import StagePlan, dtype_bytes
-from hpipe.spec import ModelSpec
+from hpipe.plan.plan import StagePlan
+from hpipe.spec import ModelSpec, dtype_bytes
 
 INF = math.inf
 

@@ -12,15 +12,7 @@ from dataclasses import dataclass, field
 
 from hpipe.cluster import ClusterSpec
 from hpipe.errors import PlanMismatchError, SliceError
-from hpipe.spec import ModelSpec
-
-# The paper's names. "manual" is a user-given split and/or slicing.
-METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manual")
-DTYPES = ("float16", "bfloat16", "float32")
-
-
-def dtype_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+from hpipe.spec import DTYPES, METHODS, ModelSpec
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import math
 import numpy as np
 
 from hpipe.plan.evaluate import Problem, memory_overflows
-from hpipe.plan.plan import Plan, StagePlan, dtype_bytes
+from hpipe.plan.plan import Plan, StagePlan
 from hpipe.schedule import prefill_units
+from hpipe.spec import dtype_bytes
 
 
 def uniform_slicings(seq_len: int, grain_tokens: int) -> list[tuple[int, ...]]:

@@ -28,10 +28,10 @@ import logging
 import statistics
 
 from hpipe.cluster import ClusterSpec
+from hpipe.cost.profile_file import Calibration, Profile
 from hpipe.errors import HPipeError
 from hpipe.plan.layers import even_counts
 from hpipe.plan.plan import Plan
-from hpipe.profile.profile_file import Calibration, Profile
 from hpipe.spec import ModelSpec
 from hpipe.timeline import Timeline
 

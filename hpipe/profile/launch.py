@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpipe.cluster import ClusterSpec
+from hpipe.cost.profile_file import LinkProfile, Profile, model_shape
 from hpipe.profile.links import QUICK_SIZES_BYTES, SIZES_BYTES, fit_link, measure_link
 from hpipe.profile.measure import Grid
-from hpipe.profile.profile_file import LinkProfile, Profile, model_shape
 from hpipe.runtime.launch import RankContext, launch_ranks, run_torchrun_rank
 
 # on_progress(what, done, total) in the supervisor; ``what`` names the device or the link.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hpipe.profile.profile_file import LinkSample
+from hpipe.cost.profile_file import LinkSample
 
 # 4 KiB pins the latency; 1 and 8 MiB are the size of real activations (a 512-token slice of
 # a 576-wide fp32 model is 1.2 MB; 2048 tokens of LLaMA-7B in fp16 are 16 MB). The largest size

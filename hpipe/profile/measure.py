@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from hpipe.cluster import DeviceSpec
+from hpipe.cost.profile_file import DeviceProfile, MemorySample, TimeSample
 from hpipe.emulation import emulated_sleep_s
-from hpipe.profile.profile_file import DeviceProfile, MemorySample, TimeSample
+from hpipe.runtime.request import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUM_BLOCKS = 2  # blocks in the profiled stage: two medians per call, still cheap to load
 
 

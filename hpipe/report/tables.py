@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from hpipe.report.evaluate import MethodResult
+from hpipe.plan.compare import MethodResult
 
 MB = 2**20  # the paper's memory table is in MB as nvidia-smi shows them (MiB)
 

@@ -17,14 +17,11 @@ from hpipe.errors import HPipeError, PlanMismatchError, PromptTooLongError
 from hpipe.model.generate import Sampler
 from hpipe.model.shard import check_tp_size
 from hpipe.plan.plan import Plan
-from hpipe.spec import ModelSpec
+from hpipe.spec import METHODS, ModelSpec
 from hpipe.timeline import Timeline
 
+# torch's dtype for each of hpipe.spec.DTYPES.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Methods whose plans the runtime can execute: every method the planner has. Megatron and TP-T
-# (and HPipe, when a tensor-parallel group is faster) put several devices on a stage, which
-# runs Megatron-style, see [Note: tensor-parallel stage] in hpipe/model/shard.py.
-RUNNABLE_METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manual")
 
 
 class PromptShapeError(HPipeError):
@@ -144,9 +141,12 @@ def check_plan(plan: Plan, spec: ModelSpec, *, model: str) -> None:
             f"'hpipe plan --model {model}')")
     if plan.dtype not in TORCH_DTYPES:
         raise PlanMismatchError(f"plan dtype {plan.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
-    if plan.method not in RUNNABLE_METHODS:
+    # Every method runs (hpipe.spec.METHODS): Megatron and TP-T (and HPipe, when a
+    # tensor-parallel group is faster) put several devices on a stage, which runs
+    # Megatron-style, see [Note: tensor-parallel stage] in hpipe/model/shard.py.
+    if plan.method not in METHODS:
         raise PlanMismatchError(
-            f"method {plan.method!r} has no runtime; run one of {', '.join(RUNNABLE_METHODS)}")
+            f"method {plan.method!r} has no runtime; run one of {', '.join(METHODS)}")
     for i, st in enumerate(plan.stages):
         if len(st.devices) > 1:
             names = [plan.cluster.devices[d].name for d in st.devices]

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpipe.cluster import ClusterSpec, paper_cluster
-from hpipe.plan.plan import Plan
-from hpipe.report.bound import gap_breakdown, latency_lower_bound
-from hpipe.report.evaluate import (
+from hpipe.plan.compare import (
     PAPER_METHODS,
     MethodResult,
     evaluate_methods,
     even_layer_split,
     result_from_plan,
 )
+from hpipe.plan.plan import Plan
+from hpipe.report.bound import gap_breakdown, latency_lower_bound
 from hpipe.report.gantt import plot_timelines
 from hpipe.report.tables import MB, energy_table, memory_table, performance_table, render
 from hpipe.report.trace import write_chrome_trace
@@ -123,9 +123,9 @@ class PaperExperiment:
         return path
 
     def _cost(self, model):
-        from hpipe.cost.analytic import AnalyticCost
+        from hpipe.cost import cost_model
 
-        return AnalyticCost(model, self.cluster, self.dtype)
+        return cost_model(model, self.cluster, self.dtype)
 
     # -- steps -------------------------------------------------------------------------------
     def _methods(self, name: str, batch: int, *, scaling: bool = False) -> None:

@@ -114,10 +114,10 @@ def evaluate_methods(
     A method the planner finds infeasible is kept as a result with ``error`` set; for Base we
     still simulate the unchecked even split so its memory row can show where it overflows.
     """
-    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.cost import cost_model
     from hpipe.plan.api import plan_method
 
-    cost = cost or AnalyticCost(model, cluster, dtype)
+    cost = cost or cost_model(model, cluster, dtype)
     names = tuple(d.name for d in cluster.devices)
     caps = tuple(d.memory_bytes for d in cluster.devices)
     out: dict[str, MethodResult] = {}
