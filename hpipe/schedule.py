@@ -13,7 +13,9 @@ torch.distributed.pipelining: ``R3`` receive unit 3, ``C3`` compute, ``S3`` send
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from enum import Enum
 
 from hpipe.plan.plan import Plan
 
@@ -35,16 +37,44 @@ class WorkUnit:
     tokens: int
 
 
+class ActionKind(str, Enum):
+    """What a stage does with a unit. A ``str`` Enum, so ``kind == "recv"`` still reads."""
+
+    RECV = "recv"
+    COMPUTE = "compute"
+    SEND = "send"
+
+    @property
+    def letter(self) -> str:
+        return self.value[0].upper()
+
+    @classmethod
+    def from_str(cls, text: str) -> ActionKind:
+        """"R" / "recv", "C" / "compute", "S" / "send"."""
+        for kind in cls:
+            if text in (kind.value, kind.letter):
+                return kind
+        raise ValueError(f"unknown action kind {text!r}; one of R, C, S")
+
+
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "recv" | "compute" | "send"
+    kind: ActionKind
     stage: int
     unit: int
     peer: int | None = None  # the stage sent to / received from
     payload: str = HIDDEN
 
     def __repr__(self) -> str:
-        return f"{self.stage}{self.kind[0].upper()}{self.unit}"
+        return f"{self.stage}{self.kind.letter}{self.unit}"
+
+    @classmethod
+    def from_str(cls, text: str) -> Action:
+        """``"1C3"`` -> stage 1 computes unit 3 (peers and payloads are not in the short form)."""
+        m = re.fullmatch(r"(\d+)([A-Za-z])(\d+)", text.strip())
+        if m is None:
+            raise ValueError(f"action {text!r} is not STAGE KIND UNIT, e.g. 1C3")
+        return cls(ActionKind.from_str(m.group(2)), int(m.group(1)), int(m.group(3)))
 
 
 @dataclass(frozen=True)
@@ -53,12 +83,24 @@ class Schedule:
     units: tuple[WorkUnit, ...]
     actions: tuple[tuple[Action, ...], ...]  # one tuple per stage, in execution order
 
-    def grid(self) -> str:
-        """One line per stage, e.g. ``stage 1: R0 C0 S0 R1 C1 S1``; for error messages."""
-        return "\n".join(
-            f"stage {s}: " + " ".join(repr(a)[len(str(s)):] for a in acts)
-            for s, acts in enumerate(self.actions)
-        )
+    def grid(self, at: dict[int, int] | None = None, *, around: int | None = None) -> str:
+        """One line per stage, e.g. ``stage 1: R0 C0 S0 R1 [C1] S1``; for error messages.
+
+        ``at[s]`` is the index of the action stage s was executing, shown in brackets; with
+        ``around``, each line keeps only that many actions either side of it (decode lists are
+        thousands long).
+        """
+        lines = []
+        for s, acts in enumerate(self.actions):
+            pos = (at or {}).get(s)
+            words = [f"[{repr(a)[len(str(s)):]}]" if i == pos else repr(a)[len(str(s)):]
+                     for i, a in enumerate(acts)]
+            if around is not None:
+                centre = pos if pos is not None and pos >= 0 else 0
+                lo, hi = max(0, centre - around), min(len(words), centre + around + 1)
+                words = (["..."] if lo else []) + words[lo:hi] + (["..."] if hi < len(words) else [])
+            lines.append(f"stage {s}: " + " ".join(words))
+        return "\n".join(lines)
 
 
 def prefill_units(plan: Plan, *, slices: tuple[int, ...] | None = None) -> tuple[WorkUnit, ...]:
@@ -96,10 +138,10 @@ def build_schedule(
         """Each stage receives the unit from the one before, computes it, sends it on."""
         for s in range(n):
             if s > 0:
-                acts[s].append(Action("recv", s, unit, s - 1))
-            acts[s].append(Action("compute", s, unit))
+                acts[s].append(Action(ActionKind.RECV, s, unit, s - 1))
+            acts[s].append(Action(ActionKind.COMPUTE, s, unit))
             if s < n - 1:
-                acts[s].append(Action("send", s, unit, s + 1))
+                acts[s].append(Action(ActionKind.SEND, s, unit, s + 1))
 
     for u in units:
         through_stages(u.index)
@@ -110,7 +152,7 @@ def build_schedule(
         # The token this step consumes was sampled on the last stage after the previous unit.
         prev = last_prefill if step == 0 else u.index - 1
         if n > 1:
-            acts[n - 1].append(Action("send", n - 1, prev, 0, TOKEN))
-            acts[0].append(Action("recv", 0, prev, n - 1, TOKEN))
+            acts[n - 1].append(Action(ActionKind.SEND, n - 1, prev, 0, TOKEN))
+            acts[0].append(Action(ActionKind.RECV, 0, prev, n - 1, TOKEN))
         through_stages(u.index)
     return Schedule(n, tuple(units), tuple(tuple(a) for a in acts))

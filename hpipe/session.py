@@ -403,8 +403,25 @@ class Session:
             jobs = ([self._running] if self._running else []) + list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
+        running = self._running
         for job in jobs:
-            job.stream._end(error)
+            if job is running:
+                job.stream._end(type(error)(f"{error}\n{self._where_ranks_were(job)}"))
+            else:
+                job.stream._end(error)
+
+    def _where_ranks_were(self, job: _Job) -> str:
+        """The running request's schedule around the action each stage's leader was on."""
+        from hpipe.runtime.rank import stage_ranks
+        from hpipe.schedule import build_schedule
+
+        run = job.run
+        sched = build_schedule(run.plan, num_decode_steps=max(0, run.max_new_tokens - 1),
+                               slices=run.slices)
+        positions = self._pool.positions()
+        at = {s: positions[ranks[0]] for s, ranks in enumerate(stage_ranks(run.plan))}
+        return ("where each stage was when it failed (its action in brackets; R receive, "
+                "C compute, S send, then the unit):\n" + sched.grid(at, around=4))
 
     # -- closing -------------------------------------------------------------------------
     def close(self, *, grace_s: float = CLOSE_GRACE_S) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hpipe.cost.base import CostModel
 from hpipe.plan.plan import Plan
-from hpipe.schedule import TOKEN, Schedule, build_schedule
+from hpipe.schedule import TOKEN, ActionKind, Schedule, build_schedule
 from hpipe.spec import dtype_bytes
 from hpipe.timeline import Interval, Timeline
 
@@ -28,15 +28,29 @@ def simulate(
     overlap_comm: bool = True,
 ) -> Timeline:
     sched = schedule or build_schedule(plan, num_decode_steps=num_decode_steps)
+    intervals = _time_actions(plan, cost, sched, overlap_comm=overlap_comm)
+    devs = [plan.cluster.devices[d] for d in plan.row_devices]
+    return Timeline(
+        source="simulated",
+        method=plan.method,
+        row_names=plan.row_names,
+        intervals=tuple(intervals),
+        peak_memory_bytes=_peak_memory_bytes(plan, cost, sched.units),
+        busy_power_w=tuple(d.busy_power_w for d in devs),
+        idle_power_w=tuple(d.idle_power_w for d in devs),
+        batch=plan.batch,
+        seq_len=sum(u.tokens for u in sched.units if u.phase == "prefill" and u.microbatch == 0),
+        emulated=any(d.emulated for d in devs),
+    )
+
+
+def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm: bool
+                  ) -> list[Interval]:
+    """Walk every stage's action list in dependency order, timing each action."""
     n = sched.num_stages
     units = sched.units
     last = n - 1
-    # Timeline rows: every device of every stage, in pipeline order.
-    rows_of = []
-    row_names: list[str] = []
-    for st in plan.stages:
-        rows_of.append(tuple(range(len(row_names), len(row_names) + len(st.devices))))
-        row_names.extend(plan.cluster.devices[d].name for d in st.devices)
+    rows_of = [plan.stage_rows(s) for s in range(n)]  # see [Note: timeline rows]
     elem = dtype_bytes(plan.dtype)
 
     stage_free = [0.0] * n  # when the stage can start its next compute
@@ -54,12 +68,12 @@ def simulate(
             while ptr[s] < len(acts):
                 a = acts[ptr[s]]
                 u = units[a.unit]
-                if a.kind == "recv":
+                if a.kind == ActionKind.RECV:
                     key = (a.unit, s, a.payload)
                     if key not in arrival:
                         break  # its sender has not got there yet
                     inbox[s] = max(inbox[s], arrival[key])
-                elif a.kind == "compute":
+                elif a.kind == ActionKind.COMPUTE:
                     st = plan.stages[s]
                     start = max(stage_free[s], inbox[s])
                     dur = cost.stage_time_s(
@@ -74,7 +88,7 @@ def simulate(
                     stage_free[s] = last_compute_end[s] = end
                     inbox[s] = 0.0
                 else:  # send
-                    assert a.kind == "send", a
+                    assert a.kind == ActionKind.SEND, a
                     num_bytes = (u.rows * TOKEN_BYTES if a.payload == TOKEN
                                  else u.rows * u.tokens * plan.model.hidden * elem)
                     link = (s, a.peer)
@@ -97,9 +111,14 @@ def simulate(
                 remaining -= 1
                 progressed = True
         assert progressed, f"schedule deadlocks:\n{sched.grid()}"
+    return intervals
 
+
+def _peak_memory_bytes(plan: Plan, cost: CostModel, units) -> tuple[float, ...]:
+    """Each row's predicted peak: its stage's weights, KV cache and largest unit's workspace."""
     unit_shapes = tuple(sorted({(u.rows, u.tokens, u.prefix) for u in units}))
     seq_total = max(u.prefix + u.tokens for u in units)
+    last = plan.num_stages - 1
     peak = []
     for s, st in enumerate(plan.stages):
         mem = cost.stage_memory_bytes(
@@ -107,16 +126,4 @@ def simulate(
             units=unit_shapes, has_embedding=s == 0, has_head=s == last,
         )
         peak.extend([mem] * len(st.devices))
-    devs = [plan.cluster.devices[d] for st in plan.stages for d in st.devices]
-    return Timeline(
-        source="simulated",
-        method=plan.method,
-        row_names=tuple(row_names),
-        intervals=tuple(intervals),
-        peak_memory_bytes=tuple(peak),
-        busy_power_w=tuple(d.busy_power_w for d in devs),
-        idle_power_w=tuple(d.idle_power_w for d in devs),
-        batch=plan.batch,
-        seq_len=sum(u.tokens for u in units if u.phase == "prefill" and u.microbatch == 0),
-        emulated=any(d.emulated for d in devs),
-    )
+    return tuple(peak)

@@ -5,6 +5,7 @@ opens at once. Everything goes through the public API (``hpipe.session``)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -198,6 +199,8 @@ def test_a_dead_or_stopped_worker_breaks_the_session_naming_it(tiny_checkpoints,
     waited_s = time.monotonic() - signalled_at
     message = str(info.value)
     assert "rank 1" in message and f"pid {pids[1]}" in message
+    # The request's schedule, with the action each stage was on when it failed.
+    assert "where each stage was" in message and re.search(r"stage 0: .*\[[RCS]\d+\]", message)
     if sig == signal.SIGKILL:
         assert "SIGKILL" in message and waited_s < 10
     else:

@@ -87,3 +87,28 @@ def test_decode_loops_tokens_back_to_stage_zero():
     # prefill 1 + .25 + 1, then each step: token back .25, stage 0 1, hop .25, stage 1 1
     assert tl.prefill_latency_s == pytest.approx(2.25)
     assert tl.latency_s == pytest.approx(2.25 + 2 * 2.5)
+
+
+def test_actions_read_back_from_their_short_form():
+    from hpipe.schedule import Action, ActionKind
+
+    sched = build_schedule(_plan(2, [4, 4]), num_decode_steps=2)
+    for acts in sched.actions:
+        for a in acts:
+            back = Action.from_str(repr(a))
+            assert (back.kind, back.stage, back.unit) == (a.kind, a.stage, a.unit)
+    assert ActionKind.from_str("compute") is ActionKind.from_str("C") is ActionKind.COMPUTE
+    with pytest.raises(ValueError, match="unknown action kind 'X'"):
+        Action.from_str("1X3")
+    with pytest.raises(ValueError, match="is not STAGE KIND UNIT"):
+        Action.from_str("C3")
+
+
+def test_the_failure_grid_marks_where_each_stage_was():
+    sched = build_schedule(_plan(2, [2, 2, 2, 2]), num_decode_steps=20)
+    grid = sched.grid({0: 9, 1: 4}, around=2)
+    stage0, stage1 = grid.splitlines()
+    # stage 0: C0 S0 C1 S1 C2 S2 C3 S3 R3 [C4] ...; stage 1: R0 C0 R1 C1 [R2] ...
+    assert stage0 == "stage 0: ... S3 R3 [C4] S4 R4 ..."
+    assert stage1 == "stage 1: ... R1 C1 [R2] C2 R3 ..."
+    assert "[" not in sched.grid()

@@ -219,15 +219,10 @@ def result_summary(result, plan, predicted, tokenizer) -> dict:
              "busy_prefill_s": bp, "busy_decode_s": bd, "prefill_cpu_s": cpu,
              "prefill_allreduce_s": ar, "peak_memory_bytes": mem}
             for name, s, bp, bd, cpu, ar, mem in zip(
-                tl.row_names, _stage_of_rows(plan), busy_prefill, busy_decode,
+                tl.row_names, plan.row_stages, busy_prefill, busy_decode,
                 result.prefill_cpu_s, result.prefill_allreduce_s, tl.peak_memory_bytes)
         ],
     }
-
-
-def _stage_of_rows(plan) -> list[int]:
-    """The stage of each timeline row: rows are every device of every stage in order."""
-    return [s for s, st in enumerate(plan.stages) for _ in st.devices]
 
 
 def _decode(tokenizer, ids) -> str | None:

@@ -94,45 +94,83 @@ def neighbour_splits(stages: tuple[StagePlan, ...], pb: Problem,
       stages whose devices form a group of ``groups`` joined on it, and a TP stage split
       into one stage per device, its layers shared evenly.
     """
-    out: list[tuple[StagePlan, ...]] = []
-    num = len(stages)
-    for j in range(num - 1):
+    out = [*_moved_boundaries(stages), *_dropped_stages(stages),
+           *_tp_joins_and_splits(stages, set(groups)), *_swapped_hosts(stages, pb),
+           *_onto_other_groups(stages, pb, groups)]
+    return [s for s in dict.fromkeys(out) if s != stages]
+
+
+Split = tuple[StagePlan, ...]
+
+
+def _moved_boundaries(stages: Split) -> list[Split]:
+    """A boundary moved by one layer either way (a stage left empty drops out)."""
+    out = []
+    for j in range(len(stages) - 1):
         a, b = stages[j], stages[j + 1]
         for cut in (a.layer_stop - 1, a.layer_stop + 1):
             if a.layer_start <= cut <= b.layer_stop:
                 moved = (*stages[:j], dataclasses.replace(a, layer_stop=cut),
                          dataclasses.replace(b, layer_start=cut), *stages[j + 2:])
                 out.append(tuple(st for st in moved if st.num_layers))
-    for j in range(num):  # stage j's layers all go to the stage before or after it
+    return out
+
+
+def _dropped_stages(stages: Split) -> list[Split]:
+    """Stage j's layers all go to the stage before or after it."""
+    out = []
+    num = len(stages)
+    for j in range(num):
         for k in (j - 1, j + 1):
             if 0 <= k < num:
                 grown = _resized(stages[k], stages[k].num_layers + stages[j].num_layers)
                 out.append(_restacked([grown if i == k else st
                                        for i, st in enumerate(stages) if i != j]))
-    allowed = set(groups)
+    return out
+
+
+def _tp_joins_and_splits(stages: Split, allowed: set) -> list[Split]:
+    """Two adjacent stages joined on their devices' TP group, and a TP stage split back into
+    one stage per device, its layers shared evenly."""
+    out = []
+    num = len(stages)
     for j in range(num):
         a = stages[j]
         if j + 1 < num and a.devices + stages[j + 1].devices in allowed:
-            # two stages become one on their devices' TP group, with both stages' layers
             joined = StagePlan(a.devices + stages[j + 1].devices, a.layer_start,
                                stages[j + 1].layer_stop)
             out.append((*stages[:j], joined, *stages[j + 2:]))
         if len(a.devices) > 1 and a.num_layers > 1 and all((d,) in allowed for d in a.devices):
-            # and back: a TP stage becomes one stage per device, its layers shared evenly
             parts = [StagePlan((d,), 0, c)
                      for d, c in zip(a.devices, even_counts(a.num_layers, len(a.devices)))]
             out.append(_restacked([*stages[:j], *(p for p in parts if p.num_layers),
                                    *stages[j + 1:]]))
+    return out
+
+
+def _swapped_hosts(stages: Split, pb: Problem) -> list[Split]:
+    """Two hosts' runs of stages swapped, every stage keeping its group and its layer count."""
+    num = len(stages)
     host = [pb.cluster.devices[st.device].host for st in stages]
     runs, i = [], 0  # [start, stop) of each host's run of stages
     for j in range(1, num + 1):
         if j == num or host[j] != host[i]:
             runs.append((i, j))
             i = j
+    out = []
     for x, (a0, a1) in enumerate(runs):
         for b0, b1 in runs[x + 1:]:
             out.append(_restacked([*stages[:a0], *stages[b0:b1], *stages[a1:b0],
                                    *stages[a0:a1], *stages[b1:]]))
+    return out
+
+
+def _onto_other_groups(stages: Split, pb: Problem, groups: tuple[Group, ...]) -> list[Split]:
+    """In each host order that holds the split: an idle group between stages j - 1 and j takes
+    a layer or a whole stage from either side; a group that overlaps stage j's and is otherwise
+    idle takes stage j over (a device joins or leaves its TP group, or the group shifts)."""
+    out = []
+    num = len(stages)
     used = {d for st in stages for d in st.devices}
     for order in pb.cluster.host_orders():
         pos = {d: i for i, d in enumerate(order)}
@@ -146,30 +184,32 @@ def neighbour_splits(stages: tuple[StagePlan, ...], pb: Problem,
                 continue  # not consecutive in this order
             j = sum(1 for x in last if x < lo)  # the first stage that ends at or after g
             if used.isdisjoint(g) and (j == num or first[j] > hi):
-                # g sits idle between stages j - 1 and j: a new stage, or one moving there
-                new = StagePlan(tuple(g), 0, 0)
-                if j > 0:
-                    s = stages[j - 1]
-                    if s.num_layers > 1:
-                        out.append(_restacked([*stages[:j - 1], _resized(s, s.num_layers - 1),
-                                               _resized(new, 1), *stages[j:]]))
-                    out.append(_restacked([*stages[:j - 1], _resized(new, s.num_layers),
-                                           *stages[j:]]))
-                if j < num:
-                    s = stages[j]
-                    if s.num_layers > 1:
-                        out.append(_restacked([*stages[:j], _resized(new, 1),
-                                               _resized(s, s.num_layers - 1), *stages[j + 1:]]))
-                    out.append(_restacked([*stages[:j], _resized(new, s.num_layers),
-                                           *stages[j + 1:]]))
+                out += _into_idle_group(stages, StagePlan(tuple(g), 0, 0), j)
             elif (j < num and g != stages[j].devices
                   and used.intersection(g) <= set(stages[j].devices)
                   and (j == 0 or last[j - 1] < lo) and (j == num - 1 or hi < first[j + 1])):
-                # g overlaps stage j's group and is otherwise idle: the stage grows into it,
-                # shrinks to it or shifts onto it (a device joins or leaves its TP group)
                 out.append((*stages[:j], dataclasses.replace(stages[j], devices=tuple(g)),
                             *stages[j + 1:]))
-    return [s for s in dict.fromkeys(out) if s != stages]
+    return out
+
+
+def _into_idle_group(stages: Split, new: StagePlan, j: int) -> list[Split]:
+    """``new`` (an idle group, no layers yet) sits between stages j - 1 and j: it takes the
+    last layer of stage j - 1 or all of them, or the first layer of stage j or all of them."""
+    out = []
+    if j > 0:
+        s = stages[j - 1]
+        if s.num_layers > 1:
+            out.append(_restacked([*stages[:j - 1], _resized(s, s.num_layers - 1),
+                                   _resized(new, 1), *stages[j:]]))
+        out.append(_restacked([*stages[:j - 1], _resized(new, s.num_layers), *stages[j:]]))
+    if j < len(stages):
+        s = stages[j]
+        if s.num_layers > 1:
+            out.append(_restacked([*stages[:j], _resized(new, 1),
+                                   _resized(s, s.num_layers - 1), *stages[j + 1:]]))
+        out.append(_restacked([*stages[:j], _resized(new, s.num_layers), *stages[j + 1:]]))
+    return out
 
 
 def _resized(st: StagePlan, num_layers: int) -> StagePlan:
@@ -203,77 +243,111 @@ def climb(pb: Problem, best: Plan, starts: list[tuple[StagePlan, ...]], *,
 
     A split whose slowest stage over the whole prefill is no faster than ``best`` is not
     planned: no slicing or micro-batching of its work is faster (search.py's note)."""
-    work_left = CLIMB_WORK
-    grid = len(grid_positions(pb.seq_len, pb.grain_tokens))
-    todo = list(dict.fromkeys([best.stages, *starts]))
-    later = iter(later_starts)  # lazy: the caller may compute them only when asked
-    num_later = 0
-    later_plans_left: int | None = None  # counted once the first further start is taken
-    paired: set[tuple[StagePlan, ...]] = set()  # splits whose two-change neighbours were tried
+    c = _Climb(pb, best, groups=groups, seen=seen, plan_split=plan_split,
+               later_starts=later_starts)
+    c.todo = list(dict.fromkeys([best.stages, *starts]))
+    try:
+        while True:
+            c.climb_from_todo()
+            if c.try_two_changes():
+                continue
+            if not c.take_later_start():
+                break
+    except _BudgetSpent:
+        pass
+    return c.best
 
-    def try_split(stages: tuple[StagePlan, ...]) -> bool | None:
-        """Plan ``stages`` unless seen or hopeless; whether it beat ``best`` (now ``best``),
-        None once the budget is spent."""
-        nonlocal best, work_left, later_plans_left
-        if stages in seen:
+
+class _BudgetSpent(Exception):
+    """The climb's work budget ran out: the best plan so far is the answer."""
+
+
+class _Climb:
+    """The state of one ``climb``: the best plan, the splits to climb from, the budget."""
+
+    def __init__(self, pb: Problem, best: Plan, *, groups: tuple[Group, ...], seen: set,
+                 plan_split: Callable[[tuple[StagePlan, ...], Plan], Plan | None],
+                 later_starts: Iterable[tuple[StagePlan, ...]]) -> None:
+        self.pb, self.best, self.groups, self.seen = pb, best, groups, seen
+        self.plan_split = plan_split
+        self.work_left = CLIMB_WORK
+        self.grid = len(grid_positions(pb.seq_len, pb.grain_tokens))
+        self.todo: list[tuple[StagePlan, ...]] = []
+        self.later = iter(later_starts)  # lazy: the caller may compute them only when asked
+        self.num_later = 0
+        self.later_plans_left: int | None = None  # counted once the first further start is taken
+        self.paired: set[tuple[StagePlan, ...]] = set()  # splits whose pairs were tried
+
+    def plan_cost(self) -> int:
+        """Budget units of planning one split of ``best``'s size in full."""
+        return self.grid**2 * len(self.best.stages)
+
+    def try_split(self, stages: tuple[StagePlan, ...]) -> bool:
+        """Plan ``stages`` unless seen or hopeless; whether it beat ``best`` (now ``best``).
+        Raises _BudgetSpent once the budget is spent."""
+        if stages in self.seen:
             return False
-        seen.add(stages)
-        if _whole_bottleneck_s(pb, stages) >= best.predicted_latency_s:
+        self.seen.add(stages)
+        if _whole_bottleneck_s(self.pb, stages) >= self.best.predicted_latency_s:
             return False
-        work_left -= grid**2 * len(stages)
-        if later_plans_left is not None:
-            later_plans_left -= 1
-        if work_left < 0 or (later_plans_left is not None and later_plans_left < 0):
-            return None
-        plan = plan_split(stages, best)
-        if plan is not None and plan.predicted_latency_s < best.predicted_latency_s:
-            best = plan
+        self.work_left -= self.grid**2 * len(stages)
+        if self.later_plans_left is not None:
+            self.later_plans_left -= 1
+        if self.work_left < 0 or (self.later_plans_left is not None
+                                  and self.later_plans_left < 0):
+            raise _BudgetSpent
+        plan = self.plan_split(stages, self.best)
+        if plan is not None and plan.predicted_latency_s < self.best.predicted_latency_s:
+            self.best = plan
             return True
         return False
 
-    while True:
-        while todo:
-            split = todo.pop(0)
-            for stages in neighbour_splits(split, pb, groups):
-                won = try_split(stages)
-                if won is None:
-                    return best
-                if won:
-                    todo.insert(0, stages)
+    def climb_from_todo(self) -> None:
+        """First improvement: the first faster neighbour is climbed from next."""
+        while self.todo:
+            split = self.todo.pop(0)
+            for stages in neighbour_splits(split, self.pb, self.groups):
+                if self.try_split(stages):
+                    self.todo.insert(0, stages)
                     break
-        if (best.stages not in paired
-                and NUM_PAIR_TRIES * grid**2 * len(best.stages) <= work_left):
-            paired.add(best.stages)
-            pairs = [s for s in _two_change_splits(best.stages, pb, groups)
-                     if s not in seen and _whole_bottleneck_s(pb, s) < best.predicted_latency_s]
-            # Ranking asks the cost model about the units of a few equal slicings (about twice
-            # the grid points in all) on every stage; only where the budget also covers
-            # planning the best ranked, so long prompts (little budget) never pay for it.
-            rank_work = 2 * grid * sum(len(s) for s in pairs)
-            if pairs and rank_work + NUM_PAIR_TRIES * grid**2 * len(best.stages) <= work_left:
-                work_left -= rank_work
-                for stages in _ranked(pb, pairs)[:NUM_PAIR_TRIES]:
-                    won = try_split(stages)
-                    if won is None:
-                        return best
-                    if won:
-                        todo = [stages]
-                        break
-                if todo:
-                    continue
-        while not todo and grid**2 * len(best.stages) <= work_left:
-            stages = next(later, None)
-            if stages is None or num_later == NUM_LATER_STARTS:
-                return best
-            num_later += 1
-            if later_plans_left is None:
-                later_plans_left = NUM_LATER_PLANS
-            won = try_split(stages)
-            if won is None:
-                return best
-            todo = [stages]  # climbed from whether or not it is faster
-        if not todo:
-            return best
+
+    def try_two_changes(self) -> bool:
+        """At a local optimum: plan the best-estimated two-change neighbours of ``best``;
+        True when one was faster (it is then climbed from)."""
+        best = self.best
+        if best.stages in self.paired or NUM_PAIR_TRIES * self.plan_cost() > self.work_left:
+            return False
+        self.paired.add(best.stages)
+        pairs = [s for s in _two_change_splits(best.stages, self.pb, self.groups)
+                 if s not in self.seen
+                 and _whole_bottleneck_s(self.pb, s) < best.predicted_latency_s]
+        # Ranking asks the cost model about the units of a few equal slicings (about twice
+        # the grid points in all) on every stage; only where the budget also covers
+        # planning the best ranked, so long prompts (little budget) never pay for it.
+        rank_work = 2 * self.grid * sum(len(s) for s in pairs)
+        if not pairs or rank_work + NUM_PAIR_TRIES * self.plan_cost() > self.work_left:
+            return False
+        self.work_left -= rank_work
+        for stages in _ranked(self.pb, pairs)[:NUM_PAIR_TRIES]:
+            if self.try_split(stages):
+                self.todo = [stages]
+                return True
+        return False
+
+    def take_later_start(self) -> bool:
+        """Plan the next further start and climb from it, faster or not; False when none is
+        left (or the budget would not cover it)."""
+        if self.plan_cost() > self.work_left:
+            return False
+        stages = next(self.later, None)
+        if stages is None or self.num_later == NUM_LATER_STARTS:
+            return False
+        self.num_later += 1
+        if self.later_plans_left is None:
+            self.later_plans_left = NUM_LATER_PLANS
+        self.try_split(stages)
+        self.todo = [stages]
+        return True
 
 
 def _ranked(pb: Problem, splits: list[tuple[StagePlan, ...]]) -> list[tuple[StagePlan, ...]]:

@@ -270,41 +270,15 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
             comp[0, :] += ga.emb_s
             prev = D[src, :b, :]  # (j, k, m): the level before this block
             if b == n:  # the last block: no transfer (empty positions after it)
-                comp = comp + ga.head_s[None, :]
-                W = np.where(ok[None],
-                             np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
-                             INF)
-                k = W.argmin(axis=1)  # (j, m)
-                w = np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
+                k, w = _best_first_layer(prev, comp + ga.head_s[None, :], ok, by_stages)
                 m = w.argmin(axis=1)  # (j,): the first best position
                 wm = w[np.arange(len(lv)), m]
                 for i in np.nonzero(wm < best[dst])[0]:
                     best[lv[i] - step] = wm[i]
                     best_arg[lv[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
                 continue
-            if sc.overlap_comm:
-                # The block's time is max(compute, comm) and comm does not depend on k, so
-                # one reduction over k serves every receiver r.
-                W = np.where(ok[None],
-                             np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
-                             INF)
-                k = W.argmin(axis=1)  # (j, m)
-                w = np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
-                if by_stages:
-                    # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm).
-                    V = np.maximum(w[:, :, None], comm[None])
-                else:
-                    # S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
-                    V = w[:, :, None] + comm[None]
-                k = np.broadcast_to(k[:, :, None], V.shape)
-            else:
-                # T = compute + comm: the best k depends on the receiver.
-                t = comp[None, :, :, None] + comm[None, None]  # (1, k, m, r)
-                X = np.where(ok[None, :, :, None],
-                             np.maximum(prev[..., None], t) if by_stages
-                             else prev[..., None] + t, INF)  # (j, k, m, r)
-                k = X.argmin(axis=1)  # (j, m, r)
-                V = np.take_along_axis(X, k[:, None], axis=1)[:, 0]
+            V, k = _block_to_receivers(prev, comp, ok, comm, by_stages=by_stages,
+                                       overlap_comm=sc.overlap_comm)
             reach = (pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None]  # (m, r)
             V = np.where(reach[None], V, INF)
             m = V.argmin(axis=1)  # (j, r): the first best sender
@@ -316,6 +290,41 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
                 arg[dst, b, :, c] = np.where(better, val, arg[dst, b, :, c])
     out = range(1, levels) if by_stages else range(levels)
     return [_split_from(arg, j, step, best_arg[j], along, order, n, float(best[j])) for j in out]
+
+
+def _best_first_layer(prev: np.ndarray, comp: np.ndarray, ok: np.ndarray, by_stages: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """For a block ending at layer b on each position m: the best first layer k (j, m) and
+    the objective with it, w (j, m), over the previous level ``prev`` (j, k, m)."""
+    W = np.where(ok[None], np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
+                 INF)
+    k = W.argmin(axis=1)  # (j, m)
+    return k, np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
+
+
+def _block_to_receivers(prev: np.ndarray, comp: np.ndarray, ok: np.ndarray, comm: np.ndarray,
+                        *, by_stages: bool, overlap_comm: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """V (j, m, r): the objective with a block ending at layer b on position m sending to
+    position r, and k (j, m, r) its best first layer."""
+    if overlap_comm:
+        # The block's time is max(compute, comm) and comm does not depend on k, so one
+        # reduction over k serves every receiver r.
+        k, w = _best_first_layer(prev, comp, ok, by_stages)
+        if by_stages:
+            # A[b][m] = min_k max(A[k][m-1], T(k+1, b, m)), T = max(compute, comm).
+            V = np.maximum(w[:, :, None], comm[None])
+        else:
+            # S[b, r] = min_{k, m} S[k, m] + compute(k, b; m) + comm(m -> r).
+            V = w[:, :, None] + comm[None]
+        return V, np.broadcast_to(k[:, :, None], V.shape)
+    # T = compute + comm: the best k depends on the receiver.
+    t = comp[None, :, :, None] + comm[None, None]  # (1, k, m, r)
+    X = np.where(ok[None, :, :, None],
+                 np.maximum(prev[..., None], t) if by_stages else prev[..., None] + t,
+                 INF)  # (j, k, m, r)
+    k = X.argmin(axis=1)  # (j, m, r)
+    return np.take_along_axis(X, k[:, None], axis=1)[:, 0], k
 
 
 def _split_from(arg: np.ndarray, level: int, step: int, best_arg: tuple[int, int, int] | None,

@@ -77,6 +77,29 @@ class Plan:
     def layer_counts(self) -> tuple[int, ...]:
         return tuple(s.num_layers for s in self.stages)
 
+    # [Note: timeline rows] A timeline has one row per device the plan uses: every device of
+    # every stage, in pipeline order (a tensor-parallel stage has a row per member, its leader
+    # first). The simulator and the runtime both name rows this way, and a local launch gives
+    # rank r the device of row r, so rows, ranks and the two timelines line up.
+    @property
+    def row_devices(self) -> tuple[int, ...]:
+        """The cluster device of each timeline row."""
+        return tuple(d for st in self.stages for d in st.devices)
+
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        return tuple(self.cluster.devices[d].name for d in self.row_devices)
+
+    @property
+    def row_stages(self) -> tuple[int, ...]:
+        """The stage of each timeline row."""
+        return tuple(s for s, st in enumerate(self.stages) for _ in st.devices)
+
+    def stage_rows(self, stage: int) -> tuple[int, ...]:
+        """The timeline rows of ``stage``'s devices, its leader first."""
+        first = sum(len(st.devices) for st in self.stages[:stage])
+        return tuple(range(first, first + len(self.stages[stage].devices)))
+
     def slices_for(self, length: int) -> tuple[int, ...]:
         """The slicing to use for a prompt of ``length`` tokens (HPipe's run-time lookup)."""
         if length == self.seq_len:

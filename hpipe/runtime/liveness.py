@@ -39,6 +39,9 @@ class Heartbeats:
 
     def __init__(self, mp_context, world_size: int) -> None:
         self.slots = mp_context.Array("d", world_size, lock=False)  # 0.0: no beat yet
+        # The action each rank is executing in its stage's list (-1: none), so that a failure
+        # can show where every rank was (Schedule.grid).
+        self.positions = mp_context.Array("i", [-1] * world_size, lock=False)
         self.created_s = time.monotonic()
 
     def start_beating(self, rank: int) -> threading.Thread:

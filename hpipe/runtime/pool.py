@@ -69,6 +69,7 @@ class RankContext:
     ctrl_group: Any
     progress: OnProgress | None = None  # None where this rank's progress is not wanted
     rank_of_device: dict[int, int] | None = None  # cluster device -> rank; None: rank r holds r
+    mark_action: Callable[[int], None] | None = None  # records the action this rank is on
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ class WorkerPool:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+    def positions(self) -> list[int]:
+        """The action index each rank is executing now (-1: none); see Schedule.grid."""
+        return list(self._beats.positions)
 
     def start(self, *, watch_in_thread: bool = False) -> None:
         for p in self._procs:
@@ -334,8 +339,14 @@ def _worker_main(target, payload, settings: WorkerSettings, rank: int, commands,
         report = s.progress_ranks is None or rank in s.progress_ranks
         progress = ((lambda kind, done, total: emit(("progress", kind, done, total)))
                     if report else None)
+        positions = beats.positions
+
+        def mark_action(i: int) -> None:
+            positions[rank] = i
+
         ctx = RankContext(rank=rank, world_size=s.world_size, backend=s.backend,
-                          data_group=data, ctrl_group=ctrl, progress=progress)
+                          data_group=data, ctrl_group=ctrl, progress=progress,
+                          mark_action=mark_action)
         target(payload, ctx, commands, emit)
         import torch.distributed as dist
 

@@ -36,7 +36,14 @@ from hpipe.errors import ClusterError, WorkerFailedError
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.runtime.comm import GroupLink, StageLink, wire_device_for
 from hpipe.runtime.request import RunRequest, RunResult, dtype_of
-from hpipe.runtime.worker import OnToken, Progress, ShouldStop, StageOutcome, StageRunner
+from hpipe.runtime.worker import (
+    OnAction,
+    OnToken,
+    Progress,
+    ShouldStop,
+    StageOutcome,
+    StageRunner,
+)
 from hpipe.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -73,9 +80,9 @@ def pick_backend(plans: list[Plan]) -> str:
 
 
 def rank_devices(plan: Plan) -> tuple[int, ...]:
-    """Local launch: the cluster device each rank holds, i.e. the plan's devices in pipeline
-    order (the simulator's timeline rows)."""
-    return tuple(d for st in plan.stages for d in st.devices)
+    """Local launch: the cluster device each rank holds; rank r holds timeline row r's (see
+    [Note: timeline rows] in hpipe/plan/plan.py)."""
+    return plan.row_devices
 
 
 def stage_ranks(plan: Plan, rank_of_device: dict[int, int] | None = None
@@ -222,7 +229,8 @@ class StageHost:
 
     def run(self, req: RunRequest, *, data_group: dist.ProcessGroup, clock: Callable[[], float],
             progress: Progress | None = None, on_token: OnToken | None = None,
-            should_stop: ShouldStop | None = None) -> StageOutcome | None:
+            should_stop: ShouldStop | None = None,
+            on_action: OnAction | None = None) -> StageOutcome | None:
         """This rank's part of ``req`` (None when the plan leaves it out)."""
         rs = self.stage_for(req.model, req.plan)
         if rs is None:
@@ -234,7 +242,8 @@ class StageHost:
         runner = StageRunner(req, stage_index=rs.stage_index, stage_module=rs.module, link=link,
                              device=rs.device, slowdown=rs.device_spec.slowdown,
                              progress=progress, member=rs.member, group=rs.group,
-                             on_token=on_token, should_stop=should_stop)
+                             on_token=on_token, should_stop=should_stop,
+                             on_action=on_action)
         t0 = time.perf_counter()
         outcome = runner.run()
         outcome.num_stage_loads = self.num_loads
@@ -317,7 +326,9 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
         outcome = host.run(
             req, data_group=ctx.data_group, clock=clock,
             progress=lambda kind, done, total, rid=rid: emit(("progress", rid, kind, done, total)),
-            on_token=lambda ids, rid=rid: emit(("token", rid, ids)), should_stop=stop)
+            on_token=lambda ids, rid=rid: emit(("token", rid, ids)), should_stop=stop,
+            on_action=ctx.mark_action)
+        ctx.mark_action(-1)
         emit(("outcome", rid, ctx.rank, outcome))
         inbox.forget(rid)
 
@@ -389,14 +400,14 @@ def ranks_by_host(cluster: ClusterSpec, members: list[tuple[str, int]]) -> dict[
 def assemble_result(req: RunRequest, outcomes: list[StageOutcome]) -> RunResult:
     """The ranks' reports -> one RunResult with a measured Timeline, one row per device."""
     plan = req.plan
-    devs = [plan.cluster.devices[d] for d in rank_devices(plan)]  # in row order
+    devs = [plan.cluster.devices[d] for d in plan.row_devices]
     outcomes = sorted(outcomes, key=lambda o: o.row)
     assert [o.row for o in outcomes] == list(range(len(devs))), [o.row for o in outcomes]
     last = next(o for o in outcomes if o.stage == plan.num_stages - 1 and o.member == 0)
     intervals = sorted((iv for o in outcomes for iv in o.intervals),
                        key=lambda iv: (iv.start_s, iv.row))
     timeline = Timeline(
-        source="measured", method=plan.method, row_names=tuple(d.name for d in devs),
+        source="measured", method=plan.method, row_names=plan.row_names,
         intervals=tuple(intervals),
         peak_memory_bytes=tuple(o.peak_memory_bytes for o in outcomes),
         busy_power_w=tuple(d.busy_power_w for d in devs),

@@ -41,7 +41,7 @@ import torch
 from hpipe.emulation import emulated_sleep_s
 from hpipe.runtime.comm import Expected, GroupLink, PendingSend, Received, StageLink
 from hpipe.runtime.request import RunRequest, dtype_of
-from hpipe.schedule import TOKEN, build_schedule
+from hpipe.schedule import TOKEN, ActionKind, build_schedule
 from hpipe.timeline import Interval
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ Progress = Callable[[str, int, int], None]
 OnToken = Callable[[list[int]], None]
 # should_stop() -> True once the request was cancelled (see [Note: cancel] in rank.py)
 ShouldStop = Callable[[], bool]
+# on_action(i): this rank starts action i of its stage's list (for the grid a failure prints)
+OnAction = Callable[[int], None]
 
 
 @dataclass
@@ -84,7 +86,8 @@ class StageRunner:
     def __init__(self, req: RunRequest, *, stage_index: int, stage_module, link: StageLink,
                  device: torch.device, slowdown: float, progress: Progress | None = None,
                  member: int = 0, group: GroupLink | None = None,
-                 on_token: OnToken | None = None, should_stop: ShouldStop | None = None) -> None:
+                 on_token: OnToken | None = None, should_stop: ShouldStop | None = None,
+                 on_action: OnAction | None = None) -> None:
         self.req = req
         self.plan = req.plan
         self.s = stage_index
@@ -95,8 +98,7 @@ class StageRunner:
         # Only the last stage's leader holds the head and samples (see
         # [Note: roles in a tensor-parallel stage]).
         self.samples = self.s == self.last and self.leader
-        # Rows are every device of every stage in pipeline order, as in the simulator.
-        self.row = sum(len(st.devices) for st in self.plan.stages[:stage_index]) + member
+        self.row = self.plan.stage_rows(stage_index)[member]
         self.stage = stage_module
         self.link = link
         self.device = device
@@ -104,6 +106,7 @@ class StageRunner:
         self.progress = progress
         self.on_token = on_token
         self.should_stop = should_stop or (lambda: False)
+        self.on_action = on_action or (lambda i: None)
         self.cancelled = False
         self.dtype = dtype_of(self.plan)
         self.rows = self.plan.microbatch_rows()
@@ -137,9 +140,10 @@ class StageRunner:
         x: torch.Tensor | None = None  # input of the next compute
         out: torch.Tensor | None = None  # output of the last compute
         steps_run = 0
-        for a in sched.actions[self.s]:
+        for i, a in enumerate(sched.actions[self.s]):
+            self.on_action(i)
             u = units[a.unit]
-            if a.kind == "recv":
+            if a.kind == ActionKind.RECV:
                 if a.payload == TOKEN:
                     exp = Expected(a.peer, a.unit, (self.req.batch,), torch.int64)
                 else:
@@ -151,7 +155,7 @@ class StageRunner:
                         self._post_send(None, self.s + 1, u, "decode", stop=True)
                     break
                 x = got.tensor
-            elif a.kind == "compute":
+            elif a.kind == ActionKind.COMPUTE:
                 if self._cancel_prefill(u):
                     if self.last > 0:
                         self._post_send(None, 1, u, "prefill", stop=True)
@@ -180,7 +184,7 @@ class StageRunner:
                 if stopped and self.last == 0:
                     break
             else:
-                assert a.kind == "send", a
+                assert a.kind == ActionKind.SEND, a
                 if not self.leader:
                     continue  # the leader sends for the group
                 if a.payload == TOKEN:
