@@ -2,7 +2,7 @@
 the optimum; an extra or a faster device never makes the plan slower; HPipe is never slower
 than any baseline; allowing tensor parallelism never makes it slower; and it matches an
 exhaustive search over splits x slicings on small instances. The instances and their cost
-model come from test_plan_random (the DPs against brute force).
+model come from plan_harness.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,15 @@ import dataclasses
 import math
 
 import pytest
+from plan_harness import (
+    SkewedCost,
+    baselines,
+    feasible_baselines,
+    feasible_stages,
+    plan_kw,
+    random_instance,
+    split_costs,
+)
 
 from hpipe.cluster import parse_cluster
 from hpipe.cost.analytic import AnalyticCost
@@ -25,15 +34,6 @@ from hpipe.plan.layers import (
     plan_layers,
 )
 from hpipe.plan.search import plan_slices_for
-from tests.test_plan_random import (
-    SkewedCost,
-    _baselines,
-    _feasible_baselines,
-    _feasible_stages,
-    _plan_kw,
-    random_instance,
-    split_costs,
-)
 
 
 def _scaled(pb: Problem, c: float) -> Problem:
@@ -43,7 +43,7 @@ def _scaled(pb: Problem, c: float) -> Problem:
 def test_scaling_all_times_scales_the_optimum():
     for seed in range(0, 200, 10):
         pb = random_instance(seed)
-        stages = _feasible_stages(pb)
+        stages = feasible_stages(pb)
         if stages is None:
             continue
         a = plan_slices_for(pb, stages, method="hpipe")
@@ -129,10 +129,10 @@ def test_an_extra_or_faster_device_never_makes_hpipe_worse(change, allow_tp):
         after = plan_layers(sc1, other.cluster.host_orders())[0].bottleneck_s
         assert after <= before * (1 + 1e-9), f"seed {seed}: {before} -> {after}"
         try:
-            lat0 = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb)).predicted_latency_s
+            lat0 = plan_method("hpipe", allow_tp=allow_tp, **plan_kw(pb)).predicted_latency_s
         except InfeasiblePlanError:
             continue
-        lat1 = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(other)).predicted_latency_s
+        lat1 = plan_method("hpipe", allow_tp=allow_tp, **plan_kw(other)).predicted_latency_s
         assert lat1 <= lat0, f"seed {seed}: {lat0} -> {lat1} ({lat1 / lat0 - 1:.1%} slower)"
         checked += 1
     assert checked > 35, checked
@@ -147,9 +147,9 @@ def test_hpipe_never_worse_than_any_baseline_on_random_clusters(allow_tp):
     compared = tp_wins = 0
     for seed in range(0, 200, 4):
         pb = random_instance(seed)
-        others = _feasible_baselines(pb, _baselines(allow_tp))
+        others = feasible_baselines(pb, baselines(allow_tp))
         try:
-            hp = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb))
+            hp = plan_method("hpipe", allow_tp=allow_tp, **plan_kw(pb))
         except InfeasiblePlanError as e:
             assert not others, f"seed {seed}: hpipe infeasible ({e}) but {others} fit"
             continue
@@ -172,10 +172,10 @@ def test_allowing_tensor_parallelism_never_makes_hpipe_slower():
     for seed in range(0, 200, 4):
         pb = random_instance(seed)
         try:
-            pure = plan_method("hpipe", allow_tp=False, **_plan_kw(pb)).predicted_latency_s
+            pure = plan_method("hpipe", allow_tp=False, **plan_kw(pb)).predicted_latency_s
         except InfeasiblePlanError:
             continue
-        tp = plan_method("hpipe", allow_tp=True, **_plan_kw(pb)).predicted_latency_s
+        tp = plan_method("hpipe", allow_tp=True, **plan_kw(pb)).predicted_latency_s
         assert tp <= pure, f"seed {seed}: {tp} > {pure}"
         compared += 1
         faster += tp < pure
@@ -196,7 +196,7 @@ def test_hpipe_matches_exhaustive_search_on_small_instances(allow_tp):
         pb = random_instance(seed, max_devices=3, max_layers=6, max_grid=5)
         oracle = brute_hpipe_s(pb, stage_groups(pb.cluster, allow_tp=allow_tp))
         try:
-            hp = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb)).predicted_latency_s
+            hp = plan_method("hpipe", allow_tp=allow_tp, **plan_kw(pb)).predicted_latency_s
         except InfeasiblePlanError:
             assert math.isinf(oracle), f"seed {seed}: hpipe infeasible, oracle {oracle}"
             continue

@@ -1,21 +1,20 @@
-"""The DPs against exhaustive enumeration on seeded random small instances, and properties.
-
-Instances vary device speeds (50x range), memory tightness (from "nothing fits" to "all on
-one device"), link bandwidths (slow Ethernet to fast PCIe) and per-layer cost (a skew factor
-per layer, so the workload DP's prefix sums are exercised on non-uniform layers).
-"""
+"""The DPs against exhaustive enumeration on seeded random small instances (plan_harness.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 import pytest
+from plan_harness import (
+    baselines,
+    feasible_baselines,
+    feasible_stages,
+    plan_kw,
+    random_instance,
+    split_costs,
+)
 
-from hpipe.cluster import parse_cluster
-from hpipe.cost.analytic import AnalyticCost
-from hpipe.cost.memory import CONTEXT_BYTES_GPU, kv_bytes, weight_bytes
 from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.api import plan_method
 from hpipe.plan.brute import (
@@ -26,10 +25,9 @@ from hpipe.plan.brute import (
     grid_slicings,
 )
 from hpipe.plan.climb import neighbour_splits
-from hpipe.plan.evaluate import Problem, predicted_latency_s
+from hpipe.plan.evaluate import predicted_latency_s
 from hpipe.plan.groups import stage_groups
 from hpipe.plan.layers import (
-    build_split_costs,
     plan_layers,
     solve_split_one_pass,
     split_bottleneck_s,
@@ -37,82 +35,8 @@ from hpipe.plan.layers import (
     splits_by_stages,
 )
 from hpipe.plan.rank import plan_bound_s
-from hpipe.plan.search import hpipe_units, plan_slices_for
+from hpipe.plan.search import plan_slices_for
 from hpipe.plan.slices import estimate_s, plan_slicing
-from hpipe.spec import ModelSpec
-
-GIB = 1024**3
-
-
-class SkewedCost:
-    """An AnalyticCost whose layer l costs ``factors[l]`` times a plain layer, times ``scale``."""
-
-    times_tp_groups = True
-
-    def __init__(self, base: AnalyticCost, factors: list[float], scale: float = 1.0):
-        self.base, self.factors, self.scale = base, factors, scale
-
-    def stage_time_s(self, devices, layer_start, layer_stop, *, batch, tokens, prefix,
-                     has_embedding, has_head):
-        kw = dict(batch=batch, tokens=tokens, prefix=prefix)
-        one = self.base.stage_time_s(devices, 0, 1, has_embedding=False, has_head=False, **kw)
-        ends = self.base.stage_time_s(devices, 0, 0, has_embedding=has_embedding,
-                                      has_head=has_head, **kw)
-        return self.scale * (one * sum(self.factors[layer_start:layer_stop]) + ends)
-
-    def transfer_time_s(self, src, dst, num_bytes):
-        return self.scale * self.base.transfer_time_s(src, dst, num_bytes)
-
-    def stage_memory_bytes(self, *args, **kw):
-        return self.base.stage_memory_bytes(*args, **kw)
-
-
-def random_instance(seed: int, *, max_devices: int = 4, max_layers: int = 7, max_grid: int = 6):
-    rng = random.Random(seed)
-    heads = rng.choice([2, 4])
-    model = ModelSpec(name=f"rand{seed}", family="llama", num_layers=rng.randint(2, max_layers),
-                      hidden=32 * heads, num_heads=heads, num_kv_heads=heads,
-                      intermediate=64 * heads, vocab_size=256, max_seq_len=4096)
-    batch = rng.randint(1, 4)
-    grain = 16
-    seq_len = grain * rng.randint(1, max_grid) + rng.choice([0, 0, 5])
-    e = 2
-    whole = (weight_bytes(model, num_layers=model.num_layers, has_embedding=True, has_head=True,
-                          elem_bytes=e)
-             + kv_bytes(model, num_layers=model.num_layers, batch=batch, seq_len=seq_len,
-                        elem_bytes=e))
-    num_dev = rng.randint(1, max_devices)
-    num_hosts = rng.randint(1, min(3, num_dev))
-    tight = rng.choice([0.15, 0.4, 0.8, 2.0])  # each device's room as a share of the whole model
-    hosts, di = [], 0
-    for h in range(num_hosts):
-        count = num_dev - di if h == num_hosts - 1 else rng.randint(1, num_dev - di - (num_hosts - h - 1))
-        devs = []
-        for _ in range(count):
-            room = whole * tight * rng.uniform(0.5, 2.0)
-            devs.append({"name": f"d{di}", "memory_gb": (CONTEXT_BYTES_GPU + room) / GIB,
-                         "fp16_tflops": rng.uniform(0.002, 0.1), "fp32_tflops": 0.01,
-                         "mem_bandwidth_gbs": rng.uniform(5, 200), "busy_power_w": 100,
-                         "idle_power_w": 10})
-            di += 1
-        hosts.append({"name": f"h{h}", "devices": devs,
-                      "intra_link": {"bandwidth_gbps": rng.uniform(1, 100), "latency_s": 1e-5}})
-    links = [{"between": [f"h{a}", f"h{b}"], "bandwidth_gbps": rng.uniform(0.05, 5),
-              "latency_s": 1e-4} for a in range(num_hosts) for b in range(a + 1, num_hosts)]
-    cluster = parse_cluster({"name": f"rand{seed}", "hosts": hosts, "links": links})
-    base = AnalyticCost(model, cluster, "float16")
-    cost = SkewedCost(base, [rng.uniform(0.3, 3.0) for _ in range(model.num_layers)])
-    pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype="float16",
-                 cost=cost, grain_tokens=grain, overlap_comm=seed % 2 == 0)
-    return pb
-
-
-def split_costs(pb: Problem, *, allow_tp: bool = False, units=None):
-    units = units or hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)
-    return build_split_costs(pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch,
-                             seq_len=pb.seq_len, dtype=pb.dtype, units=units,
-                             overlap_comm=pb.overlap_comm,
-                             groups=stage_groups(pb.cluster, allow_tp=allow_tp))
 
 
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
@@ -234,29 +158,6 @@ def test_flow_bound_is_below_the_simulator_and_exact_for_equal_micro_batches():
     assert below > 100 and exact > 60, (below, exact)
 
 
-PIPELINE_BASELINES = ("base", "gpipe", "gpb", "terapipe")
-TP_BASELINES = ("megatron", "tpt")
-
-
-def _baselines(allow_tp: bool) -> tuple[str, ...]:
-    return PIPELINE_BASELINES + (TP_BASELINES if allow_tp else ())
-
-
-def _plan_kw(pb: Problem) -> dict:
-    return dict(model=pb.model, cluster=pb.cluster, batch=pb.batch, seq_len=pb.seq_len,
-                cost=pb.cost, grain_tokens=pb.grain_tokens)
-
-
-def _feasible_baselines(pb: Problem, methods: tuple[str, ...]) -> dict[str, float]:
-    out = {}
-    for m in methods:
-        try:
-            out[m] = plan_method(m, **_plan_kw(pb)).predicted_latency_s
-        except InfeasiblePlanError:
-            pass
-    return out
-
-
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
 def test_infeasible_instances_raise_in_the_planner_too(allow_tp):
     """HPipe raises, saying what would fit, when nothing it may use fits: no split over its
@@ -271,28 +172,22 @@ def test_infeasible_instances_raise_in_the_planner_too(allow_tp):
             continue
         row = split_costs(pb, allow_tp=allow_tp, units=((1, pb.seq_len, 0),))
         if (pb.batch > 1 and math.isfinite(brute_split(row, orders)[0])
-                or _feasible_baselines(pb, _baselines(allow_tp))):
-            plan = plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb))
+                or feasible_baselines(pb, baselines(allow_tp))):
+            plan = plan_method("hpipe", allow_tp=allow_tp, **plan_kw(pb))
             assert plan.num_microbatches > 1, f"seed {seed}: {plan}"
             rescued += 1
             continue
         with pytest.raises(InfeasiblePlanError, match="fits no split.*fits:"):
-            plan_method("hpipe", allow_tp=allow_tp, **_plan_kw(pb))
+            plan_method("hpipe", allow_tp=allow_tp, **plan_kw(pb))
         raised += 1
     assert raised > 10 and rescued >= 2, (raised, rescued)
-
-
-def _feasible_stages(pb):
-    sc = split_costs(pb)
-    split = plan_layers(sc, pb.cluster.host_orders())[0]
-    return split.stages() if math.isfinite(split.bottleneck_s) else None
 
 
 def test_slicing_dp_estimate_equals_exhaustive_on_200_instances():
     checked = 0
     for seed in range(200):
         pb = random_instance(seed)
-        stages = _feasible_stages(pb)
+        stages = feasible_stages(pb)
         if stages is None:
             continue
         st = pb.slice_times(stages)
@@ -317,7 +212,7 @@ def test_rescored_slicing_against_exhaustive_simulation():
     gaps = []
     for seed in range(100):
         pb = random_instance(seed, max_grid=5)
-        stages = _feasible_stages(pb)
+        stages = feasible_stages(pb)
         if stages is None:
             continue
         plan = plan_slices_for(pb, stages, method="hpipe")

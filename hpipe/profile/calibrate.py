@@ -4,8 +4,7 @@
 busy at once. A running pipeline is not that loop: on this 2-core VM each stage's compute
 took ~15-20 % longer inside a pipeline of SmolLM2 than the same calls in the profiler (and
 than the same slices in a plain process), without a cause we could pin (denormals, core
-pinning, slice count, masks and the communication calls were each ruled out; see issue 4's
-notes). Three workers on two cores go the other way: the profile keeps all three computing
+pinning, slice count, masks and the communication calls were each ruled out). Three workers on two cores go the other way: the profile keeps all three computing
 together, a pipeline does not. So after the grid, the profiler runs what the planner's
 predictions are about, a real pipelined prefill, on the same workers, and records each
 device's measured compute against the uncalibrated fit's prediction for the same actions.

@@ -1,6 +1,6 @@
 """A latency lower bound for a prefill, and where a plan's time goes relative to it.
 
-Bound (issue 3): total FLOPs over the sum of the devices' achievable rates,
+Bound: total FLOPs over the sum of the devices' achievable rates,
 
     T* = F / R,   F = L_layers * flops(bs, L, 0),   R = sum_j r_j,
 
