@@ -98,8 +98,11 @@ class WorkerPool:
                  on_message: Callable[[tuple], None],
                  on_failure: Callable[[Exception], None] | None = None,
                  describe_rank: Callable[[int], str] | None = None,
-                 liveness_s: float = DEFAULT_LIVENESS_S, process_name: str = "hpipe-rank") -> None:
+                 liveness_s: float = DEFAULT_LIVENESS_S, process_name: str = "hpipe-rank",
+                 workers_may_finish: bool = False) -> None:
         self.settings = settings
+        # A one-shot launch's workers exit 0 when done; a session's exit only when closed.
+        self.workers_may_finish = workers_may_finish
         self.on_message = on_message
         self.on_failure = on_failure
         self.describe = describe_rank or (lambda r: f"rank {r}")
@@ -166,16 +169,18 @@ class WorkerPool:
         if self._closing:
             return
         codes = [p.exitcode for p in self._procs]
-        if any(c is not None for c in codes) or self._silent():
+        ended = [c for c in codes if c is not None and (c != 0 or not self.workers_may_finish)]
+        if ended or self._silent():
             self._first_failure_at = self._first_failure_at or time.monotonic()
         if (self._first_failure_at is not None
                 and time.monotonic() - self._first_failure_at >= SETTLE_S):
             raise self._root_cause()
 
     def _silent(self):
+        """Live processes whose heartbeat stopped (an exited one is judged by its exit code)."""
         startup_s = self.settings.connect_timeout_s + self.liveness_s
-        return self._beats.silent(range(len(self._procs)), liveness_s=self.liveness_s,
-                                  startup_s=startup_s)
+        live = [r for r, p in enumerate(self._procs) if p.exitcode is None]
+        return self._beats.silent(live, liveness_s=self.liveness_s, startup_s=startup_s)
 
     def _watch_forever(self) -> None:
         try:
@@ -280,7 +285,7 @@ def run_once(target: Callable, payload: Any, settings: WorkerSettings, *,
 
     pool = WorkerPool(_once, (target, payload), settings, on_message=on_message,
                       describe_rank=describe_rank, liveness_s=liveness_s,
-                      process_name=process_name)
+                      process_name=process_name, workers_may_finish=True)
     pool.start()
     if on_started is not None:
         on_started(pool.pids)
