@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from hpipe.commands import experiment, plan, profile, run, simulate
-from hpipe.commands.settings import int_list, read_prompt_file
-from hpipe.errors import DeviceError, HPipeError
+from hpipe.commands.contract import run_command, usage_failed
+from hpipe.commands.settings import in_range, int_list, read_prompt_file
+from hpipe.errors import DeviceError, UsageError
 from hpipe.spec import DTYPES
 
 
@@ -26,12 +26,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="file whose text is the prompt")
     prompt.add_argument("--prompt-ids", type=int_list, help="token ids, e.g. 1,2,3 (no chat template)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=in_range(int, 0), default=64)
     p.add_argument("--slices", type=int_list, default=None,
                    help="prefill in these token slices, e.g. 512,256,...; they must sum to the prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=in_range(float, 0), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0)
+    p.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=None)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: if it has one)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -106,7 +107,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                      "about a long document, HPipe against Base measured in the same run")
     p.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, or 'smollm2'")
     p.add_argument("--cluster", default="local:2", help="'local:N' or a cluster YAML file")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=in_range(int, 0), default=48)
     p.add_argument("--out", type=Path, default=Path("out/demo"),
                    help="folder for the measured Chrome trace and PNG timeline")
     p.add_argument("--single-process", action="store_true",
@@ -156,25 +157,34 @@ SUBCOMMANDS = (add_generate_parser, add_demo_parser, plan.add_parser, simulate.a
                experiment.add_parser, run.add_parser, profile.add_parser)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are a UsageError (exit 2 under the contract, JSON with --json)
+    rather than its own exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hpipe", description="Long-context LLM inference pipelined across heterogeneous devices")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_parser in SUBCOMMANDS:
-        add_parser(subparsers)
+        sub = add_parser(subparsers)
+        sub.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure (for bug reports)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse, run the subcommand, and end under one contract (hpipe/commands/contract.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.func(args)
-    except HPipeError as e:  # the user's input: one clear line, no traceback
-        print(f"hpipe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `hpipe ... | head` closed the pipe: not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return usage_failed(e, command=next((a for a in argv if not a.startswith("-")), None),
+                            json_wanted="--json" in argv)
+    return run_command(args)
 
 
 if __name__ == "__main__":

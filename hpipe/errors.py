@@ -39,6 +39,25 @@ class PromptError(HPipeError):
     """A prompt batch that is empty or whose rows differ in length, or an unreadable prompt file."""
 
 
+class PromptShapeError(PromptError):
+    """Prompts of a batch that cannot run together (different lengths, empty, ids outside the
+    vocabulary)."""
+
+
+class InputFileError(HPipeError):
+    """An input file (cluster, plan, profile, documents) that is a directory, not text, cut
+    short, or of another format or version: the message names the file and the field."""
+
+
+class SettingError(HPipeError):
+    """A setting outside its valid range, given through the Python API (the CLI's parser
+    refuses the same values first); the message gives the range."""
+
+
+class UsageError(HPipeError):
+    """A command line argparse refuses: an unknown flag, a missing one, a value out of range."""
+
+
 class SamplingError(HPipeError):
     """Sampling settings out of range (temperature < 0, top_p outside (0, 1])."""
 
@@ -80,4 +99,9 @@ class ShapeMismatchError(RuntimeError):
 
 
 class WorkerFailedError(RuntimeError):
-    """A pipeline worker died or a link dropped; the message names the rank and cause."""
+    """A pipeline worker died, stopped answering, or a link dropped; the message names the
+    rank and the cause, and ``rank`` holds it where one rank is to blame."""
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank

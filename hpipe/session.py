@@ -406,9 +406,16 @@ class Session:
         running = self._running
         for job in jobs:
             if job is running:
-                job.stream._end(type(error)(f"{error}\n{self._where_ranks_were(job)}"))
+                job.stream._end(self._with_grid(error, job))
             else:
                 job.stream._end(error)
+
+    def _with_grid(self, error: Exception, job: _Job) -> Exception:
+        """``error`` with the running request's grid appended (same type, same rank)."""
+        text = f"{error}\n{self._where_ranks_were(job)}"
+        if isinstance(error, WorkerFailedError):
+            return WorkerFailedError(text, rank=error.rank)
+        return type(error)(text)
 
     def _where_ranks_were(self, job: _Job) -> str:
         """The running request's schedule around the action each stage's leader was on."""

@@ -9,9 +9,10 @@ live in ``hpipe.model.config`` and return this same type.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
-from hpipe.errors import UnknownPresetError
+from hpipe.errors import ModelSpecError, UnknownPresetError
 
 FAMILIES = ("llama", "gpt2", "neox")
 # The planners, by the paper's names; "manual" is a user-given split and/or slicing. Every one
@@ -63,13 +64,24 @@ class ModelSpec:
     mlp_bias: bool = False  # LLaMA configs with mlp_bias=True
 
     def __post_init__(self) -> None:
-        assert self.family in FAMILIES, f"family {self.family!r} not in {FAMILIES}"
-        assert self.hidden % self.num_heads == 0, (
-            f"hidden {self.hidden} not divisible by num_heads {self.num_heads}"
-        )
-        assert self.num_heads % self.num_kv_heads == 0, (
-            f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}"
-        )
+        # A config file or a plan file can carry any of these: typed errors, not asserts.
+        if self.family not in FAMILIES:
+            raise ModelSpecError(f"model {self.name!r}: family {self.family!r} is not one of "
+                                 f"{FAMILIES}")
+        sizes = {"num_layers": self.num_layers, "hidden": self.hidden,
+                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                 "intermediate": self.intermediate, "vocab_size": self.vocab_size,
+                 "max_seq_len": self.max_seq_len}
+        for field_name, value in sizes.items():
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ModelSpecError(f"model {self.name!r}: {field_name} must be a positive "
+                                     f"integer, got {value!r}")
+        if self.hidden % self.num_heads:
+            raise ModelSpecError(f"model {self.name!r}: hidden {self.hidden} is not divisible "
+                                 f"by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelSpecError(f"model {self.name!r}: num_heads {self.num_heads} is not "
+                                 f"divisible by num_kv_heads {self.num_kv_heads}")
 
     @property
     def head_dim(self) -> int:

@@ -85,8 +85,10 @@ def test_simulate_all_json_parses_and_writes_png_and_trace(tmp_path, capsys):
 
 
 def test_simulate_bad_input_is_one_line_and_exit_2(capsys):
-    assert simulate.run(_simulate(["--model", "no-such-model"])) == 2
+    from hpipe.cli import main
+
+    assert main(["simulate", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no-such-model" in err
-    assert simulate.run(_simulate(["--seq-len", "4096"])) == 2  # beyond llama-7b's 2048 context
+    assert main(["simulate", "--seq-len", "4096"]) == 2  # beyond llama-7b's 2048 context
     assert "4096" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_run_feeds_the_same_prompt_ids_as_generate(smollm2, flags):
 def test_run_refuses_chat_and_question_without_text(smollm2):
     from hpipe.cli import build_parser
     from hpipe.commands.run import prompt_rows
-    from hpipe.runtime.request import PromptShapeError
+    from hpipe.errors import PromptShapeError
 
     for flag in (["--chat"], ["--question", "why?"]):
         args = build_parser().parse_args(["run", "--model", "smollm2", "--prompt-ids", "1,2", *flag])

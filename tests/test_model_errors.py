@@ -102,7 +102,7 @@ def test_cli_missing_model_exits_2(tmp_path, capsys):
     # Each of these was a traceback (IndexError from the embedding, torch's AssertionError and
     # RuntimeError) or a KV-cache message that did not name the flag.
     (["--prompt-ids", "5,1000"], r"token id 1000 is outside the vocabulary \[0, 96\) of 'llama'"),
-    (["--prompt-ids", "5,6", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+    (["--prompt-ids", "5,6", "--max-new-tokens", "-1"], "--max-new-tokens: must be >= 0, got -1"),
     (["--prompt-ids", "5,6", "--device", "tpu"], "--device 'tpu' is not a torch device"),
     pytest.param(["--prompt-ids", "5,6", "--device", "cuda"], "sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),

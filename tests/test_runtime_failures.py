@@ -112,14 +112,9 @@ def test_ctrl_c_leaves_no_orphan_workers(tiny_checkpoints, tmp_path):
 
 
 def _cli(*argv: str) -> int:
-    import argparse
+    from hpipe.cli import main
 
-    from hpipe.commands import run as run_cmd
-
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["run", *argv])
-    return args.func(args)
+    return main(["run", *argv])
 
 
 def test_plan_for_another_model_is_refused(tiny_checkpoints):
@@ -170,8 +165,12 @@ def test_cli_refuses_layer_count_dtype_and_length_before_launch(tiny_checkpoints
     (["--prompt-ids", ""], "the prompt is empty"),
     (["--prompt-ids", " ; "], "the prompt is empty"),
     # Sampling settings used to pass here and fail in every worker, after the launch.
-    (["--prompt-ids", "5,6", "--temperature", "-1"], "temperature -1.0 is not a number >= 0"),
-    (["--prompt-ids", "5,6", "--top-p", "0"], r"top_p 0.0 outside \(0, 1\]"),
+    # Out-of-range numbers are refused by the parser, with the range.
+    (["--prompt-ids", "5,6", "--temperature", "-1"], "--temperature: must be >= 0, got -1"),
+    (["--prompt-ids", "5,6", "--top-p", "0"], r"--top-p: must be in \(0, 1\], got 0"),
+    (["--prompt-ids", "5,6", "--connect-timeout", "0"], "--connect-timeout: must be > 0, got 0"),
+    (["--prompt-ids", "5,6", "--liveness", "-2"], "--liveness: must be > 0, got -2"),
+    (["--prompt-ids", "5,6", "--seed", "nan"], "--seed: 'nan' is not an integer"),
     # Over the context: the prompt's length, not a planner's '--seq-len' (run has no such flag).
     (["--prompt-ids", ",".join(["5"] * 130)],
      "prompt of 130 tokens exceeds llama's context of 128 tokens; shorten the prompt to <= 128"),

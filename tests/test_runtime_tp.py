@@ -293,18 +293,13 @@ def test_measured_timeline_has_the_simulators_rows_and_actions(runs, models):
 def test_cli_runs_megatron_on_a_tp_pair(models, whole_models, capsys):
     """``hpipe run --method megatron --cluster local:2``: one stage on the pair, two workers,
     a row per device in --json, and the greedy tokens of the single-process model."""
-    import argparse
-
-    from hpipe.commands import run as run_cmd
+    from hpipe.cli import main
 
     path, src = models["llama9"]
     ids = [5, 17, 33, 8, 61, 44, 12, 9, 70, 3, 25, 50]
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["run", "--model", str(path), "--cluster", "local:2", "--method",
-                              "megatron", "--prompt-ids", ",".join(map(str, ids)),
-                              "--max-new-tokens", "4", "--json"])
-    assert args.func(args) == 0
+    assert main(["run", "--model", str(path), "--cluster", "local:2", "--method", "megatron",
+                 "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "4",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(st["device"], st["stage"], st["tp_degree"]) for st in report["stages"]] == [
         ("cpu0", 0, 2), ("cpu1", 0, 2)]
@@ -318,9 +313,7 @@ def test_cli_runs_megatron_on_a_tp_pair(models, whole_models, capsys):
 
 def test_group_wider_than_the_heads_is_refused_before_launch(models, tmp_path, tripwire, capsys):
     """The tiny GPT-2 has 4 heads: a group of 5 devices would leave one without a head."""
-    import argparse
-
-    from hpipe.commands import run as run_cmd
+    from hpipe.cli import main
 
     path, src = models["gpt2"]
     case = Case("too-wide", "gpt2", layers=(4,), groups=(5,), slices=(8,))
@@ -329,11 +322,8 @@ def test_group_wider_than_the_heads_is_refused_before_launch(models, tmp_path, t
         request_for(case, path, src.spec, case.num_devices)
     plan = plan_for(case, src.spec, local_cluster(5))
     (tmp_path / "wide.json").write_text(plan.to_json())
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["run", "--model", str(path), "--plan", str(tmp_path / "wide.json"),
-                              "--prompt-ids", "3,4,5,6,7,8,9,10", "--max-new-tokens", "2"])
-    assert args.func(args) == 2
+    assert main(["run", "--model", str(path), "--plan", str(tmp_path / "wide.json"),
+                 "--prompt-ids", "3,4,5,6,7,8,9,10", "--max-new-tokens", "2"]) == 2
     assert "at most 4 devices" in capsys.readouterr().err
     # A pair is fine for the same model: the check refuses only what cannot run.
     ok = dataclasses.replace(case, groups=(2,))

@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.errors import HPipeError
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("experiment", help="reproduce the paper's experiments",
@@ -29,24 +27,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from hpipe.commands.settings import prepare_output_dir
     from hpipe.experiment import PaperExperiment
     from hpipe.report.markdown import headline_lines
 
-    if args.out.exists() and not args.out.is_dir():
-        print(f"hpipe experiment: error: --out {str(args.out)!r} exists and is not a directory; "
-              "give a directory path", file=sys.stderr)
-        return 2
+    prepare_output_dir(args.out, "--out")  # before minutes of work, not after
     exp = PaperExperiment(out_dir=args.out)
-    try:
-        steps = exp.steps()
-        with tqdm(steps, desc="experiment paper", unit="step", file=sys.stderr,
-                  disable=args.no_progress or not sys.stderr.isatty()) as bar:
-            for name, step in bar:
-                bar.set_postfix_str(name)
-                step()
-    except HPipeError as e:
-        print(f"hpipe experiment: error: {e}", file=sys.stderr)
-        return 2
+    steps = exp.steps()
+    with tqdm(steps, desc="experiment paper", unit="step", file=sys.stderr,
+              disable=args.no_progress or not sys.stderr.isatty()) as bar:
+        for name, step in bar:
+            bar.set_postfix_str(name)
+            step()
     summary = exp.summary()
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from hpipe.catalog import GIB  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 from hpipe.commands.settings import add_setting_args, int_list, load_settings
-from hpipe.errors import HPipeError
 from hpipe.spec import METHODS
 
 
@@ -84,15 +82,11 @@ def describe(plan, summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from hpipe.plan.api import plan_method
 
-    try:
-        cluster, model, cost = load_settings(args)
-        plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
-                           seq_len=args.seq_len, dtype=args.dtype, cost=cost,
-                           layers=args.layers, slices=args.slices,
-                           grain_tokens=args.grain_tokens, allow_tp=args.allow_tp)
-    except HPipeError as e:
-        print(f"hpipe plan: error: {e}", file=sys.stderr)
-        return 2
+    cluster, model, cost = load_settings(args)
+    plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
+                       seq_len=args.seq_len, dtype=args.dtype, cost=cost, layers=args.layers,
+                       slices=args.slices, grain_tokens=args.grain_tokens,
+                       allow_tp=args.allow_tp)
     summary = summarise(plan, cost)
     if args.json:
         print(json.dumps({**plan.to_dict(), "summary": summary}, indent=1))

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpipe.commands.settings import prepare_output
-from hpipe.errors import HPipeError, WorkerFailedError
+from hpipe.commands.settings import in_range, prepare_output
+from hpipe.profile import MIN_PROFILE_TOKENS
 from hpipe.spec import DTYPES
 
 
@@ -30,9 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="profile file to write")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     # --seq-len and --batch are what plan/simulate/run call the same quantities.
-    p.add_argument("--max-tokens", "--seq-len", dest="max_tokens", type=int, default=None,
+    p.add_argument("--max-tokens", "--seq-len", dest="max_tokens",
+                   type=in_range(int, MIN_PROFILE_TOKENS), default=None,
                    help="longest prompt to plan for: the grid spans it (default 2048, 1024 quick)")
-    p.add_argument("--max-batch", "--batch", dest="max_batch", type=int, default=2,
+    p.add_argument("--max-batch", "--batch", dest="max_batch", type=in_range(int, 1), default=2,
                    help="largest batch in the grid")
     p.add_argument("--quick", action="store_true",
                    help="a small grid and fewer repeats: under a minute for a small model")
@@ -69,28 +70,28 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.profile.measure import default_grid
     from hpipe.runtime.launch import torchrun_env
 
+    prepare_output(args.out, "--out")  # before minutes of profiling, not after
+    cluster = load_cluster(args.cluster)
+    max_tokens = args.max_tokens or (1024 if args.quick else 2048)
+    grid = default_grid(max_tokens, quick=args.quick, max_batch=args.max_batch)
+    bars: dict = {}
+
+    def on_progress(what: str, done: int, total: int) -> None:
+        if args.no_progress or not sys.stderr.isatty():  # bars only for a person watching
+            return
+        from tqdm import tqdm
+
+        if what not in bars:
+            label = what
+            dev = next((d for d in cluster.devices if d.name == what), None)
+            if dev is not None and dev.emulated:
+                label += f" (emulated x{dev.slowdown:g})"
+            bars[what] = tqdm(total=total, desc=label, unit="pt" if dev else "pair",
+                              file=sys.stderr, leave=True)
+        bar = bars[what]
+        bar.update(done - bar.n)
+
     try:
-        prepare_output(args.out, "--out")  # before minutes of profiling, not after
-        cluster = load_cluster(args.cluster)
-        max_tokens = args.max_tokens or (1024 if args.quick else 2048)
-        grid = default_grid(max_tokens, quick=args.quick, max_batch=args.max_batch)
-        bars: dict = {}
-
-        def on_progress(what: str, done: int, total: int) -> None:
-            if args.no_progress or not sys.stderr.isatty():  # bars only for a person watching
-                return
-            from tqdm import tqdm
-
-            if what not in bars:
-                label = what
-                dev = next((d for d in cluster.devices if d.name == what), None)
-                if dev is not None and dev.emulated:
-                    label += f" (emulated x{dev.slowdown:g})"
-                bars[what] = tqdm(total=total, desc=label, unit="pt" if dev else "pair",
-                                  file=sys.stderr, leave=True)
-            bar = bars[what]
-            bar.update(done - bar.n)
-
         with _model_path(args.model) as model_path:
             # A preset is profiled on a two-layer random twin: nothing to run a pipeline on.
             calibrate = not args.no_calibrate and model_path == args.model
@@ -99,11 +100,9 @@ def run(args: argparse.Namespace) -> int:
             env = torchrun_env()
             profile = (profile_torchrun(job, env, on_progress) if env
                        else profile_local(job, on_progress=on_progress))
+    finally:
         for bar in bars.values():
             bar.close()
-    except (HPipeError, WorkerFailedError) as e:
-        print(f"hpipe profile: error: {e}", file=sys.stderr)
-        return 2
     if profile is None:  # a torchrun rank other than 0
         return 0
     if Path(args.model).exists() is False and args.model != "smollm2":
@@ -162,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hpipe")
     add_parser(ap.add_subparsers())
     args = ap.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    args.command = "profile"
+    from hpipe.commands.contract import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":

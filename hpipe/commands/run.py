@@ -18,12 +18,15 @@ from pathlib import Path
 
 from hpipe.commands.settings import (
     add_profile_argument,
+    in_range,
     int_list,
+    positive,
     prepare_output,
     read_prompt_file,
 )
 from hpipe.cost import cost_model
-from hpipe.errors import HPipeError, PlanMismatchError, ShapeMismatchError, WorkerFailedError
+from hpipe.errors import HPipeError, PlanMismatchError
+from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
 from hpipe.spec import DTYPES, METHODS
 
 
@@ -50,8 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt text (with --question, if any) in the model's chat "
                         "template (default: if it has one, as 'hpipe generate' does)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=in_range(int, 0), default=64)
+    p.add_argument("--batch", type=in_range(int, 1), default=None,
                    help="run the prompt as a batch of B identical rows (default: 1, or the "
                         "rows of --prompt-ids)")
     p.add_argument("--plan", type=Path, help="a plan JSON from 'hpipe plan --json'")
@@ -61,9 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="token slices, e.g. 1024,512,... (overrides the planner)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="compute and wire dtype (default float32, or the --plan's)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=in_range(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=in_range(float, 0, 1, above=True), default=1.0)
+    p.add_argument("--seed", type=in_range(int, 0, 2**64 - 1), default=0)
     p.add_argument("--compare", choices=("base",), help="also run Base for real and compare")
     p.add_argument("--no-tp", dest="allow_tp", action="store_false",
                    help="keep HPipe to a pure pipeline (one device per stage); by default its "
@@ -72,8 +75,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", type=Path, help="write the measured timeline as a Chrome trace")
     p.add_argument("--png", type=Path, help="write measured-over-predicted timelines as a PNG")
-    p.add_argument("--connect-timeout", type=float, default=60.0,
+    p.add_argument("--connect-timeout", type=positive(float), default=60.0,
                    help="seconds a worker waits to join the process group")
+    p.add_argument("--liveness", type=positive(float), default=DEFAULT_LIVENESS_S,
+                   help="seconds of silence after which a worker is declared stopped "
+                        "(default %(default)g)")
     p.set_defaults(func=run)
     return p
 
@@ -88,7 +94,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 def prompt_rows(args, tokenizer) -> list[list[int]]:
     """The batch of prompt token ids from --prompt / --prompt-file / --prompt-ids."""
-    from hpipe.runtime.request import PromptShapeError
+    from hpipe.errors import PromptShapeError
 
     if args.prompt_ids is not None:
         rows = [list(_ints(r, "--prompt-ids")) for r in args.prompt_ids.split(";") if r.strip()]
@@ -274,8 +280,6 @@ def prepare(args, *, local: bool) -> Prepared:
     from hpipe.runtime.launch import check_local_devices
     from hpipe.runtime.request import RunRequest, check_prompt, check_request
 
-    if args.max_new_tokens < 0:
-        raise PlanMismatchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     prepare_output(args.trace, "--trace")
     prepare_output(args.png, "--png")
     source = open_model(args.model)
@@ -308,8 +312,8 @@ def run_in_sessions(args, prep: Prepared, bars) -> list:
 
     results = []
     for plan, req in zip(prep.plans, prep.requests):
-        with Session.open(model=args.model, plan=plan,
-                          connect_timeout_s=args.connect_timeout) as session:
+        with Session.open(model=args.model, plan=plan, connect_timeout_s=args.connect_timeout,
+                          liveness_s=args.liveness) as session:
             stream = session.submit(Request(
                 prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens,
                 temperature=req.temperature, top_p=req.top_p, seed=req.seed, label=req.label))
@@ -324,16 +328,9 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.runtime.launch import run_as_torchrun_rank, torchrun_env
 
     env = torchrun_env()
-    is_rank0 = env is None or env["RANK"] == "0"
-    try:
-        prep = prepare(args, local=env is None)
-    except (HPipeError, OSError) as e:
-        if is_rank0:
-            print(f"hpipe run: error: {e}", file=sys.stderr)
-        return 2
-
-    bars = _Bars(enabled=sys.stderr.isatty() and is_rank0)
-    try:
+    prep = prepare(args, local=env is None)  # every check before any worker starts
+    bars = _Bars(enabled=sys.stderr.isatty() and (env is None or env["RANK"] == "0"))
+    try:  # a failure, Ctrl-C or SIGTERM leaves the session's block: every worker has ended
         if env is not None:  # this process is one rank; every rank runs the same list
             results = run_as_torchrun_rank(prep.requests, env=env,
                                            connect_timeout_s=args.connect_timeout)
@@ -341,15 +338,8 @@ def run(args: argparse.Namespace) -> int:
                 return 0  # not rank 0: rank 0 reports
         else:
             results = run_in_sessions(args, prep, bars)
-    except (WorkerFailedError, ShapeMismatchError, HPipeError) as e:
+    finally:
         bars.close()
-        print(f"hpipe run: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # leaving the session's block has already ended every worker
-        bars.close()
-        print("hpipe run: interrupted; workers stopped", file=sys.stderr)
-        return 130
-    bars.close()
     predicted = [predicted_timeline(r, p, prep.cost) for r, p in zip(results, prep.plans)]
     report = build_report(prep, results, predicted)
     _write_artifacts(args, results, predicted)

@@ -16,11 +16,12 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default="paper", help="'paper', 'local:N' or a cluster YAML file")
     p.add_argument("--model", default="llama-7b",
                    help="model preset name, HF model dir / config.json, or .gguf file")
-    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens per sequence")
-    p.add_argument("--batch", type=int, default=6, help="sequences per batch")
+    p.add_argument("--seq-len", type=in_range(int, 1), default=2048,
+                   help="prompt tokens per sequence")
+    p.add_argument("--batch", type=in_range(int, 1), default=6, help="sequences per batch")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default: the --profile's dtype, else float16")
-    p.add_argument("--grain-tokens", type=int, default=None,
+    p.add_argument("--grain-tokens", type=in_range(int, 1), default=None,
                    help="slicing grid in tokens (default 16, coarser past 4k tokens)")
     p.add_argument("--no-tp", dest="allow_tp", action="store_false",
                    help="keep HPipe to pure pipelines (one device per stage); by default its "
@@ -49,9 +50,36 @@ def prepare_output(path: Path | None, flag: str) -> None:
     except OSError as e:
         raise OutputPathError(f"{flag} {str(path)!r}: cannot create its folder "
                               f"{str(path.parent)!r} ({e.strerror or e})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise OutputPathError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} is not "
-                              "writable")
+    _probe_writable(path.parent, f"{flag} {str(path)!r}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{flag} {str(path)!r} exists and is not writable; give another "
+                              "path or change its permissions")
+
+
+def prepare_output_dir(path: Path, flag: str) -> None:
+    """An output folder, created now and checked writable before the work that fills it."""
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {str(path)!r} exists and is not a directory; give a "
+                              "directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{flag} {str(path)!r}: cannot create it ({e.strerror or e}); "
+                              "give a folder you can write") from None
+    _probe_writable(path, f"{flag} {str(path)!r}")
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Write and remove a file in ``folder``: permission bits do not tell (root passes every
+    check, and /proc or a read-only mount refuse files anyway)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpipe-probe-"):
+            pass
+    except OSError as e:
+        raise OutputPathError(f"{what}: cannot write in the folder {str(folder)!r} "
+                              f"({e.strerror or e}); give a folder you can write") from None
 
 
 def read_prompt_file(path: Path) -> str:
@@ -59,12 +87,46 @@ def read_prompt_file(path: Path) -> str:
     if not path.is_file():
         raise PromptError(f"--prompt-file {str(path)!r} is not a file")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PromptError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start}: "
                           f"{e.reason}); convert it, or pass token ids with --prompt-ids") from None
     except OSError as e:
         raise PromptError(f"--prompt-file {str(path)!r}: {e.strerror or e}") from None
+    if not text.strip():
+        raise PromptError(f"--prompt-file {str(path)!r} is empty; give a file with the prompt's "
+                          "text")
+    return text
+
+
+def in_range(kind: type, lo: float | None = None, hi: float | None = None, *,
+             above: bool = False):
+    """argparse type: ``kind`` (int or float) within [lo, hi] (lo excluded when ``above``),
+    refused with the range. Every numeric flag has one."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        low_bad = lo is not None and (value <= lo if above else value < lo)
+        if low_bad or (hi is not None and value > hi):
+            if lo is not None and hi is not None:
+                want = f"in {'(' if above else '['}{lo:g}, {hi:g}]"
+            elif lo is not None:
+                want = f"{'>' if above else '>='} {lo:g}"
+            else:
+                want = f"<= {hi:g}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    return parse
+
+
+def positive(kind: type):
+    """argparse type: a ``kind`` > 0."""
+    return in_range(kind, 0, above=True)
 
 
 def int_list(text: str) -> tuple[int, ...]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from hpipe.commands.settings import add_setting_args, load_settings, prepare_output
-from hpipe.errors import HPipeError
+from hpipe.errors import InfeasiblePlanError
 from hpipe.spec import METHODS
 
 METHOD_CHOICES = tuple(m for m in METHODS if m != "manual") + ("all",)
@@ -60,22 +59,15 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.report.tables import memory_table, performance_table
     from hpipe.report.trace import write_chrome_trace
 
-    try:
-        prepare_output(args.trace, "--trace")
-        prepare_output(args.png, "--png")
-        cluster, model, cost = load_settings(args)
-        methods = PAPER_METHODS if args.method == "all" else (args.method,)
-        results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
-                                   seq_len=args.seq_len, dtype=args.dtype,
-                                   cost=cost, grain_tokens=args.grain_tokens,
-                                   allow_tp=args.allow_tp)
-    except HPipeError as e:
-        print(f"hpipe simulate: error: {e}", file=sys.stderr)
-        return 2
+    prepare_output(args.trace, "--trace")
+    prepare_output(args.png, "--png")
+    cluster, model, cost = load_settings(args)
+    methods = PAPER_METHODS if args.method == "all" else (args.method,)
+    results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
+                               seq_len=args.seq_len, dtype=args.dtype, cost=cost,
+                               grain_tokens=args.grain_tokens, allow_tp=args.allow_tp)
     if args.method != "all" and results[args.method].timeline is None:
-        print(f"hpipe simulate: error: {args.method} is infeasible: {results[args.method].error}",
-              file=sys.stderr)
-        return 2
+        raise InfeasiblePlanError(f"{args.method} is infeasible: {results[args.method].error}")
     drawn = [r for r in results.values() if r.timeline is not None]
     titles = [f"{r.method}" + ("" if r.runs else f" [{r.status.split(':')[0]}]") for r in drawn]
     if args.trace:

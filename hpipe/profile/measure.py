@@ -35,6 +35,8 @@ import torch
 from hpipe.cluster import DeviceSpec
 from hpipe.cost.profile_file import DeviceProfile, MemorySample, TimeSample
 from hpipe.emulation import emulated_sleep_s
+from hpipe.errors import SettingError
+from hpipe.profile import MIN_PROFILE_TOKENS
 from hpipe.runtime.request import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,9 @@ def default_grid(max_tokens: int, *, quick: bool = False, max_batch: int = 2) ->
     asks for whole prompts, so the grid spans both ends; the fit's terms carry it between.
     ``quick`` trades points and repeats for a profile in well under a minute on one CPU core.
     """
-    assert max_tokens >= 32, max_tokens
+    if max_tokens < MIN_PROFILE_TOKENS or max_batch < 1:
+        raise SettingError(f"a profile grid needs max_tokens >= {MIN_PROFILE_TOKENS} and "
+                           f"max_batch >= 1, got {max_tokens} and {max_batch}")
     if quick:
         # Three prefixes, not two: the prefix terms (b*p, b*s*p) are fitted, not guessed, and
         # the slicing DP's late slices sit at prefixes near the end of the prompt. The whole

@@ -212,18 +212,20 @@ class WorkerPool:
                 else:
                     cause = f"exited with code {code} without reporting an error"
                 return WorkerFailedError(f"worker {where(rank)}, pid {p.pid}, {cause}; the "
-                                         "pipeline was stopped and the other workers ended")
+                                         "pipeline was stopped and the other workers ended",
+                                         rank=rank)
         for s in self._silent():
             return WorkerFailedError(
                 describe_silence(s, pid=self._procs[s.rank].pid, where=where(s.rank))
-                + "; the pipeline was stopped and every worker ended")
+                + "; the pipeline was stopped and every worker ended", rank=s.rank)
         if self._failures:
             rank, tname, message, tb = self._failures[0]
             log.debug("worker traceback:\n%s", tb)
-            return WorkerFailedError(f"worker {where(rank)} failed: {tname}: {message}")
+            return WorkerFailedError(f"worker {where(rank)} failed: {tname}: {message}",
+                                     rank=rank)
         rank = next(r for r, p in enumerate(self._procs) if p.exitcode is not None)
         return WorkerFailedError(f"worker {where(rank)}, pid {self._procs[rank].pid}, exited "
-                                 "before it was asked to; the pipeline was stopped")
+                                 "before it was asked to; the pipeline was stopped", rank=rank)
 
     # -- ending --------------------------------------------------------------------------
     def close(self, *, grace_s: float = GRACE_S) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpipe.errors import HPipeError, PlanMismatchError, PromptTooLongError
+from hpipe.errors import PlanMismatchError, PromptShapeError, PromptTooLongError
 from hpipe.model.generate import Sampler
 from hpipe.model.shard import check_tp_size
 from hpipe.plan.plan import Plan
@@ -22,10 +22,6 @@ from hpipe.timeline import Timeline
 
 # torch's dtype for each of hpipe.spec.DTYPES.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PromptShapeError(HPipeError):
-    """Prompts of a batch that cannot run together (different lengths, empty)."""
 
 
 @dataclass(frozen=True)
