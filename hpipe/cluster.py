@@ -17,6 +17,7 @@ import yaml
 
 from hpipe.catalog import DEVICE_CATALOG, GIB, LINK_CATALOG, DeviceKind, LinkKind
 from hpipe.errors import ClusterError, UnknownPresetError
+from hpipe.textfile import read_text_file
 
 GB = 1e9
 
@@ -192,7 +193,7 @@ def _link_from(value, where: str) -> LinkSpec:
     kind = value.get("kind", "custom")
     base: LinkKind | None = None
     if kind != "custom":
-        if kind not in LINK_CATALOG:
+        if not isinstance(kind, str) or kind not in LINK_CATALOG:
             raise ClusterError(
                 f"{where}.kind: unknown link kind {kind!r}; known: {', '.join(sorted(LINK_CATALOG))}"
             )
@@ -228,12 +229,16 @@ _DEVICE_KEYS_TO_DICT = ("kind", "host", *(attr for attr, _ in _EXPLICIT.values()
 def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
     if not isinstance(value, dict) or "name" not in value:
         raise ClusterError(f"{where}: each device needs a 'name' (and a 'type' or explicit figures)")
+    if not isinstance(value["name"], str) or not value["name"]:
+        # A YAML name like 0 or 1.5 would be stringified and then match nothing the user wrote.
+        raise ClusterError(f"{where}.name must be a text name, got {value['name']!r}; quote it "
+                           f"(name: \"{value['name']}\")")
     _check_keys(value, _DEVICE_KEYS, where, also=_DEVICE_KEYS_TO_DICT)
     # Accept both the YAML spelling (type, memory_gb, ...) and to_dict's (kind, memory_bytes, ...).
     fields: dict = {}
     kind = value.get("type", value.get("kind", "custom"))
     if kind != "custom":
-        if kind not in DEVICE_CATALOG:
+        if not isinstance(kind, str) or kind not in DEVICE_CATALOG:
             raise ClusterError(
                 f"{where}.type: unknown device {kind!r}; known: {', '.join(sorted(DEVICE_CATALOG))}"
                 " (or give memory_gb, fp16_tflops, fp32_tflops, mem_bandwidth_gbs, busy_power_w, idle_power_w)"
@@ -273,7 +278,20 @@ def _device_from(value: dict, host: str, where: str) -> DeviceSpec:
 
 
 def parse_cluster(d: dict, *, name: str | None = None) -> ClusterSpec:
-    """Validate a cluster mapping (the YAML file's content) into a ClusterSpec."""
+    """Validate a cluster mapping (the YAML file's content) into a ClusterSpec; anything
+    malformed is a ClusterError naming the field."""
+    try:
+        return _parse_cluster(d, name=name)
+    except ClusterError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # A shape the field checks below did not foresee (found by tests/test_input_fuzz.py):
+        # still the user's file, so a typed error, not a traceback.
+        raise ClusterError(f"malformed cluster description ({type(e).__name__}: {e}); compare "
+                           "it with the files in examples/") from None
+
+
+def _parse_cluster(d: dict, *, name: str | None = None) -> ClusterSpec:
     if not isinstance(d, dict):
         raise ClusterError(f"a cluster file must be a mapping with 'hosts', got {type(d).__name__}")
     _check_keys(d, _CLUSTER_KEYS, "cluster")
@@ -386,11 +404,18 @@ def load_cluster(arg: str) -> ClusterSpec:
         raise UnknownPresetError(
             f"--cluster {arg!r} is neither a preset (paper, local:N) nor an existing YAML file"
         )
+    text = read_text_file(path, what="--cluster", error=ClusterError)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ClusterError(f"{path}: not valid YAML: {e}") from None
-    return parse_cluster(data, name=path.stem)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ClusterError(f"--cluster {str(path)!r}: not valid YAML{where}: {what}") from None
+    try:
+        return parse_cluster(data, name=path.stem)
+    except ClusterError as e:
+        raise ClusterError(f"--cluster {str(path)!r}: {e}") from None
 
 
 __all__ = [

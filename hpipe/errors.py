@@ -7,8 +7,26 @@ Runtime failures that are not the user's input (a worker died, a link dropped) a
 """
 
 
+from contextlib import contextmanager
+
+
 class HPipeError(ValueError):
     """Base class for errors caused by user input."""
+
+
+@contextmanager
+def naming_field(field: str, error: type[HPipeError], fix: str):
+    """Inside, a malformed value (KeyError, TypeError, ValueError, AttributeError from reading
+    a user's file) becomes ``error`` naming ``field``; typed errors pass through with the field
+    in front."""
+    try:
+        yield
+    except HPipeError as e:
+        raise type(e)(f"{field}: {e}") from None
+    except KeyError as e:
+        raise error(f"{field}: missing field {e.args[0]!r}; {fix}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise error(f"{field}: malformed value ({e}); {fix}") from None
 
 
 class UnknownPresetError(HPipeError):

@@ -38,12 +38,15 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hpipe.cluster import ClusterSpec, load_cluster
 from hpipe.errors import PlanMismatchError, WorkerFailedError
 from hpipe.plan.plan import Plan
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
-from hpipe.runtime.request import RunRequest, RunResult
+
+if TYPE_CHECKING:  # not at import: a spawned worker unpickles this module's target first
+    from hpipe.runtime.request import RunRequest, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +238,12 @@ class Session:
         session = cls(model=model, plan=plan, spec=spec, tokenizer=source.tokenizer,
                       liveness_s=liveness_s, connect_timeout_s=connect_timeout_s)
         session._start()
-        if wait:
-            session.wait_ready()
+        try:
+            if wait:
+                session.wait_ready()
+        except BaseException:  # a failed load, Ctrl-C or SIGTERM while loading: end the workers
+            session.close(grace_s=0.0)
+            raise
         return session
 
     def _start(self) -> None:
@@ -293,7 +300,7 @@ class Session:
         """Queue ``request``; returns its stream at once. Bad input raises here (typed, naming
         the value), before anything reaches the workers."""
         from hpipe.model.generate import Sampler
-        from hpipe.runtime.request import check_prompt, check_request, fit_plan
+        from hpipe.runtime.request import RunRequest, check_prompt, check_request, fit_plan
 
         rows = [list(r) for r in request.prompt_ids]
         check_prompt(rows, self.spec, max_new_tokens=request.max_new_tokens)

@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hpipe"
 
 # Lower units first. A unit may import any unit at or before its own place.
-ORDER = ("errors", "spec", "catalog", "cluster", "emulation", "model", "cost", "plan",
+ORDER = ("errors", "textfile", "spec", "catalog", "cluster", "emulation", "model", "cost", "plan",
          "schedule", "sim", "timeline", "runtime", "profile", "netns", "report")
 # Units that orchestrate: they may import anything, and nothing below may import them.
 TOP = {"session", "commands", "cli", "demo", "experiment", "serve", "analyze", "__init__",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from profile_harness import MODEL, make_profile
 
 from hpipe.cluster import local_cluster
 from hpipe.cost.fitted import FittedCost, fit_device, fit_nonnegative, layer_features
 from hpipe.cost.profile_file import DeviceProfile, TimeSample
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.sim import simulate
-from tests.test_profile_file import MODEL, make_profile
 
 # Known per-layer coefficients, in LAYER_TERMS order: 1, b*s, b*p, b*s*p, b*s^2.
 TRUE = np.array([8e-4, 2.5e-6, 3e-8, 1.5e-9, 0.8e-9])

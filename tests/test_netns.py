@@ -68,12 +68,13 @@ def test_two_host_pipeline_over_shaped_link_matches_one_process(tmp_path):
     """Two emulated hosts, 100 Mbit/s between them, torchrun in each: same tokens and logits
     as the single-process reference (the runtime's own equivalence contract)."""
     require_netns()
+    from runtime_harness import Case, assert_equivalent, reference, request_for
+
     from hpipe.cluster import parse_cluster
     from hpipe.model.source import open_model
     from hpipe.netns import launch_netns
     from hpipe.profile.random_model import write_random_checkpoint
     from hpipe.spec import ModelSpec
-    from tests.runtime_harness import Case, assert_equivalent, reference, request_for
 
     # A tiny random LLaMA written without transformers (fast); std 0.2 spreads the logits so
     # greedy argmax is decided by clear margins, as in conftest's checkpoints.

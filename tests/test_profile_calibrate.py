@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from profile_harness import MODEL, make_profile
 
 from hpipe.cluster import local_cluster
 from hpipe.cost.fitted import FittedCost
@@ -21,7 +22,6 @@ from hpipe.profile.calibrate import (
     make_calibration,
 )
 from hpipe.sim import simulate
-from tests.test_profile_file import MODEL, make_profile
 
 
 class DeviceScaled:

@@ -125,13 +125,13 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
 
     ``cost`` is the fitted model of ``--profile``, else the analytic one."""
     from hpipe.plan.api import plan_method
-    from hpipe.plan.plan import Plan
+    from hpipe.plan.plan import read_plan
     from hpipe.runtime.request import fit_plan
 
     if args.plan is not None:
         if args.layers or args.slices:
             raise PlanMismatchError("give either --plan or --layers/--slices, not both")
-        plan = Plan.from_json(args.plan.read_text())
+        plan = read_plan(args.plan)
         if args.dtype is not None and args.dtype != plan.dtype:
             raise PlanMismatchError(
                 f"--dtype {args.dtype} but the plan {str(args.plan)!r} was made for "
@@ -158,9 +158,9 @@ def build_plans(args, spec, cluster, *, batch: int, prompt_len: int, cost) -> li
 
 
 def plan_file_dtype(path: Path) -> str:
-    from hpipe.plan.plan import Plan
+    from hpipe.plan.plan import read_plan
 
-    return Plan.from_json(path.read_text()).dtype
+    return read_plan(path).dtype
 
 
 def resolve_cluster(args):
@@ -169,11 +169,11 @@ def resolve_cluster(args):
     import dataclasses
 
     from hpipe.cluster import load_cluster
-    from hpipe.plan.plan import Plan
+    from hpipe.plan.plan import read_plan
 
     if args.plan is None:
         return load_cluster(args.cluster or "local:2")
-    planned = Plan.from_json(args.plan.read_text()).cluster
+    planned = read_plan(args.plan).cluster
     if args.cluster is None:
         return planned
     cluster = load_cluster(args.cluster)

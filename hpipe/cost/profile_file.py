@@ -12,12 +12,14 @@ profile taken at slowdown 1 says nothing about slowdown 3), the torch version an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpipe.cluster import ClusterSpec
 from hpipe.errors import ProfileMismatchError
 from hpipe.spec import ModelSpec
+from hpipe.textfile import read_text_file
 
 PROFILE_VERSION = 1
 # Fields of ModelSpec that change a layer's cost. Two models equal on these take the same time
@@ -219,7 +221,7 @@ class Profile:
             )
 
         def times(rows) -> tuple[TimeSample, ...]:
-            return tuple(TimeSample(int(r), int(t), int(p), float(s)) for r, t, p, s in rows)
+            return tuple(TimeSample(int(r), int(t), int(p), _seconds(s)) for r, t, p, s in rows)
 
         try:
             devices = tuple(
@@ -243,7 +245,7 @@ class Profile:
                 LinkProfile(
                     src=lk["src"], dst=lk["dst"], latency_s=float(lk["latency_s"]),
                     bandwidth_bytes_s=float(lk["bandwidth_bytes_s"]),
-                    samples=tuple(LinkSample(int(b), float(t)) for b, t in lk["samples"]),
+                    samples=tuple(LinkSample(int(b), _seconds(t)) for b, t in lk["samples"]),
                 )
                 for lk in d["links"]
             )
@@ -257,7 +259,9 @@ class Profile:
                 calibration=(None if d.get("calibration") is None
                              else Calibration.from_dict(d["calibration"])),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except ProfileMismatchError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProfileMismatchError(
                 f"profile file is malformed ({type(e).__name__}: {e}); re-run hpipe profile"
             ) from None
@@ -267,7 +271,20 @@ class Profile:
 
     @classmethod
     def from_json(cls, text: str) -> Profile:
-        return cls.from_dict(json.loads(text))
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ProfileMismatchError("not a profile: the file must hold the JSON object "
+                                       "'hpipe profile' writes")
+        return cls.from_dict(data)
+
+
+def _seconds(value) -> float:
+    """A measured time: a finite number >= 0 (a hand edit may leave anything)."""
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        raise ProfileMismatchError(f"profile file holds a time of {value!r} s; re-run hpipe "
+                                   "profile")
+    return t
 
 
 def model_shape(model: ModelSpec) -> tuple[tuple[str, object], ...]:
@@ -277,15 +294,19 @@ def model_shape(model: ModelSpec) -> tuple[tuple[str, object], ...]:
 def read_profile(path: str | Path) -> Profile:
     """A profile from a file; a missing or non-JSON file is a user error naming the path."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ProfileMismatchError(
             f"--profile {str(path)!r}: no such file; create one with "
             "hpipe profile --model ... --cluster ... --out " + str(path)
         )
+    text = read_text_file(p, what="--profile", error=ProfileMismatchError)
     try:
-        return Profile.from_json(p.read_text())
+        return Profile.from_json(text)
     except json.JSONDecodeError as e:
-        raise ProfileMismatchError(f"{p}: not a JSON profile ({e})") from None
+        raise ProfileMismatchError(f"--profile {str(p)!r}: not a JSON profile ({e}); write it "
+                                   "with 'hpipe profile ... --out FILE'") from None
+    except ProfileMismatchError as e:
+        raise ProfileMismatchError(f"--profile {str(p)!r}: {e}") from None
 
 
 def check_profile(profile: Profile, model: ModelSpec, cluster: ClusterSpec, dtype: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hpipe.errors import PlanMismatchError, WeightsNotFoundError
+from hpipe.errors import ModelSpecError, PlanMismatchError, WeightsNotFoundError
 from hpipe.model.config import spec_from_gguf_metadata, spec_from_hf_config
 from hpipe.model.decoder import Stage
 from hpipe.model.gguf_file import GGUFFile
@@ -93,6 +93,7 @@ class ModelSource:
                           has_embedding=has_embedding, has_head=has_head)
             if tp is not None:
                 shard_modules_(stage, tp, all_reduce)
+        _check_shapes(stage, tensors, self.path)
         stage.load_state_dict(tensors, strict=True, assign=True)
         stage.empty_dtype = dtype
         if has_embedding and has_head and self.spec.tie_embeddings:
@@ -108,6 +109,17 @@ class ModelSource:
         """All layers, embedding and head: the single-process model."""
         return self.load_stage(0, self.spec.num_layers, has_embedding=True, has_head=True,
                                dtype=dtype, device=device)
+
+
+def _check_shapes(stage: Stage, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint whose tensors disagree with its own config (a config.json edited,
+    or copied from another size): name the tensor and both shapes, before torch's error."""
+    want = {name: tuple(t.shape) for name, t in stage.state_dict().items()}
+    for name, t in tensors.items():
+        if name in want and tuple(t.shape) != want[name]:
+            raise ModelSpecError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model's config "
+                f"makes it {want[name]}; the config and the weights are of different models")
 
 
 def open_model(name_or_path: str | Path) -> ModelSource:

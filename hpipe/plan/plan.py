@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hpipe.cluster import ClusterSpec
-from hpipe.errors import PlanMismatchError, SliceError
+from hpipe.errors import PlanMismatchError, SliceError, naming_field
 from hpipe.spec import DTYPES, METHODS, ModelSpec
+from hpipe.textfile import read_text_file
+
+PLAN_FORMAT = "hpipe-plan"
+PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ class Plan:
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
             "method": self.method,
             "model": self.model.to_dict(),
             "cluster": self.cluster.to_dict(),
@@ -132,33 +139,40 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        try:
+        # Files from before the version field have neither key; they read as version 1.
+        if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise PlanMismatchError(f"format {d.get('format')!r} is not an hpipe plan; write "
+                                    "one with 'hpipe plan --json > plan.json'")
+        if d.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise PlanMismatchError(f"plan file version {d.get('version')!r}; this hpipe reads "
+                                    f"version {PLAN_VERSION}: re-plan with 'hpipe plan --json'")
+        fix = "write it with 'hpipe plan --json'"
+
+        def field(name: str):
+            return naming_field(name, PlanMismatchError, fix)
+
+        with field("model"):
+            model = ModelSpec.from_dict(d["model"])
+        with field("cluster"):
+            cluster = ClusterSpec.from_dict(d["cluster"])
+        with field("stages"):
+            stages = tuple(
+                StagePlan(tuple(int(x) for x in s["devices"]), int(s["layer_start"]),
+                          int(s["layer_stop"]))
+                for s in d["stages"])
+        with field("slice_table"):
+            slice_table = tuple(sorted(
+                (int(k), tuple(int(x) for x in v))
+                for k, v in (d.get("slice_table") or {}).items()))
+        with field("plan"):
             return cls(
-                method=d["method"],
-                model=ModelSpec.from_dict(d["model"]),
-                cluster=ClusterSpec.from_dict(d["cluster"]),
-                batch=int(d["batch"]),
-                seq_len=int(d["seq_len"]),
-                dtype=d["dtype"],
-                stages=tuple(
-                    StagePlan(tuple(s["devices"]), int(s["layer_start"]), int(s["layer_stop"]))
-                    for s in d["stages"]
-                ),
+                method=d["method"], model=model, cluster=cluster, batch=int(d["batch"]),
+                seq_len=int(d["seq_len"]), dtype=d["dtype"], stages=stages,
                 slices=tuple(int(x) for x in d["slices"]),
                 num_microbatches=int(d.get("num_microbatches", 1)),
-                predicted_latency_s=d.get("predicted_latency_s"),
-                slice_table=tuple(
-                    sorted((int(k), tuple(v)) for k, v in (d.get("slice_table") or {}).items())
-                ),
-                notes=tuple(d.get("notes") or ()),
+                predicted_latency_s=d.get("predicted_latency_s"), slice_table=slice_table,
+                notes=tuple(str(n) for n in d.get("notes") or ()),
             )
-        except KeyError as e:
-            raise PlanMismatchError(f"plan file is missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, PlanMismatchError):
-                raise
-            raise PlanMismatchError(f"plan file has a malformed value: {e}; write it with "
-                                    "'hpipe plan --json'") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -173,6 +187,15 @@ class Plan:
         if not isinstance(data, dict):
             raise PlanMismatchError("plan file must hold a JSON object from 'hpipe plan --json'")
         return cls.from_dict(data)
+
+
+def read_plan(path: str | Path) -> Plan:
+    """A plan file from ``hpipe plan --json``, refused by name when it is not one."""
+    text = read_text_file(path, what="--plan", error=PlanMismatchError)
+    try:
+        return Plan.from_json(text)
+    except PlanMismatchError as e:
+        raise PlanMismatchError(f"--plan {str(path)!r}: {e}") from None
 
 
 def rescale_slices(slices: tuple[int, ...], length: int) -> tuple[int, ...]:

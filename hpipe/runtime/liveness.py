@@ -7,8 +7,9 @@ its upstream, still beats. A worker that was stopped (SIGSTOP, a debugger, a fro
 or is wedged holding the interpreter stops beating, and the supervisor blames that rank after
 ``liveness_s`` of silence, instead of the rank that was left waiting for it.
 
-A worker is allowed ``startup_s`` before its first beat: spawning a process and importing torch
-takes seconds on a small machine, and longer when it is busy.
+A worker is allowed ``startup_s`` before its first beat. It beats before it imports torch (which
+takes seconds on a small machine): spawning an interpreter and unpickling its target touch only
+hpipe's torch-free modules (hpipe.runtime and hpipe.session load torch lazily for this).
 
 What this does not see: a device kernel that never returns while the Python thread waits in a
 call that releases the interpreter (a hung CUDA synchronize). The heartbeat goes on there, and

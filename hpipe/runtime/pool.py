@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2  # supervisor's poll period for exit codes, heartbeats and messages
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
 SETTLE_S = 1.0  # after a first failure, wait this long for the root cause to show up
+# A worker's first heartbeat comes before it imports torch: a new interpreter and hpipe's
+# torch-free modules, well under this even on a busy 2-core machine.
+STARTUP_S = 10.0
 PR_SET_PDEATHSIG = 1
 
 # on_progress(kind, done, total), called in the supervisor; see worker.Progress
@@ -112,7 +115,9 @@ class WorkerPool:
         self._commands = [ctx.Queue() for _ in range(settings.world_size)]
         self._beats = Heartbeats(ctx, settings.world_size)
         self._procs = [
-            ctx.Process(target=_worker_main, name=f"{process_name}{r}",
+            # daemon: should this process exit without stopping them, multiprocessing ends
+            # them instead of waiting for workers that serve forever.
+            ctx.Process(target=_worker_main, name=f"{process_name}{r}", daemon=True,
                         args=(target, payload, settings, r, self._commands[r], self._inbox,
                               self._beats, os.getpid()))
             for r in range(settings.world_size)]
@@ -178,7 +183,7 @@ class WorkerPool:
 
     def _silent(self):
         """Live processes whose heartbeat stopped (an exited one is judged by its exit code)."""
-        startup_s = self.settings.connect_timeout_s + self.liveness_s
+        startup_s = self.liveness_s + STARTUP_S
         live = [r for r, p in enumerate(self._procs) if p.exitcode is None]
         return self._beats.silent(live, liveness_s=self.liveness_s, startup_s=startup_s)
 
