@@ -36,7 +36,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -185,13 +185,15 @@ class Session:
     """A running pipeline; make one with ``Session.open``. Thread-safe."""
 
     def __init__(self, *, model: str, plan: Plan, spec, tokenizer, liveness_s: float,
-                 connect_timeout_s: float) -> None:
+                 connect_timeout_s: float,
+                 on_failure: Callable[[Exception], None] | None = None) -> None:
         self.model = model
         self.plan = plan
         self.spec = spec
         self.tokenizer = tokenizer
         self.liveness_s = liveness_s
         self.connect_timeout_s = connect_timeout_s
+        self.on_failure = on_failure
         self.state = "loading"  # -> "ready" -> "closed", or "broken"
         self.error: Exception | None = None
         self.num_stage_loads: dict[int, int] = {}  # rank -> loads, as reported when ready
@@ -208,14 +210,19 @@ class Session:
              method: str = "hpipe", seq_len: int | None = None, batch: int = 1,
              dtype: str = "float32", cost=None, allow_tp: bool = True,
              liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
-             wait: bool = True) -> Session:
+             wait: bool = True,
+             on_failure: Callable[[Exception], None] | None = None) -> Session:
         """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
         every stage has loaded its weights (raising if a worker failed meanwhile).
 
         Without a plan, ``method`` is planned on ``cluster`` for ``batch`` prompts of
         ``seq_len`` tokens (default: the model's context, capped at 4096); prompts of other
         lengths use the plan's slicing rescaled (``Plan.slices_for``). ``cost`` is a cost
-        model (e.g. fitted from a profile), None for the analytic one.
+        model (e.g. fitted from a profile), None for the analytic one. ``on_failure(error)``
+        is called (on the supervisor's thread) once the session breaks.
+
+        Open it from a thread that outlives it (the main thread, or one kept for it): Linux
+        ends the workers when the thread that spawned them ends (see hpipe/runtime/pool.py).
         """
         from hpipe.model.source import open_model
         from hpipe.runtime.launch import check_local_devices
@@ -236,7 +243,8 @@ class Session:
         check_plan(plan, spec, model=model)
         check_local_devices([plan])
         session = cls(model=model, plan=plan, spec=spec, tokenizer=source.tokenizer,
-                      liveness_s=liveness_s, connect_timeout_s=connect_timeout_s)
+                      liveness_s=liveness_s, connect_timeout_s=connect_timeout_s,
+                      on_failure=on_failure)
         session._start()
         try:
             if wait:
@@ -416,6 +424,8 @@ class Session:
                 job.stream._end(self._with_grid(error, job))
             else:
                 job.stream._end(error)
+        if self.on_failure is not None:
+            self.on_failure(error)
 
     def _with_grid(self, error: Exception, job: _Job) -> Exception:
         """``error`` with the running request's grid appended (same type, same rank)."""

@@ -152,6 +152,16 @@ def _start(argv: list[str]) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+    """The process's output once it exits; killed (and the test failed) if it hangs."""
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"hung past {timeout_s} s; stderr: {err[-2000:]}") from None
+
+
 def _wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 60) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -190,7 +200,7 @@ def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_no_worker_left(tiny_chec
                    "--max-new-tokens", "100"])
     workers = _wait_for_workers(proc, 2)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
+    _, err = _finish(proc, 30)
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"hpipe run: {word}")
     assert _all_gone(workers), "a worker outlived the run"
@@ -209,7 +219,7 @@ def test_ctrl_c_in_other_commands_is_one_line(tiny_checkpoints, tmp_path, argv):
     if not workers:
         time.sleep(6.0)  # into the 3.6k-token prefill
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = _finish(proc, 30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted (Ctrl-C)" in err.strip().splitlines()[-1]
     assert _all_gone(workers)
@@ -228,7 +238,7 @@ def test_a_stopped_worker_in_a_tensor_parallel_run_is_named_within_the_liveness_
     rank1 = workers[-1]  # spawned last
     os.kill(rank1, signal.SIGSTOP)
     stopped_at = time.monotonic()
-    out, err = proc.communicate(timeout=60)
+    out, err = _finish(proc, 60)
     assert time.monotonic() - stopped_at < 3 + 15
     assert proc.returncode == 1, err
     assert "Traceback" not in err

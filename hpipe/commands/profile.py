@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from hpipe.commands.settings import in_range, prepare_output
+from hpipe.errors import OutputPathError
 from hpipe.profile import MIN_PROFILE_TOKENS
 from hpipe.spec import DTYPES
 
@@ -110,7 +111,16 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         profile = dataclasses.replace(profile, model_name=args.model)
-    args.out.write_text(profile.to_json())
+    try:
+        args.out.write_text(profile.to_json())
+    except OSError as e:  # checked writable at the start, but a disk can fill meanwhile
+        import tempfile
+
+        fd, spare = tempfile.mkstemp(prefix="hpipe-profile-", suffix=".json")
+        with open(fd, "w") as f:
+            f.write(profile.to_json())
+        raise OutputPathError(f"--out {str(args.out)!r}: could not write the profile "
+                              f"({e.strerror or e}); it was saved to {spare} instead") from None
     fits = {dev.name: fit_device(dev) for dev in profile.devices}
     cal = profile.calibration
     scale = dict(zip(profile.device_names, cal.compute_scale)) if cal else {}

@@ -342,12 +342,12 @@ def run(args: argparse.Namespace) -> int:
         bars.close()
     predicted = [predicted_timeline(r, p, prep.cost) for r, p in zip(results, prep.plans)]
     report = build_report(prep, results, predicted)
-    _write_artifacts(args, results, predicted)
+    # The report first: if a file cannot be written after all, the figures are already out.
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(format_report(report))
-    return 0
+    return _write_artifacts(args, results, predicted)
 
 
 def build_report(prep: Prepared, results: list, predicted: list) -> dict:
@@ -370,18 +370,29 @@ def build_report(prep: Prepared, results: list, predicted: list) -> dict:
     return report
 
 
-def _write_artifacts(args, results, predicted) -> None:
+def _write_artifacts(args, results, predicted) -> int:
+    """--trace and --png; 1 (after saying so) if one could not be written after all."""
+    from hpipe.report.gantt import plot_timelines
+    from hpipe.report.trace import write_chrome_trace
+
     titles = [f"{r.label} (measured over predicted)" for r in results]
-    if args.trace:
-        from hpipe.report.trace import write_chrome_trace
-
-        write_chrome_trace(args.trace, [r.timeline for r in results],
-                           labels=[f"{r.label} measured" for r in results])
-    if args.png:
-        from hpipe.report.gantt import plot_timelines
-
-        plot_timelines([(p, r.timeline) for r, p in zip(results, predicted)], args.png,
-                       titles=titles)
+    writers = {
+        "--trace": (args.trace, lambda path: write_chrome_trace(
+            path, [r.timeline for r in results], labels=[f"{r.label} measured" for r in results])),
+        "--png": (args.png, lambda path: plot_timelines(
+            [(p, r.timeline) for r, p in zip(results, predicted)], path, titles=titles)),
+    }
+    code = 0
+    for flag, (path, write) in writers.items():
+        if path is None:
+            continue
+        try:
+            write(path)
+        except OSError as e:
+            print(f"hpipe run: could not write {flag} {str(path)!r} ({e.strerror or e}); the "
+                  "run's figures are in the report above", file=sys.stderr)
+            code = 1
+    return code
 
 
 def format_report(rep: dict) -> str:

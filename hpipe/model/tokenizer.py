@@ -49,6 +49,13 @@ class Tokenizer:
             return user_text
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user_text}]
+        return self.chat_messages(messages)
+
+    def chat_messages(self, messages: list[dict]) -> str:
+        """The model's chat template applied to a conversation (``[{"role", "content"}]``),
+        ready for the assistant's reply. Without a template: the contents, one per line."""
+        if not self.chat_template:
+            return "\n".join(str(m.get("content", "")) for m in messages)
         return _render_chat(self.chat_template, messages, bos_token=self.bos_token or "",
                             eos_token=self.eos_token or "")
 
@@ -84,7 +91,7 @@ def _render_chat(template: str, messages: list[dict], **special: str) -> str:
                                                 **special)
     except TemplateError as e:  # also TemplateSyntaxError; the template is the model's, not ours
         raise ChatTemplateError(
-            f"the model's chat template does not render one user turn: "
+            f"the model's chat template does not render these messages: "
             f"{type(e).__name__}: {e}; pass --no-chat to send the prompt text as it is") from None
 
 

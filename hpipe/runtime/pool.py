@@ -14,7 +14,9 @@ so each worker starts a clean interpreter with its own torch thread pool), which
   (``ShapeMismatchError``, any ``HPipeError``) are re-raised as the same type;
 - the workers ask Linux to SIGKILL them if the supervisor dies (``PR_SET_PDEATHSIG``), so
   nothing is orphaned even when the supervisor is killed; ``stop`` ends every worker (SIGTERM,
-  SIGKILL after ``GRACE_S``; a stopped one gets SIGKILL at once).
+  SIGKILL after ``GRACE_S``; a stopped one gets SIGKILL at once). PR_SET_PDEATHSIG fires when
+  the *thread* that spawned a worker ends, not only the process: start a pool from a thread
+  that outlives it (the main thread, or one kept for the purpose).
 
 Each worker runs ``target(payload, ctx, commands, emit)``: ``commands`` is its own queue of
 messages from the supervisor (``WorkerPool.send_all``) and ``emit(msg)`` reaches the

@@ -1,0 +1,157 @@
+"""``hpipe serve``: the pipeline as an OpenAI-compatible endpoint.
+
+    hpipe serve --model smollm2 --cluster local:2 [--plan FILE | --profile FILE] \\
+                [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Then any OpenAI client talks to http://HOST:PORT/v1 (chat/completions, completions, models);
+GET /health is 503 while the weights load or the pipeline is broken, 200 when ready; GET
+/metrics is Prometheus text. A worker that dies or stalls ends its requests with an error
+naming the rank, and the pipeline is reopened (--no-restart: the server exits with the reason).
+Ctrl-C or SIGTERM stop accepting, give running requests --grace seconds, end every worker and
+exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from hpipe.commands.settings import add_profile_argument, in_range, positive
+from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
+from hpipe.spec import DTYPES, METHODS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve the pipeline as an OpenAI-compatible API",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model dir, .gguf file, or 'smollm2'")
+    p.add_argument("--cluster", default=None,
+                   help="'local:N' or a cluster YAML file (default: the --plan's, else local:2)")
+    p.add_argument("--plan", type=Path, help="a plan JSON from 'hpipe plan --json'")
+    add_profile_argument(p)
+    p.add_argument("--method", default="hpipe", choices=METHODS)
+    p.add_argument("--seq-len", type=in_range(int, 1), default=None,
+                   help="prompt length to plan the slicing for (default: the context, at most "
+                        "4096); other lengths rescale it")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--no-tp", dest="allow_tp", action="store_false",
+                   help="keep HPipe to a pure pipeline (one device per stage)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=in_range(int, 0, 65535), default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients put in 'model' (default: --model's name)")
+    p.add_argument("--max-waiting", type=in_range(int, 1), default=64,
+                   help="requests waiting for the pipeline before new ones get 429")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="exit with the reason when a worker fails, instead of reopening")
+    p.add_argument("--grace", type=in_range(float, 0), default=10.0,
+                   help="seconds running requests get to finish on Ctrl-C / SIGTERM")
+    p.add_argument("--liveness", type=positive(float), default=DEFAULT_LIVENESS_S,
+                   help="seconds of silence after which a worker is declared stopped")
+    p.add_argument("--connect-timeout", type=positive(float), default=60.0,
+                   help="seconds a worker waits to join the process group")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_plan(args):
+    """The plan to serve: --plan, or the method planned on --cluster for --seq-len tokens."""
+    import dataclasses
+
+    from hpipe.cluster import load_cluster
+    from hpipe.cost import cost_model
+    from hpipe.errors import PlanMismatchError
+    from hpipe.model.source import open_model
+    from hpipe.plan.api import plan_method
+    from hpipe.plan.plan import read_plan
+    from hpipe.runtime.launch import check_local_devices
+    from hpipe.runtime.request import check_plan
+
+    spec = open_model(args.model).spec
+    if args.plan is not None:
+        plan = read_plan(args.plan)
+        if args.cluster is not None:
+            cluster = load_cluster(args.cluster)
+            if dataclasses.replace(cluster, name=plan.cluster.name) != plan.cluster:
+                raise PlanMismatchError(f"--cluster {args.cluster!r} is not the cluster the "
+                                        f"plan {str(args.plan)!r} was made for; drop --cluster")
+    else:
+        cluster = load_cluster(args.cluster or "local:2")
+        seq_len = args.seq_len or min(spec.max_seq_len, 4096)
+        plan = plan_method(args.method, model=spec, cluster=cluster, batch=1, seq_len=seq_len,
+                           dtype=args.dtype,
+                           cost=cost_model(spec, cluster, args.dtype, profile=args.profile),
+                           allow_tp=args.allow_tp)
+    check_plan(plan, spec, model=args.model)
+    check_local_devices([plan])
+    return plan
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hpipe.serve.app import build_app
+    from hpipe.serve.engine import Engine, EngineSettings
+
+    plan = build_plan(args)  # every check before a worker starts
+    name = args.served_model_name or Path(args.model).name.removesuffix(".gguf")
+    fatal: list[Exception] = []
+    server = None
+
+    def on_fatal(error: Exception) -> None:
+        fatal.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    def on_ready(pids: list[int]) -> None:
+        print(f"hpipe serve: ready: {name!r} on http://{args.host}:{args.port}/v1 "
+              f"({plan.method}, layers {list(plan.layer_counts())} on "
+              f"{[plan.cluster.devices[d].name for d in plan.row_devices]}, workers {pids})",
+              file=sys.stderr, flush=True)
+
+    engine = Engine(EngineSettings(model=args.model, served_name=name,
+                                   max_waiting=args.max_waiting, restart=args.restart,
+                                   liveness_s=args.liveness,
+                                   connect_timeout_s=args.connect_timeout),
+                    plan, on_fatal=on_fatal, on_ready=on_ready)
+    app = build_app(engine, api_key=args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.grace, lifespan="off")
+    server = make_server(config)
+    print(f"hpipe serve: loading {args.model} on {plan.cluster.name} (GET /health is 503 until "
+          "ready)", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        server.run()
+    finally:
+        engine.close(grace_s=args.grace)
+    if fatal:  # the pipeline did not start, or failed under --no-restart: the contract says it
+        raise fatal[0]
+    if server.stopped_by:
+        print(f"hpipe serve: stopped ({server.stopped_by}); every worker has ended",
+              file=sys.stderr)
+    return 0
+
+
+def make_server(config):
+    """uvicorn's server, told not to re-raise the signal that stopped it: a served Ctrl-C or
+    SIGTERM is a clean stop (exit 0), not an interrupted command."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by: str | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            self.stopped_by = signal.Signals(sig).name
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return Server(config)

@@ -1,0 +1,281 @@
+"""``hpipe serve`` through the official ``openai`` client (and raw HTTP where the client hides
+the wire): SmolLM2 on local:2, greedy answers equal to the single-process reference, streams,
+stop strings, limits, errors, cancel on disconnect, a killed worker and the recovery, metrics.
+
+Every server is a real ``hpipe serve`` subprocess on 127.0.0.1 and a free port, ended (SIGTERM,
+exit 0, no worker left) by its fixture.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from hpipe.model.generate import generate
+from hpipe.runtime.launch import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+class Server:
+    def __init__(self, argv: list[str], *, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        extra = ["--api-key", api_key] if api_key else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpipe.cli", "serve", *argv, "--port", str(self.port),
+             *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def health(self) -> httpx.Response:
+        return httpx.get(f"{self.url}/health", timeout=5)
+
+    def wait_ready(self, timeout_s: float = 180) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.communicate()}")
+            try:
+                r = self.health()
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("server not ready in time")
+
+    def client(self, **kw) -> openai.OpenAI:
+        kw.setdefault("api_key", self.api_key or "none")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=120, **kw)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def stop(self) -> None:
+        workers = _children(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        assert self.proc.returncode == 0, err
+        assert "stopped (SIGTERM); every worker has ended" in err
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{p}").exists() for p in workers), "a worker outlived serve"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf):
+    s = Server(["--model", "smollm2", "--cluster", "local:2", "--no-tp", "--seq-len", "512",
+                "--liveness", "3", "--max-waiting", "16"], api_key=KEY)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def _reference(smollm2, smollm2_model, messages, max_tokens: int) -> str:
+    tok = smollm2.tokenizer
+    ids = tok.encode(tok.chat_messages(messages))
+    out = generate(smollm2_model, [ids], max_new_tokens=max_tokens,
+                   eos_token_ids=tok.eos_token_ids)
+    return tok.decode(out.output_ids[0])
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
+
+
+def test_chat_equals_the_single_process_answer(server, smollm2, smollm2_model):
+    resp = server.client().chat.completions.create(model="smollm2", messages=QUESTION,
+                                                   max_tokens=24, temperature=0)
+    want = _reference(smollm2, smollm2_model, QUESTION, 24)
+    choice = resp.choices[0]
+    assert choice.message.content == want and choice.message.role == "assistant"
+    assert choice.finish_reason == ("stop" if len(smollm2.tokenizer.encode(want)) < 24
+                                    else "length")
+    assert resp.usage.prompt_tokens == len(smollm2.tokenizer.encode(
+        smollm2.tokenizer.chat_messages(QUESTION)))
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.id.startswith("chatcmpl-") and resp.model == "smollm2" and resp.created > 0
+
+
+def test_a_stream_with_usage_carries_the_same_text(server, smollm2, smollm2_model):
+    chunks = list(server.client().chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _reference(smollm2, smollm2_model, QUESTION, 24)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_prefill_progress_is_sent_as_sse_comments(server):
+    body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    comments = [line for line in lines if line.startswith(": prefill ")]
+    assert comments and comments[-1].split()[-2].split("/")[0] == comments[-1].split()[-2].split("/")[1]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_stop_strings_and_max_tokens(server, smollm2, smollm2_model):
+    client = server.client()
+    want = _reference(smollm2, smollm2_model, QUESTION, 24)
+    word = want.split()[2]  # a word inside the answer
+    resp = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24,
+                                          temperature=0, stop=[word, "zzz-never"])
+    assert resp.choices[0].message.content == want[:want.index(word)]
+    assert resp.choices[0].finish_reason == "stop"
+    resp = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                     max_tokens=3, temperature=0)
+    assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 3
+    assert resp.object == "text_completion" and resp.choices[0].text
+
+
+def test_eight_concurrent_clients_get_their_solo_answers(server):
+    client = server.client()
+    questions = [[{"role": "user", "content": f"Name a fruit that is {c}."}]
+                 for c in ("red", "yellow", "green", "orange", "purple", "blue", "brown",
+                           "pink")]
+
+    def ask(messages):
+        return client.chat.completions.create(model="smollm2", messages=messages,
+                                              max_tokens=10, temperature=0
+                                              ).choices[0].message.content
+
+    solo = [ask(q) for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == solo
+
+
+def test_errors_are_openai_error_objects(server):
+    client = server.client()
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        server.client(api_key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens is 9000: \d+ tokens exceed "
+                                                     r"this model's context of 8192") as info:
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=9000)
+    assert info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="n=2 is not supported") as info:
+        client.chat.completions.create(model="smollm2", messages=QUESTION, n=2)
+    assert info.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'tools_x'"):
+        client.chat.completions.create(model="smollm2", messages=QUESTION,
+                                       extra_body={"tools_x": 1})
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+def test_a_client_that_disconnects_cancels_its_request(server):
+    before = server.metric("hpipe:request_cancelled_total")
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": 400, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {") and '"content"' in line
+            if seen >= 3:
+                break  # leave: the connection closes
+    deadline = time.monotonic() + 20
+    while server.metric("hpipe:request_cancelled_total") <= before:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.2)
+    assert server.metric("hpipe:num_requests_running") == 0
+    # The same pipeline serves on.
+    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+
+
+def test_a_killed_worker_fails_its_request_then_the_pipeline_is_reopened(server):
+    workers = server.wait_ready()["workers"]
+    stream = server.client().chat.completions.create(
+        model="smollm2", messages=STORY, max_tokens=400, temperature=0, stream=True)
+    with pytest.raises(openai.APIError, match=r"rank 1 .*was killed by signal SIGKILL"):
+        for n, _chunk in enumerate(stream):
+            if n == 3:
+                os.kill(workers[1], signal.SIGKILL)
+    after = server.wait_ready(timeout_s=120)["workers"]
+    assert set(after).isdisjoint(workers)
+    assert server.metric("hpipe:pipeline_restarts_total") >= 1
+    assert server.metric("hpipe:request_failed_total") >= 1
+    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2)
+    assert resp.usage.completion_tokens == 2
+
+
+def test_metrics_use_vllm_names(server):
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    for name in ("hpipe:num_requests_running", "hpipe:num_requests_waiting",
+                 "hpipe:prompt_tokens_total", "hpipe:generation_tokens_total",
+                 "hpipe:time_to_first_token_seconds_bucket",
+                 "hpipe:inter_token_latency_seconds_bucket",
+                 "hpipe:e2e_request_latency_seconds_bucket", "hpipe:stage_busy_fraction",
+                 "hpipe:request_cancelled_total", "hpipe:request_failed_total"):
+        assert name in text, name
+    assert server.metric("hpipe:generation_tokens_total") > 0
+
+
+# -- a full queue, on a small slow model ---------------------------------------------------------
+SLOW = """name: slow
+hosts:
+  - name: local
+    intra_link: loopback
+    devices:
+      - {name: cpu0, type: cpu, slowdown: 300}
+      - {name: cpu1, type: cpu, slowdown: 300}
+"""
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
+    (tmp_path / "slow.yaml").write_text(SLOW)
+    s = Server(["--model", str(tiny_checkpoints["llama"]), "--cluster", str(tmp_path / "slow.yaml"),
+                "--served-model-name", "tiny", "--max-waiting", "1", "--seq-len", "8"])
+    try:
+        s.wait_ready()
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
+            time.sleep(1.5)  # running
+            second = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
+            time.sleep(1.0)  # waiting: the queue (1) is full
+            third = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
+            assert third.status_code == 429, third.text
+            assert int(third.headers["Retry-After"]) >= 1
+            assert third.json()["error"]["type"] == "rate_limit_error"
+            for fut in (first, second):
+                fut.result().raise_for_status()
+    finally:
+        s.stop()
