@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpipe.errors import PromptTooLongError, ShapeMismatchError
-from hpipe.model.kv_cache import KVCache
+from hpipe.model.kv_cache import KVCache, RowCaches
 from hpipe.spec import ModelSpec
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; the project admits 2.4.
@@ -120,14 +120,20 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        k, v = cache.update(layer, k, v)  # (B, KV, prefix + T, D)
-        if len(self.segments) == 1:
-            y = _attend(q, k, v, mask)
+        if isinstance(cache, RowCaches):  # see [Note: decode across requests]
+            y = torch.cat([self._attend(q[i:i + 1], ki, vi, None)
+                           for i, (ki, vi) in enumerate(cache.update(layer, k, v))], dim=0)
         else:
-            y = torch.cat([_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask)
-                           for q0, q1, k0, k1 in self.segments], dim=1)
+            k, v = cache.update(layer, k, v)  # (B, KV, prefix + T, D)
+            y = self._attend(q, k, v, mask)
         # (B, H, T, D) -> (B, T, H * D); H * D is C except in a tensor-parallel shard.
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        if len(self.segments) == 1:
+            return _attend(q, k, v, mask)
+        return torch.cat([_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask)
+                          for q0, q1, k0, k1 in self.segments], dim=1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -188,9 +194,12 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(spec.vocab_size, spec.hidden)
         self.pos = nn.Embedding(spec.max_seq_len, spec.hidden) if spec.family == "gpt2" else None
 
-    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """``start``: the first position, or one per row (B,) for a one-token decode batch."""
         x = self.tok(ids)
         if self.pos is not None:  # GPT-2's learned absolute positions, offset by the prefix
+            if isinstance(start, torch.Tensor):
+                return x + self.pos(start)[:, None, :]
             x = x + self.pos(torch.arange(start, start + ids.shape[1], device=ids.device))
         return x
 
@@ -274,6 +283,27 @@ class Stage(nn.Module):
         freqs = torch.outer(pos, self.inv_freq.float())  # (T, rot_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, rot_dim), rotate-half layout
         return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
+
+    def forward_rows(self, x: torch.Tensor, caches: RowCaches, *,
+                     last_only: bool = False) -> torch.Tensor:
+        """One decode step of several sequences: x (N, 1) ids or (N, 1, hidden), row i
+        continuing caches.caches[i] (see [Note: decode across requests])."""
+        self._check_input(x, caches)
+        assert x.shape[1] == 1, "rows of one token each"
+        caches.check_room(1)
+        starts = torch.tensor(caches.lengths, device=x.device)  # (N,)
+        h = self.embed(x, starts) if self.embed is not None else x
+        rotary = None
+        if self.inv_freq is not None:
+            freqs = starts.float()[:, None] * self.inv_freq.float()[None, :]  # (N, rot / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (N, 1, 1, rot)
+            rotary = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for local, block in enumerate(self.layers.values()):
+            h = block(h, rotary, caches, local, None)
+        caches.advance(1)
+        if self.head is None:
+            return h
+        return self.head(self.norm(h)).float()
 
     def forward(
         self, x: torch.Tensor, cache: KVCache, *, last_only: bool = False

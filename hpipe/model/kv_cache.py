@@ -68,3 +68,38 @@ class KVCache:
     @property
     def mem_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class RowCaches:
+    """Several sequences' caches (each a KVCache of batch 1) as one decode batch: row i of the
+    input is caches[i]'s next token.
+
+    [Note: decode across requests] A server decodes many requests at once, each with its own
+    cache and its own length. The projections and the MLP run on all rows in one matmul (the
+    weights are read once: what makes batched decode fast); attention, which reads each
+    sequence's own cache, runs row by row over that cache without copying it. Rotary and
+    learned positions come from each row's own length.
+    """
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        assert caches and all(c.batch == 1 for c in caches), "one sequence per cache"
+        self.caches = caches
+        self.batch = len(caches)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [c.length for c in self.caches]
+
+    def check_room(self, num_new: int) -> None:
+        for c in self.caches:
+            c.check_room(num_new)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row i of (N, kv_heads, 1, head_dim) into caches[i]; each row's K, V so far."""
+        return [c.update(layer, k_new[i:i + 1], v_new[i:i + 1])
+                for i, c in enumerate(self.caches)]
+
+    def advance(self, num_new: int) -> None:
+        for c in self.caches:
+            c.advance(num_new)
