@@ -67,6 +67,10 @@ class InputFileError(HPipeError):
     short, or of another format or version: the message names the file and the field."""
 
 
+class CapacityError(HPipeError):
+    """A request whose KV cache could never fit beside the weights of some stage."""
+
+
 class SettingError(HPipeError):
     """A setting outside its valid range, given through the Python API (the CLI's parser
     refuses the same values first); the message gives the range."""

@@ -110,10 +110,13 @@ class Finished:
     request_id: int
     result: RunResult | None
     finish_reasons: tuple[str, ...]
+    # The tokens per row (before an end of sequence), where there is no result: an interleaved
+    # session's requests, and cancelled ones.
+    output: tuple[tuple[int, ...], ...] = ()
 
     @property
     def output_ids(self) -> tuple[tuple[int, ...], ...]:
-        return self.result.output_ids if self.result is not None else ()
+        return self.result.output_ids if self.result is not None else self.output
 
 
 Event = Progress | Tokens | Finished
@@ -203,6 +206,7 @@ class Session:
         self._running: _Job | None = None
         self._pool = None
         self._dispatcher: threading.Thread | None = None
+        self._items = None  # InterleavedRuns in interleaved mode (hpipe/session_items.py)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -210,7 +214,7 @@ class Session:
              method: str = "hpipe", seq_len: int | None = None, batch: int = 1,
              dtype: str = "float32", cost=None, allow_tp: bool = True,
              liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
-             wait: bool = True,
+             wait: bool = True, interleave: bool = False,
              on_failure: Callable[[Exception], None] | None = None) -> Session:
         """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
         every stage has loaded its weights (raising if a worker failed meanwhile).
@@ -219,7 +223,9 @@ class Session:
         ``seq_len`` tokens (default: the model's context, capped at 4096); prompts of other
         lengths use the plan's slicing rescaled (``Plan.slices_for``). ``cost`` is a cost
         model (e.g. fitted from a profile), None for the analytic one. ``on_failure(error)``
-        is called (on the supervisor's thread) once the session breaks.
+        is called (on the supervisor's thread) once the session breaks. ``interleave``: run
+        many one-row requests at once, prefill slices taking turns with decode steps
+        (hpipe/interleave.py), instead of one whole request after another.
 
         Open it from a thread that outlives it (the main thread, or one kept for it): Linux
         ends the workers when the thread that spawned them ends (see hpipe/runtime/pool.py).
@@ -245,6 +251,12 @@ class Session:
         session = cls(model=model, plan=plan, spec=spec, tokenizer=source.tokenizer,
                       liveness_s=liveness_s, connect_timeout_s=connect_timeout_s,
                       on_failure=on_failure)
+        if interleave:
+            from hpipe.cost.memory import kv_token_budget
+            from hpipe.session_items import InterleavedRuns
+
+            session._items = InterleavedRuns(session, depth=plan.num_stages,
+                                             kv_token_budget=kv_token_budget(plan))
         session._start()
         try:
             if wait:
@@ -277,6 +289,9 @@ class Session:
             on_failure=self._on_failure, describe_rank=lambda r: describe_rank(plan, r),
             liveness_s=self.liveness_s, process_name="hpipe-session-rank")
         self._pool.start(watch_in_thread=True)
+        if self._items is not None:
+            self._items.start()
+            return
         self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                             name="hpipe-session-dispatch")
         self._dispatcher.start()
@@ -300,6 +315,12 @@ class Session:
         return self._pool.pids if self._pool is not None else []
 
     @property
+    def kv_token_budget(self) -> int | None:
+        """KV positions an interleaved session may hold over all its requests (None: one
+        request at a time, whatever fits its plan)."""
+        return self._items.sched.kv_token_budget if self._items is not None else None
+
+    @property
     def world_size(self) -> int:
         return len(self.pids)
 
@@ -313,8 +334,15 @@ class Session:
         rows = [list(r) for r in request.prompt_ids]
         check_prompt(rows, self.spec, max_new_tokens=request.max_new_tokens)
         Sampler(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        plan = fit_plan(self.plan, batch=len(rows), prompt_len=len(rows[0]))
         eos = tuple(self.tokenizer.eos_token_ids or self.spec.eos_token_ids)
+        if self._items is not None:
+            with self._cond:
+                self._raise_if_unusable()
+                stream = Stream(self, next(self._ids))
+                self._items.submit(stream.id, stream, request, eos=eos)
+                self._cond.notify_all()
+            return stream
+        plan = fit_plan(self.plan, batch=len(rows), prompt_len=len(rows[0]))
         from hpipe.runtime.rank import COLLECTIVE_TIMEOUT_S
 
         run = RunRequest(model=self.model, plan=plan, prompt_ids=request.prompt_ids,
@@ -338,6 +366,11 @@ class Session:
     def cancel(self, request_id: int) -> bool:
         """End a request: a queued one at once, a running one within a slice or a decode step.
         False when it is unknown or already finished."""
+        if self._items is not None:
+            with self._cond:
+                done = self._items.cancel(request_id)
+                self._cond.notify_all()
+            return done
         with self._cond:
             for job in self._queue:
                 if job.stream.id == request_id:
@@ -378,6 +411,8 @@ class Session:
     # -- messages from the workers (on the supervisor's thread) ----------------------------
     def _on_message(self, msg: tuple) -> None:
         kind = msg[0]
+        if self._items is not None and self._items.on_message(msg):
+            return
         if kind == "ready":
             with self._cond:
                 self.num_stage_loads[msg[1]] = msg[2]
@@ -417,7 +452,10 @@ class Session:
             self.state, self.error = "broken", error
             jobs = ([self._running] if self._running else []) + list(self._queue)
             self._queue.clear()
+            streams = self._items.fail_all(error) if self._items is not None else []
             self._cond.notify_all()
+        for stream in streams:
+            stream._end(error)
         running = self._running
         for job in jobs:
             if job is running:
@@ -459,6 +497,10 @@ class Session:
             running = self._running
         for job in queued:
             job.stream._end(Finished(job.stream.id, None, ("cancelled",) * job.run.batch))
+        if self._items is not None:
+            with self._cond:
+                for rid in list(self._items.reqs):
+                    self._items.cancel(rid)
         if running is not None and not was_broken:
             self._pool.send_all(("cancel", running.stream.id))
             running.stream._done.wait(grace_s)

@@ -92,7 +92,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(smollm2_gguf):
     s = Server(["--model", "smollm2", "--cluster", "local:2", "--no-tp", "--seq-len", "512",
-                "--liveness", "3", "--max-waiting", "16"], api_key=KEY)
+                "--liveness", "3"], api_key=KEY)
     try:
         s.wait_ready()
         yield s
@@ -254,18 +254,19 @@ hosts:
   - name: local
     intra_link: loopback
     devices:
-      - {name: cpu0, type: cpu, slowdown: 300}
-      - {name: cpu1, type: cpu, slowdown: 300}
+      - {name: cpu0, type: cpu, slowdown: 60}
+      - {name: cpu1, type: cpu, slowdown: 60}
 """
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
     (tmp_path / "slow.yaml").write_text(SLOW)
     s = Server(["--model", str(tiny_checkpoints["llama"]), "--cluster", str(tmp_path / "slow.yaml"),
-                "--served-model-name", "tiny", "--max-waiting", "1", "--seq-len", "8"])
+                "--served-model-name", "tiny", "--max-running", "1", "--max-waiting", "1",
+                "--seq-len", "8"])
     try:
         s.wait_ready()
-        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8}
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 12}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             first = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
             time.sleep(1.5)  # running

@@ -46,8 +46,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients put in 'model' (default: --model's name)")
-    p.add_argument("--max-waiting", type=in_range(int, 1), default=64,
-                   help="requests waiting for the pipeline before new ones get 429")
+    p.add_argument("--max-running", type=in_range(int, 1), default=16,
+                   help="requests on the pipeline at once, their slices and decode steps "
+                        "interleaved (default %(default)s)")
+    p.add_argument("--max-waiting", type=in_range(int, 0), default=64,
+                   help="requests queued behind those before new ones get 429 "
+                        "(default %(default)s)")
     p.add_argument("--no-restart", dest="restart", action="store_false",
                    help="exit with the reason when a worker fails, instead of reopening")
     p.add_argument("--grace", type=in_range(float, 0), default=10.0,
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     engine = Engine(EngineSettings(model=args.model, served_name=name,
+                                   max_running=args.max_running,
                                    max_waiting=args.max_waiting, restart=args.restart,
                                    liveness_s=args.liveness,
                                    connect_timeout_s=args.connect_timeout),

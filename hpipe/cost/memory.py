@@ -62,3 +62,29 @@ def workspace_bytes(model: ModelSpec, *, rows: int, tokens: int, prefix: int, el
     # distribution); a prefill that only analyses content never needs the others.
     logits = rows * model.vocab_size * 4 // tp if has_head else 0
     return hidden + max(qkv + scores, mlp, logits)
+
+
+def kv_token_budget(plan, *, workspace_tokens: int = 512) -> int:
+    """KV-cache positions every stage of ``plan`` can hold beside its weights: the least, over
+    stages, of (device memory - context - weights - a workspace for ``workspace_tokens``
+    tokens) / KV bytes per position of the stage's layers. A server admits requests while the
+    prompt and new tokens of all of them fit (hpipe.interleave)."""
+    from hpipe.spec import dtype_bytes
+
+    elem = dtype_bytes(plan.dtype)
+    model = plan.model
+    last = plan.num_stages - 1
+    budget = None
+    for s, st in enumerate(plan.stages):
+        tp = len(st.devices)
+        dev = plan.cluster.devices[st.devices[0]]
+        weights = weight_bytes(model, num_layers=st.num_layers, has_embedding=s == 0,
+                               has_head=s == last, elem_bytes=elem) // tp
+        work = workspace_bytes(model, rows=1, tokens=workspace_tokens, prefix=0,
+                               elem_bytes=elem, tp=tp, has_head=s == last)
+        free = dev.memory_bytes - context_bytes(dev) - weights - work
+        per_token = max(1, kv_bytes(model, num_layers=st.num_layers, batch=1, seq_len=1,
+                                    elem_bytes=elem) // tp)
+        tokens = max(0, int(free // per_token)) if st.num_layers else 1 << 40
+        budget = tokens if budget is None else min(budget, tokens)
+    return int(budget or 0)

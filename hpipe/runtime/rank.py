@@ -293,7 +293,9 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
     """The rank of a running Session: load once, then obey ``commands`` until "close".
 
     ``commands`` is this rank's queue of messages from the supervisor, every rank getting the
-    same ones in the same order: ``("run", id, RunRequest)``, ``("cancel", id)``, ``("close",)``.
+    same ones in the same order: ``("run", id, RunRequest)``, ``("cancel", id)``, ``("close",)``,
+    and the serving scheduler's ``("admit", id, room, temperature, top_p, seed)``,
+    ``("item", Item)``, ``("release", id)`` (see hpipe/runtime/items.py).
     ``emit`` sends to the supervisor: ``("ready", rank, num_loads)`` once loaded,
     ``("token", id, ids per row)`` and ``("progress", id, kind, done, total)`` from the rank
     that samples, and ``("outcome", id, rank, StageOutcome)`` from every rank after each run.
@@ -308,13 +310,32 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
                                 timeout_s=COLLECTIVE_TIMEOUT_S)
     host = StageHost(rank=ctx.rank, backend=ctx.backend, rank_of_device=ctx.rank_of_device,
                      tp_groups=tp_groups)
-    host.stage_for(model, plan)
+    rs = host.stage_for(model, plan)
     emit(("ready", ctx.rank, host.num_loads))
     inbox = _Commands(commands)
+    items = None  # the serving scheduler's side (hpipe/runtime/items.py), made on first use
     while True:
         cmd = inbox.next()
         if cmd[0] == "close":
+            if items is not None:
+                items.drain()
             return
+        if cmd[0] in ("admit", "item", "release"):
+            if items is None:
+                from hpipe.runtime.items import ItemRunner
+
+                items = ItemRunner(rs, plan=plan, rank=ctx.rank, backend=ctx.backend,
+                                   data_group=ctx.data_group, emit=emit,
+                                   recv_timeout_s=COLLECTIVE_TIMEOUT_S)
+            if cmd[0] == "admit":
+                _, rid, room, temperature, top_p, seed = cmd
+                items.admit(rid, room_tokens=room, temperature=temperature, top_p=top_p,
+                            seed=seed)
+            elif cmd[0] == "item":
+                items.run(cmd[1])
+            else:
+                items.release(cmd[1])
+            continue
         if cmd[0] != "run":
             continue  # a cancel for a request that already ended
         _, rid, req = cmd

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from hpipe.errors import HPipeError, WorkerFailedError
+from hpipe.errors import CapacityError, HPipeError, WorkerFailedError
 from hpipe.serve.metrics import ServeMetrics
 from hpipe.serve.openai_api import APIError
 from hpipe.session import Finished, Progress, Request, Session, Tokens
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class EngineSettings:
     model: str  # what open_model reads
     served_name: str  # what clients call it ("model" in requests, /v1/models)
-    max_waiting: int = 64  # requests waiting for the pipeline before 429
+    max_running: int = 16  # requests on the pipeline at once (see [Note: running and waiting])
+    max_waiting: int = 64  # requests queued behind them before 429
     restart: bool = True  # reopen the pipeline after a failure; False: stop the server
     liveness_s: float = 15.0
     connect_timeout_s: float = 60.0
@@ -54,7 +55,7 @@ class Engine:
         self.tokenizer = None
         self.spec = None
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._queue: deque[Handle] = deque()  # waiting for a place, in arrival order
         self._running = 0
         self._recent_e2e_s: deque[float] = deque(maxlen=32)
 
@@ -86,7 +87,7 @@ class Engine:
         s = self.settings
         try:
             session = Session.open(model=s.model, plan=self.plan, liveness_s=s.liveness_s,
-                                   connect_timeout_s=s.connect_timeout_s,
+                                   connect_timeout_s=s.connect_timeout_s, interleave=True,
                                    on_failure=self._on_failure)
         except Exception as e:  # nothing to serve: the server says why and stops
             log.error("the pipeline did not start: %s", e)
@@ -101,6 +102,7 @@ class Engine:
                 return False
             self.session, self.tokenizer, self.spec = session, session.tokenizer, session.spec
             self.state, self.error = "ready", None
+            self._opened_at, self._busy_seen = time.monotonic(), {}
         log.info("serving %s: pipeline ready, workers %s", s.served_name, session.pids)
         if self.on_ready is not None:
             self.on_ready(session.pids)
@@ -128,6 +130,23 @@ class Engine:
         if wake is not None:
             wake.set()
 
+    def record_busy(self) -> None:
+        """Each device's compute seconds and busy share since the pipeline opened, as its
+        ranks report them (an item serves several requests, so this is per device, not per
+        request)."""
+        session = self.session
+        if session is None or session._items is None:
+            return
+        m = self.metrics
+        uptime = max(1e-9, time.monotonic() - self._opened_at)
+        plan = self.plan
+        for rank, seconds in dict(session._items.busy_s).items():
+            stage, device = plan.row_stages[rank], plan.row_names[rank]
+            m.of(m.busy, stage=str(stage), device=device).set(min(1.0, seconds / uptime))
+            counter = m.of(m.busy_seconds, stage=str(stage), device=device)
+            counter.inc(max(0.0, seconds - self._busy_seen.get(rank, 0.0)))
+            self._busy_seen[rank] = max(seconds, self._busy_seen.get(rank, 0.0))
+
     def tokenizer_or_ids(self):
         """The tokenizer, or (a checkpoint without one) a stand-in that shows ids as text."""
         from hpipe.model.tokenizer import NoTokenizer
@@ -144,9 +163,14 @@ class Engine:
         return self.session.pids if self.session is not None and self.state == "ready" else []
 
     # -- admission -------------------------------------------------------------------------
+    # [Note: running and waiting] Up to max_running requests are on the pipeline at once (the
+    # session interleaves them); the next max_waiting wait here, in arrival order, and start as
+    # places free; beyond that a request gets 429 with a Retry-After.
     def admit(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
               top_p: float, seed: int | None, loop: asyncio.AbstractEventLoop) -> Handle:
-        """Queue one request on the pipeline, or raise the APIError that says why not."""
+        """Start or queue one request, or raise the APIError that says why not."""
+        from hpipe.runtime.request import check_prompt
+
         with self._lock:
             state, session = self.state, self.session
             if state != "ready" or session is None:
@@ -156,72 +180,122 @@ class Engine:
                        else "the server is stopping")
                 raise APIError(503, f"{why}; retry shortly", type="server_error",
                                code="unavailable", headers={"Retry-After": "5"})
-            if self._waiting >= self.settings.max_waiting:
-                raise APIError(429, f"{self._waiting} requests are already waiting for the "
-                                    f"pipeline (--max-waiting {self.settings.max_waiting}); "
-                                    "retry later", type="rate_limit_error",
-                               code="queue_full", headers={"Retry-After": str(self._retry_s())})
-            self._waiting += 1
-            self._set_gauges()
-        try:
-            stream = session.submit(Request.from_ids(
-                prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, seed=random.randrange(2**63) if seed is None else seed))
-        except (HPipeError, WorkerFailedError, RuntimeError) as e:
-            with self._lock:
-                self._waiting -= 1
-                self._set_gauges()
-            if isinstance(e, HPipeError):
+            try:  # refused now, not after waiting in the queue
+                check_prompt([prompt_ids], self.spec, max_new_tokens=max_new_tokens)
+                budget = session.kv_token_budget
+                need = len(prompt_ids) + max_new_tokens - 1
+                if budget is not None and need > budget:
+                    raise CapacityError(
+                        f"the prompt ({len(prompt_ids)} tokens) and max_tokens "
+                        f"({max_new_tokens}) need {need} KV-cache positions on every stage, "
+                        f"but the stages hold at most {budget} beside their weights; shorten "
+                        "the prompt or lower max_tokens")
+            except HPipeError as e:
                 raise APIError(400, str(e)) from None
-            raise APIError(503, f"{e}; retry shortly", type="server_error",
-                           code="unavailable", headers={"Retry-After": "5"}) from None
+            full = self._running >= self.settings.max_running
+            if full and len(self._queue) >= self.settings.max_waiting:
+                raise APIError(429, f"{self._running} requests are running and "
+                                    f"{len(self._queue)} waiting (--max-running "
+                                    f"{self.settings.max_running}, --max-waiting "
+                                    f"{self.settings.max_waiting}); retry later",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(self._retry_s())})
+            handle = Handle(self, prompt_ids, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                seed=random.randrange(2**63) if seed is None else seed), loop=loop)
+            if full:
+                self._queue.append(handle)
+            else:
+                self._running += 1
+            self._set_gauges()
         self.metrics.of(self.metrics.prompt_tokens).inc(len(prompt_ids))
-        return Handle(self, stream, loop=loop)
+        if not full:
+            self._start(handle)
+        return handle
+
+    def _start(self, handle: Handle) -> None:
+        session = self.session
+        try:
+            if session is None:
+                raise WorkerFailedError("the pipeline is not running")
+            stream = session.submit(Request.from_ids(handle.prompt_ids, **handle.params))
+        except (HPipeError, WorkerFailedError, RuntimeError) as e:
+            handle.fail(e)
+            self._ended(handle)
+            return
+        handle.attach(stream)
+
+    def _unqueue(self, handle: Handle) -> bool:
+        """Take a request that has not started out of the queue (its client left)."""
+        with self._lock:
+            if handle in self._queue:
+                self._queue.remove(handle)
+                self._set_gauges()
+                return True
+        return False
 
     def _retry_s(self) -> int:
-        """Seconds until a place in the queue is likely: the recent requests' median time,
-        times the requests ahead (the pipeline runs them one after another)."""
+        """Seconds until a place is likely: the recent requests' median time, times the
+        requests queued ahead, over the places that free up."""
         typical = statistics.median(self._recent_e2e_s) if self._recent_e2e_s else 5.0
-        return max(1, round(typical * max(1, self._waiting) / 2))
+        ahead = len(self._queue) + 1
+        return max(1, round(typical * ahead / max(1, self.settings.max_running)))
 
     def _set_gauges(self) -> None:
-        self.metrics.of(self.metrics.waiting).set(self._waiting)
+        self.metrics.of(self.metrics.waiting).set(len(self._queue))
         self.metrics.of(self.metrics.running).set(self._running)
 
-    def _started(self) -> None:
+    def _ended(self, handle: Handle) -> None:
+        """A running request ended: its place goes to the next one waiting."""
         with self._lock:
-            self._waiting -= 1
-            self._running += 1
+            self._running -= 1
+            self._recent_e2e_s.append(time.monotonic() - handle.arrived)
+            nxt = self._queue.popleft() if self._queue else None
+            if nxt is not None:
+                self._running += 1
             self._set_gauges()
-
-    def _ended(self, started: bool, e2e_s: float) -> None:
-        with self._lock:
-            if started:
-                self._running -= 1
-            else:
-                self._waiting -= 1
-            self._recent_e2e_s.append(e2e_s)
-            self._set_gauges()
+        if nxt is not None:
+            self._start(nxt)
 
 
 class Handle:
     """One admitted request: its events as an async iterator, and a way to cancel it."""
 
-    def __init__(self, engine: Engine, stream, *, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: dict, *,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
-        self.stream = stream
+        self.prompt_ids = prompt_ids
+        self.params = params
         self.arrived = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel_reason: str | None = None
+        self.stream = None
+        self.first_token_at: float | None = None
         self._loop = loop
+
+    def attach(self, stream) -> None:
+        """Started on the pipeline: read its session stream from now on."""
+        self.stream = stream
+        if self.cancel_reason is not None:
+            stream.cancel()
         threading.Thread(target=self._pump, name=f"hpipe-serve-req{stream.id}",
                          daemon=True).start()
 
+    def fail(self, error: Exception) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
     def cancel(self, reason: str = "cancelled") -> None:
-        """End the request on every rank (a client that left, or a stop string)."""
+        """End the request on every rank (a client that left, or a stop string); a request
+        still waiting leaves the queue."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
-        self.stream.cancel()
+        if self.stream is not None:
+            self.stream.cancel()
+        elif self.engine._unqueue(self):
+            m = self.engine.metrics
+            m.of(m.cancelled).inc()
+            self._loop.call_soon_threadsafe(self.queue.put_nowait,
+                                            Finished(-1, None, ("cancelled",), ((),)))
 
     async def events(self) -> AsyncIterator[Progress | Tokens | Finished]:
         while True:
@@ -234,37 +308,34 @@ class Handle:
 
     def _pump(self) -> None:
         """Session stream -> the event loop, with the request's metrics on the way."""
-        m, engine = self.engine.metrics, self.engine
+        m = self.engine.metrics
         started = False
         last_token_at: float | None = None
-        num_tokens = 0
         try:
             for event in self.stream:
                 now = time.monotonic()
                 if not started:
                     started = True
-                    engine._started()
                     m.of(m.queue_time).observe(now - self.arrived)
                 if isinstance(event, Tokens):
-                    num_tokens += 1
                     if last_token_at is None:
                         m.of(m.ttft).observe(now - self.arrived)
+                        self.first_token_at = now
                     else:
                         m.of(m.itl).observe(now - last_token_at)
                     last_token_at = now
                 elif isinstance(event, Finished):
-                    self._finished(event, started_at=now)
+                    self._finished(event)
                 self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except Exception as e:  # the session broke under this request
             m.of(m.failed).inc()
             self._loop.call_soon_threadsafe(self.queue.put_nowait, e)
         finally:
-            engine._ended(started, time.monotonic() - self.arrived)
+            self.engine._ended(self)
 
-    def _finished(self, done: Finished, *, started_at: float) -> None:
+    def _finished(self, done: Finished) -> None:
         m = self.engine.metrics
         reason = done.finish_reasons[0] if done.finish_reasons else "stop"
-        result = done.result
         if reason == "cancelled" and self.cancel_reason == "stop_string":
             reason = "stop"
         if reason == "cancelled":
@@ -272,13 +343,11 @@ class Handle:
         else:
             m.of(m.success, finished_reason=reason).inc()
         m.of(m.e2e).observe(time.monotonic() - self.arrived)
-        if result is not None:
-            n = len(result.output_ids[0]) if result.output_ids else 0
-            m.of(m.generation_tokens).inc(n)
-            tl = result.timeline
-            if n > 1 and tl.latency_s > tl.ttft_s:
-                m.of(m.tpot).observe((tl.latency_s - tl.ttft_s) / (n - 1))
-            m.record_timeline(self.engine.plan, tl)
+        n = len(done.output_ids[0]) if done.output_ids else 0
+        m.of(m.generation_tokens).inc(n)
+        if n > 1 and self.first_token_at is not None:
+            m.of(m.tpot).observe((time.monotonic() - self.first_token_at) / (n - 1))
+        self.engine.record_busy()
 
 
 class _IdsAsText:

@@ -53,7 +53,7 @@ class ServeMetrics:
         self.failed = counter("hpipe:request_failed",
                               "Requests ended by a failure of the pipeline.")
         self.busy = gauge("hpipe:stage_busy_fraction",
-                          "Share of the last request's time each device computed.",
+                          "Share of the time since the pipeline opened that each device computed.",
                           ("stage", "device"))
         self.busy_seconds = counter("hpipe:stage_busy_seconds",
                                     "Seconds each device computed.", ("stage", "device"))
@@ -65,16 +65,6 @@ class ServeMetrics:
 
     def of(self, metric, **extra):
         return metric.labels(**self._labels, **extra)
-
-    def record_timeline(self, plan, timeline) -> None:
-        """Per-device busy fraction and seconds from a finished request's measured timeline."""
-        total_s = timeline.latency_s
-        if total_s <= 0:
-            return
-        busy = timeline.busy_s(None)  # prefill and decode
-        for name, stage, seconds in zip(timeline.row_names, plan.row_stages, busy):
-            self.of(self.busy, stage=str(stage), device=name).set(seconds / total_s)
-            self.of(self.busy_seconds, stage=str(stage), device=name).inc(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,207 @@
+"""The serving scheduler: which work goes through the pipeline next. Pure: no workers, no
+clocks; the Session feeds it requests and sampled tokens and sends what it decides.
+
+[Note: interleaving slices with decode steps] The unit of work is an *item*: the decode step of
+every running request whose last token has come back, plus at most one prefill slice of one
+waiting prompt. Slices come from the plan's slicing for that prompt length (``Plan.slices_for``:
+longer first, shorter later), so a long prompt delays the running streams by about one slice
+per item, never by its whole prefill. Up to ``depth`` items are in flight at once (the number
+of stages: each stage works on a different item, as in a pipeline of micro-batches). A request
+appears in at most one in-flight item as a decode row (its next token needs the previous one),
+while one prompt's slices may be in several: every stage takes items in order, so its KV cache
+sees the slices in order.
+
+Memory: a request is admitted (its KV cache allocated on every stage) only while the caches of
+the admitted requests, prompt plus new tokens each, fit ``kv_token_budget``; the others wait in
+arrival order. A request that could never fit is refused when it is submitted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PrefillPiece:
+    """Prompt tokens [prefix, prefix + len(ids)) of request ``rid``; ``last``: its final slice
+    (the last stage samples the first token after it)."""
+
+    rid: int
+    prefix: int
+    ids: tuple[int, ...]
+    last: bool
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """Request ``rid`` feeds back ``token`` (sampled after the previous item) at ``position``."""
+
+    rid: int
+    token: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    prefill: PrefillPiece | None
+    decode: tuple[DecodeRow, ...]
+
+    @property
+    def rids(self) -> tuple[int, ...]:
+        return ((self.prefill.rid,) if self.prefill else ()) + tuple(r.rid for r in self.decode)
+
+    @property
+    def num_tokens(self) -> int:
+        return (len(self.prefill.ids) if self.prefill else 0) + len(self.decode)
+
+
+@dataclass
+class _Live:
+    """A request the scheduler knows: waiting for admission, prefilling, or decoding."""
+
+    rid: int
+    prompt: tuple[int, ...]
+    slices: tuple[int, ...]
+    max_new_tokens: int
+    eos: frozenset[int]
+    stop_at_eos: bool = True
+    next_slice: int = 0
+    prefilled: int = 0  # prompt tokens handed out in items
+    generated: list[int] = field(default_factory=list)
+    in_flight: bool = False  # its decode row, or its last slice, is in the pipeline
+    done: bool = False
+
+    @property
+    def room_tokens(self) -> int:
+        """KV positions the request needs on every stage: the prompt and every token fed back."""
+        return len(self.prompt) + max(0, self.max_new_tokens - 1)
+
+    @property
+    def decoding(self) -> bool:
+        return self.next_slice == len(self.slices) and not self.done
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What one finished item gave a request: its new token, and whether it is done (and why:
+    "stop" at end of sequence, "length" at max_new_tokens)."""
+
+    rid: int
+    token: int
+    finished: str | None
+
+
+class Interleaver:
+    def __init__(self, *, depth: int, kv_token_budget: int) -> None:
+        assert depth >= 1 and kv_token_budget >= 1, (depth, kv_token_budget)
+        self.depth = depth
+        self.kv_token_budget = kv_token_budget
+        self.waiting: deque[_Live] = deque()  # not admitted yet, in arrival order
+        self.live: dict[int, _Live] = {}  # admitted, in admission order
+        self.in_flight: dict[int, Item] = {}
+        self._next_index = 0
+
+    # -- requests ----------------------------------------------------------------------------
+    def add(self, rid: int, prompt: tuple[int, ...], slices: tuple[int, ...], *,
+            max_new_tokens: int, eos: tuple[int, ...] = (), stop_at_eos: bool = True) -> None:
+        assert sum(slices) == len(prompt) and all(s > 0 for s in slices), (slices, len(prompt))
+        req = _Live(rid, tuple(prompt), tuple(slices), max_new_tokens, frozenset(eos),
+                    stop_at_eos)
+        if req.room_tokens > self.kv_token_budget:
+            raise ValueError(f"request {rid} needs {req.room_tokens} KV positions, more than "
+                             f"the budget of {self.kv_token_budget}")
+        self.waiting.append(req)
+
+    def cancel(self, rid: int) -> bool:
+        """Forget a request: at once if it waits or nothing of it is in flight; otherwise its
+        in-flight work finishes and is dropped. True if it was known."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return True
+        req = self.live.get(rid)
+        if req is None:
+            return False
+        req.done = True
+        return True
+
+    def admit(self) -> list[int]:
+        """Admit waiting requests, in order, while their caches fit the budget."""
+        used = sum(r.room_tokens for r in self.live.values())
+        out = []
+        while self.waiting and used + self.waiting[0].room_tokens <= self.kv_token_budget:
+            req = self.waiting.popleft()
+            self.live[req.rid] = req
+            used += req.room_tokens
+            out.append(req.rid)
+        return out
+
+    def releasable(self) -> list[int]:
+        """Finished requests with nothing in flight: their caches may be freed (and are
+        forgotten here)."""
+        out = [rid for rid, r in self.live.items() if r.done and not self._mentioned(rid)]
+        for rid in out:
+            del self.live[rid]
+        return out
+
+    def _mentioned(self, rid: int) -> bool:
+        return any(rid in item.rids for item in self.in_flight.values())
+
+    # -- items -------------------------------------------------------------------------------
+    def next_item(self) -> Item | None:
+        """The next item to send, or None (the pipeline is full, or there is nothing to do)."""
+        if len(self.in_flight) >= self.depth:
+            return None
+        rows = tuple(DecodeRow(r.rid, r.generated[-1], len(r.prompt) + len(r.generated) - 1)
+                     for r in self.live.values()
+                     if r.decoding and not r.in_flight and r.generated)
+        piece = None
+        for r in self.live.values():
+            if r.done or r.next_slice == len(r.slices):
+                continue
+            n = r.slices[r.next_slice]
+            last = r.next_slice == len(r.slices) - 1
+            piece = PrefillPiece(r.rid, r.prefilled, r.prompt[r.prefilled:r.prefilled + n], last)
+            r.next_slice += 1
+            r.prefilled += n
+            r.in_flight = r.in_flight or last
+            break  # one slice per item
+        if piece is None and not rows:
+            return None
+        for row in rows:
+            self.live[row.rid].in_flight = True
+        item = Item(self._next_index, piece, rows)
+        self._next_index += 1
+        self.in_flight[item.index] = item
+        return item
+
+    def on_sampled(self, index: int, tokens: dict[int, int]) -> list[Sampled]:
+        """Item ``index`` came out of the last stage with ``tokens`` (rid -> sampled id, for
+        its decode rows and a last prefill slice). Returns what each live request got."""
+        item = self.in_flight.pop(index)
+        out = []
+        for rid in item.rids:
+            if rid not in tokens:
+                continue  # a prefill slice before the last
+            req = self.live.get(rid)
+            if req is None:
+                continue
+            req.in_flight = False
+            if req.done:
+                continue  # cancelled meanwhile: drop the token
+            tok = tokens[rid]
+            req.generated.append(tok)
+            finished = None
+            if req.stop_at_eos and tok in req.eos:
+                finished = "stop"
+            elif len(req.generated) >= req.max_new_tokens:
+                finished = "length"
+            req.done = finished is not None
+            out.append(Sampled(rid, tok, finished))
+        return out
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_flight and not self.waiting and not self.live

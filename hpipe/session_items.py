@@ -1,0 +1,158 @@
+"""A Session's interleaved mode: many requests on the pipeline at once (``Session.open(...,
+interleave=True)``, what ``hpipe serve`` uses).
+
+The Interleaver (hpipe/interleave.py) decides each item; this driver sends the workers what it
+decides (admit a request's caches, run an item, release them), turns each item's sampled tokens
+into the requests' stream events, and feeds the tokens back into the next items. One driver
+thread sends; the supervisor's thread reports; both hold the session's lock while they touch the
+scheduler. Requests here are one row each; their Finished carries the output ids but no
+measured timeline (an item serves several requests at once), and the workers' compute seconds
+are reported per rank instead (``busy_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from hpipe.errors import CapacityError, PromptShapeError
+from hpipe.interleave import Interleaver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Req:
+    stream: object  # hpipe.session.Stream
+    request: object  # hpipe.session.Request
+    prompt: tuple[int, ...]
+    slices: tuple[int, ...]
+    eos: frozenset[int]
+    slices_done: int = 0
+    output: list[int] = field(default_factory=list)
+    ended: bool = False
+
+
+class InterleavedRuns:
+    def __init__(self, session, *, depth: int, kv_token_budget: int) -> None:
+        self.session = session
+        self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget)
+        self.reqs: dict[int, _Req] = {}
+        self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
+        self._thread: threading.Thread | None = None
+
+    # -- from the session's callers ------------------------------------------------------------
+    def submit(self, rid: int, stream, request, *, eos: tuple[int, ...]) -> None:
+        """Called with the session's lock held."""
+        from hpipe.session import Finished
+
+        if len(request.prompt_ids) != 1:
+            raise PromptShapeError(f"an interleaved session takes one prompt per request, got "
+                                   f"{len(request.prompt_ids)} rows; submit them separately")
+        prompt = tuple(request.prompt_ids[0])
+        if request.max_new_tokens == 0:
+            stream._end(Finished(rid, None, ("length",), ((),)))
+            return
+        slices = self.session.plan.slices_for(len(prompt))
+        try:
+            self.sched.add(rid, prompt, slices, max_new_tokens=request.max_new_tokens, eos=eos,
+                           stop_at_eos=request.stop_at_eos)
+        except ValueError:
+            need = len(prompt) + request.max_new_tokens - 1
+            raise CapacityError(
+                f"the prompt ({len(prompt)} tokens) and max_new_tokens "
+                f"({request.max_new_tokens}) need {need} KV-cache positions on every stage, "
+                f"but the stages hold at most {self.sched.kv_token_budget} beside their weights "
+                "(the tightest device of the plan); shorten the prompt or ask for fewer tokens"
+            ) from None
+        self.reqs[rid] = _Req(stream, request, prompt, slices, frozenset(eos))
+
+    def cancel(self, rid: int) -> bool:
+        """Called with the session's lock held."""
+        from hpipe.session import Finished
+
+        req = self.reqs.get(rid)
+        if req is None or req.ended or not self.sched.cancel(rid):
+            return False
+        self._end(rid, Finished(rid, None, ("cancelled",), (tuple(req.output),)))
+        return True
+
+    # -- the driver thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._drive, name="hpipe-session-items",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drive(self) -> None:
+        """Send what the scheduler decides, whenever a request arrives or an item returns."""
+        s = self.session
+        while True:
+            with s._cond:
+                while True:
+                    if s.state not in ("loading", "ready"):
+                        return
+                    cmds = self._decide() if s.state == "ready" else []
+                    if cmds:
+                        break
+                    s._cond.wait()
+            for cmd in cmds:
+                s._pool.send_all(cmd)
+
+    def _decide(self) -> list[tuple]:
+        cmds: list[tuple] = [("release", rid) for rid in self.sched.releasable()]
+        for rid in self.sched.admit():
+            r = self.reqs[rid].request
+            room = len(self.reqs[rid].prompt) + max(0, r.max_new_tokens - 1)
+            cmds.append(("admit", rid, room, r.temperature, r.top_p, r.seed))
+        while (item := self.sched.next_item()) is not None:
+            cmds.append(("item", item))
+        return cmds
+
+    # -- from the workers (the supervisor's thread) --------------------------------------------
+    def on_message(self, msg: tuple) -> bool:
+        """Handle an interleaved-mode message; False when it is not one."""
+        from hpipe.session import Finished, Progress, Tokens
+
+        s = self.session
+        if msg[0] == "busy":
+            self.busy_s[msg[1]] = msg[2]
+            return True
+        if msg[0] != "sampled":
+            return False
+        _, index, tokens = msg
+        with s._cond:
+            item = self.sched.in_flight.get(index)
+            if item is None:
+                return True
+            piece = item.prefill
+            got = self.sched.on_sampled(index, tokens)
+            if piece is not None and piece.rid in self.reqs:
+                req = self.reqs[piece.rid]
+                req.slices_done += 1
+                if not req.ended:
+                    req.stream._push(Progress(piece.rid, "prefill", req.slices_done,
+                                              len(req.slices)))
+            for g in got:
+                req = self.reqs.get(g.rid)
+                if req is None or req.ended:
+                    continue
+                req.stream._push(Tokens(g.rid, (g.token,)))
+                if not (g.finished == "stop" and g.token in req.eos):
+                    req.output.append(g.token)
+                if g.finished is not None:
+                    self._end(g.rid, Finished(g.rid, None, (g.finished,), (tuple(req.output),)))
+            s._cond.notify_all()
+        return True
+
+    def _end(self, rid: int, final) -> None:
+        req = self.reqs.pop(rid, None)
+        if req is not None and not req.ended:
+            req.ended = True
+            req.stream._end(final)
+
+    def fail_all(self, error: Exception) -> list:
+        """The session broke: every request still known ends with ``error``."""
+        streams = [r.stream for r in self.reqs.values() if not r.ended]
+        self.reqs.clear()
+        return streams
