@@ -214,7 +214,7 @@ class Session:
              method: str = "hpipe", seq_len: int | None = None, batch: int = 1,
              dtype: str = "float32", cost=None, allow_tp: bool = True,
              liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
-             wait: bool = True, interleave: bool = False,
+             wait: bool = True, interleave: bool = False, whole_prefill: bool = False,
              on_failure: Callable[[Exception], None] | None = None) -> Session:
         """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
         every stage has loaded its weights (raising if a worker failed meanwhile).
@@ -225,7 +225,9 @@ class Session:
         model (e.g. fitted from a profile), None for the analytic one. ``on_failure(error)``
         is called (on the supervisor's thread) once the session breaks. ``interleave``: run
         many one-row requests at once, prefill slices taking turns with decode steps
-        (hpipe/interleave.py), instead of one whole request after another.
+        (hpipe/interleave.py), instead of one whole request after another; with
+        ``whole_prefill`` each prompt goes in one piece (what servers without slicing do: for
+        comparisons).
 
         Open it from a thread that outlives it (the main thread, or one kept for it): Linux
         ends the workers when the thread that spawned them ends (see hpipe/runtime/pool.py).
@@ -256,7 +258,8 @@ class Session:
             from hpipe.session_items import InterleavedRuns
 
             session._items = InterleavedRuns(session, depth=plan.num_stages,
-                                             kv_token_budget=kv_token_budget(plan))
+                                             kv_token_budget=kv_token_budget(plan),
+                                             whole_prefill=whole_prefill)
         session._start()
         try:
             if wait:

@@ -35,8 +35,10 @@ class _Req:
 
 
 class InterleavedRuns:
-    def __init__(self, session, *, depth: int, kv_token_budget: int) -> None:
+    def __init__(self, session, *, depth: int, kv_token_budget: int,
+                 whole_prefill: bool = False) -> None:
         self.session = session
+        self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
         self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget)
         self.reqs: dict[int, _Req] = {}
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
@@ -54,7 +56,8 @@ class InterleavedRuns:
         if request.max_new_tokens == 0:
             stream._end(Finished(rid, None, ("length",), ((),)))
             return
-        slices = self.session.plan.slices_for(len(prompt))
+        slices = ((len(prompt),) if self.whole_prefill
+                  else self.session.plan.slices_for(len(prompt)))
         try:
             self.sched.add(rid, prompt, slices, max_new_tokens=request.max_new_tokens, eos=eos,
                            stop_at_eos=request.stop_at_eos)

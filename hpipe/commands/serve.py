@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--no-restart", dest="restart", action="store_false",
                    help="exit with the reason when a worker fails, instead of reopening")
+    p.add_argument("--whole-prefill", action="store_true",
+                   help="prefill each prompt in one piece, as servers without token slicing "
+                        "do (for comparisons: running streams then wait for whole prefills)")
     p.add_argument("--grace", type=in_range(float, 0), default=10.0,
                    help="seconds running requests get to finish on Ctrl-C / SIGTERM")
     p.add_argument("--liveness", type=positive(float), default=DEFAULT_LIVENESS_S,
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(EngineSettings(model=args.model, served_name=name,
                                    max_running=args.max_running,
                                    max_waiting=args.max_waiting, restart=args.restart,
-                                   liveness_s=args.liveness,
+                                   liveness_s=args.liveness, whole_prefill=args.whole_prefill,
                                    connect_timeout_s=args.connect_timeout),
                     plan, on_fatal=on_fatal, on_ready=on_ready)
     app = build_app(engine, api_key=args.api_key)

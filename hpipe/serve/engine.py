@@ -33,6 +33,7 @@ class EngineSettings:
     max_running: int = 16  # requests on the pipeline at once (see [Note: running and waiting])
     max_waiting: int = 64  # requests queued behind them before 429
     restart: bool = True  # reopen the pipeline after a failure; False: stop the server
+    whole_prefill: bool = False  # for comparison: no slicing (see Session.open)
     liveness_s: float = 15.0
     connect_timeout_s: float = 60.0
 
@@ -88,6 +89,7 @@ class Engine:
         try:
             session = Session.open(model=s.model, plan=self.plan, liveness_s=s.liveness_s,
                                    connect_timeout_s=s.connect_timeout_s, interleave=True,
+                                   whole_prefill=s.whole_prefill,
                                    on_failure=self._on_failure)
         except Exception as e:  # nothing to serve: the server says why and stops
             log.error("the pipeline did not start: %s", e)

@@ -1,0 +1,197 @@
+"""The serving scheduler (hpipe/interleave.py) on its own, driven by a fake pipeline, and an
+interleaved Session on real workers: concurrent requests get their solo greedy tokens, a long
+prompt's slices take turns with the decode steps of running requests, cancel and memory
+admission work."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpipe.errors import CapacityError
+from hpipe.interleave import Interleaver
+from hpipe.model.generate import generate
+from hpipe.session import Finished, Request, Session, Tokens
+
+
+# -- the scheduler alone -------------------------------------------------------------------------
+def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=10_000):
+    """Drive ``sched`` like a pipeline: items return in order after a random delay; the token
+    of request r at its n-th output is 100 * r + n. Checks the rules on every item."""
+    out: dict[int, list[int]] = {}
+    pipe: list = []
+    fed_prefix: dict[int, int] = {}
+    for _ in range(max_items):
+        sched.releasable()
+        sched.admit()
+        while (item := sched.next_item()) is not None:
+            # at most one slice, and slices of one prompt in order, without gaps
+            if item.prefill is not None:
+                p = item.prefill
+                assert fed_prefix.get(p.rid, 0) == p.prefix
+                fed_prefix[p.rid] = p.prefix + len(p.ids)
+            rows = [r.rid for r in item.decode]
+            assert len(rows) == len(set(rows))  # a request once per item
+            in_flight = [i for it in sched.in_flight.values() if it is not item
+                         for i in (r.rid for r in it.decode)]
+            assert not set(rows) & set(in_flight), "a decode row before its token came back"
+            for r in item.decode:  # the token fed back is the last one sampled
+                assert r.token == out[r.rid][-1]
+            pipe.append(item)
+        assert len(sched.in_flight) <= sched.depth
+        if not pipe:
+            if sched.idle or not (sched.waiting or sched.live):
+                return out
+            continue
+        # The pipeline returns items in the order they entered; a random number of new
+        # requests' worth of items may be issued before the next one returns.
+        if rng.random() < 0.3 and len(sched.in_flight) < sched.depth:
+            continue
+        item = pipe.pop(0)
+        tokens = {}
+        if item.prefill is not None and item.prefill.last:
+            rid = item.prefill.rid
+            tokens[rid] = 100 * rid + len(out.get(rid, []))
+        for r in item.decode:
+            tokens[r.rid] = 100 * r.rid + len(out[r.rid])
+        for got in sched.on_sampled(item.index, tokens):
+            out.setdefault(got.rid, []).append(got.token)
+    raise AssertionError("the scheduler did not finish")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_every_request_gets_all_its_tokens_in_order(data):
+    depth = data.draw(st.integers(1, 4))
+    sched = Interleaver(depth=depth, kv_token_budget=data.draw(st.integers(40, 400)))
+    wants = {}
+    for rid in range(data.draw(st.integers(1, 6))):
+        n = data.draw(st.integers(1, 30))
+        slices = data.draw(st.lists(st.integers(1, 10), min_size=1, max_size=4))
+        prompt = tuple(range(sum(slices)))
+        if len(prompt) + n - 1 > sched.kv_token_budget:
+            continue
+        sched.add(rid, prompt, tuple(slices), max_new_tokens=n)
+        wants[rid] = [100 * rid + k for k in range(n)]
+    out = _run(sched, rng=random.Random(data.draw(st.integers(0, 99))))
+    assert out == wants
+    assert sched.idle or not sched.live
+
+
+def test_decode_rows_ride_along_with_a_long_prompts_slices():
+    """A running request gets a decode row in every item while another prompt prefills: its
+    gap is one item, not the whole prefill."""
+    sched = Interleaver(depth=1, kv_token_budget=10_000)
+    sched.add(0, (1, 2, 3), (3,), max_new_tokens=50)
+    sched.admit()
+    first = sched.next_item()
+    sched.on_sampled(first.index, {0: 7})
+    sched.add(1, tuple(range(80)), (32, 24, 16, 8), max_new_tokens=2)
+    sched.admit()
+    seen = []
+    for _ in range(4):
+        item = sched.next_item()
+        seen.append((item.prefill and len(item.prefill.ids), [r.rid for r in item.decode]))
+        tokens = {r.rid: 7 for r in item.decode}
+        if item.prefill is not None and item.prefill.last:
+            tokens[item.prefill.rid] = 9
+        sched.on_sampled(item.index, tokens)
+    assert seen == [(32, [0]), (24, [0]), (16, [0]), (8, [0])]
+
+
+def test_admission_waits_for_memory_and_refuses_what_never_fits():
+    sched = Interleaver(depth=2, kv_token_budget=100)
+    sched.add(0, tuple(range(60)), (60,), max_new_tokens=11)  # 70 positions
+    sched.add(1, tuple(range(40)), (40,), max_new_tokens=1)  # 40: does not fit beside it
+    assert sched.admit() == [0]
+    with pytest.raises(ValueError, match="needs 120 KV positions, more than the budget of 100"):
+        sched.add(2, tuple(range(100)), (100,), max_new_tokens=21)
+    assert sched.cancel(0)
+    assert sched.releasable() == [0] and sched.admit() == [1]
+
+
+# -- an interleaved session on real workers --------------------------------------------------------
+@pytest.fixture(scope="module")
+def session(smollm2_gguf):
+    with Session.open(model="smollm2", cluster="local:2", seq_len=512, allow_tp=False,
+                      interleave=True) as s:
+        yield s
+
+
+def test_concurrent_requests_get_their_solo_greedy_tokens(session, smollm2, smollm2_model):
+    from hpipe.demo import DOCUMENT_PATH
+
+    tok = smollm2.tokenizer
+    prompts = [tok.encode(tok.chat_prompt(q)) for q in (
+        "What is the capital of France?", "Name three colors.", "Count from one to five.")]
+    prompts.append(tok.encode(DOCUMENT_PATH.read_text())[:1500])
+    streams = [session.submit(Request.from_ids(p, max_new_tokens=12)) for p in prompts]
+    done = [s.result(timeout=300) for s in streams]
+    for p, d in zip(prompts, done):
+        ref = generate(smollm2_model, [p], max_new_tokens=12, eos_token_ids=tok.eos_token_ids)
+        assert d.output_ids == ref.output_ids, (len(p), d.output_ids, ref.output_ids)
+
+
+def test_a_long_prompt_does_not_freeze_a_running_stream(session, smollm2):
+    """While a 1.5k-token prompt prefills, a running stream keeps getting tokens: its longest
+    gap stays near its usual one (one slice), far below the whole prefill."""
+    from hpipe.demo import DOCUMENT_PATH
+
+    tok = smollm2.tokenizer
+    chat = session.submit(Request.from_ids(tok.encode(tok.chat_prompt("Tell a long story.")),
+                                           max_new_tokens=120, stop_at_eos=False))
+    arrivals: list[float] = []
+    long_started = threading.Event()
+
+    def read():
+        for event in chat:
+            if isinstance(event, Tokens):
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 10:
+                    long_started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    long_started.wait(120)
+    t0 = time.monotonic()
+    long = session.submit(Request.from_ids(tok.encode(DOCUMENT_PATH.read_text())[:1500],
+                                           max_new_tokens=1))
+    long.result(timeout=300)
+    prefill_s = time.monotonic() - t0
+    reader.join(300)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if t0 <= b <= t0 + prefill_s]
+    assert during, "no token arrived while the long prompt prefilled"
+    assert max(during) < prefill_s / 2, (max(during), prefill_s)
+    assert len(arrivals) == 120 and sorted(gaps)[len(gaps) // 2] < 1.0
+
+
+def test_cancel_and_capacity_in_an_interleaved_session(session, smollm2):
+    tok = smollm2.tokenizer
+    ids = tok.encode(tok.chat_prompt("Tell a long story."))
+    stream = session.submit(Request.from_ids(ids, max_new_tokens=300, stop_at_eos=False))
+    for event in stream:
+        if isinstance(event, Tokens):
+            assert stream.cancel()
+            break
+    done = stream.result(timeout=60)
+    assert isinstance(done, Finished) and done.finish_reasons == ("cancelled",)
+    assert 1 <= len(done.output_ids[0]) < 300
+    budget = session.kv_token_budget
+    assert budget is not None and budget > 8192  # SmolLM2 on two CPU workers: all of it fits
+    again = session.generate(Request.from_ids(ids, max_new_tokens=3, stop_at_eos=False),
+                             timeout=120)
+    assert len(again.output_ids[0]) == 3
+    # A request whose cache could never fit is refused at submit, with the numbers.
+    sched = session._items.sched
+    saved, sched.kv_token_budget = sched.kv_token_budget, 100
+    try:
+        with pytest.raises(CapacityError, match=r"need 139 KV-cache positions.*at most 100"):
+            session.submit(Request.from_ids(list(range(3, 103)), max_new_tokens=40))
+    finally:
+        sched.kv_token_budget = saved
