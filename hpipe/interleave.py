@@ -6,10 +6,18 @@ every running request whose last token has come back, plus at most one prefill s
 waiting prompt. Slices come from the plan's slicing for that prompt length (``Plan.slices_for``:
 longer first, shorter later), so a long prompt delays the running streams by about one slice
 per item, never by its whole prefill. Up to ``depth`` items are in flight at once (the number
-of stages: each stage works on a different item, as in a pipeline of micro-batches). A request
+of stages: each stage works on a different item, as in a pipeline of micro-batches), and the
+decoding requests are split over them, at most 1 / ``depth`` of them per item. A request
 appears in at most one in-flight item as a decode row (its next token needs the previous one),
 while one prompt's slices may be in several: every stage takes items in order, so its KV cache
 sees the slices in order.
+
+[Note: slices that fit a decode step] A slice planned for latency alone (the slicing DP's)
+is as long as the pipeline's fill allows, hundreds of tokens; inside an item that also carries
+decode rows, its time is what every running stream waits between two tokens. So while any
+request decodes, a slice is cut to ``slice_cap(prefix)`` tokens (the Session derives it from the
+cost model: a slice whose stage time stays within a small multiple of a decode step's), and
+the planned slices resume at full size when nobody waits.
 
 Memory: a request is admitted (its KV cache allocated on every stage) only while the caches of
 the admitted requests, prompt plus new tokens each, fit ``kv_token_budget``; the others wait in
@@ -19,6 +27,7 @@ arrival order. A request that could never fit is refused when it is submitted.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -80,7 +89,11 @@ class _Live:
 
     @property
     def decoding(self) -> bool:
-        return self.next_slice == len(self.slices) and not self.done
+        return self.prefilled == len(self.prompt) and not self.done
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt) and not self.done
 
 
 @dataclass(frozen=True)
@@ -94,10 +107,14 @@ class Sampled:
 
 
 class Interleaver:
-    def __init__(self, *, depth: int, kv_token_budget: int) -> None:
+    def __init__(self, *, depth: int, kv_token_budget: int,
+                 slice_cap: Callable[[int], int] | None = None) -> None:
         assert depth >= 1 and kv_token_budget >= 1, (depth, kv_token_budget)
         self.depth = depth
         self.kv_token_budget = kv_token_budget
+        # slice_cap(prefix): the most prompt tokens an item may carry at that prefix while
+        # other requests decode (see [Note: slices that fit a decode step]); None: no cap.
+        self.slice_cap = slice_cap
         self.waiting: deque[_Live] = deque()  # not admitted yet, in arrival order
         self.live: dict[int, _Live] = {}  # admitted, in admission order
         self.in_flight: dict[int, Item] = {}
@@ -154,17 +171,26 @@ class Interleaver:
         """The next item to send, or None (the pipeline is full, or there is nothing to do)."""
         if len(self.in_flight) >= self.depth:
             return None
+        # The decoding requests split into `depth` groups, one per item in flight, so that
+        # while one group is on the last stage the next is on the first (micro-batches).
+        decoding = [r for r in self.live.values() if r.decoding and r.generated]
+        per_item = -(-len(decoding) // self.depth)
         rows = tuple(DecodeRow(r.rid, r.generated[-1], len(r.prompt) + len(r.generated) - 1)
-                     for r in self.live.values()
-                     if r.decoding and not r.in_flight and r.generated)
+                     for r in decoding if not r.in_flight)[:per_item]
         piece = None
+        others_decode = any(r.decoding for r in self.live.values())
         for r in self.live.values():
-            if r.done or r.next_slice == len(r.slices):
+            if not r.prefilling:
                 continue
-            n = r.slices[r.next_slice]
-            last = r.next_slice == len(r.slices) - 1
+            # The rest of the planned slice, cut to the cap while other streams decode.
+            done_in_plan = sum(r.slices[:r.next_slice])
+            n = done_in_plan + r.slices[r.next_slice] - r.prefilled
+            if others_decode and self.slice_cap is not None:
+                n = max(1, min(n, self.slice_cap(r.prefilled)))
+            if r.prefilled + n == done_in_plan + r.slices[r.next_slice]:
+                r.next_slice += 1
+            last = r.prefilled + n == len(r.prompt)
             piece = PrefillPiece(r.rid, r.prefilled, r.prompt[r.prefilled:r.prefilled + n], last)
-            r.next_slice += 1
             r.prefilled += n
             r.in_flight = r.in_flight or last
             break  # one slice per item

@@ -21,6 +21,16 @@ from hpipe.interleave import Interleaver
 
 log = logging.getLogger(__name__)
 
+# A slice may take SLICE_FACTOR x a decode step's time while others decode: the streams then
+# wait about (1 + SLICE_FACTOR) x their usual gap while a long prompt prefills.
+SLICE_FACTOR = 1.0
+MIN_SLICE_TOKENS, MAX_SLICE_TOKENS = 16, 1024
+EWMA_WEIGHT = 0.2
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
+
 
 @dataclass
 class _Req:
@@ -36,11 +46,14 @@ class _Req:
 
 class InterleavedRuns:
     def __init__(self, session, *, depth: int, kv_token_budget: int,
-                 whole_prefill: bool = False) -> None:
+                 whole_prefill: bool = False, slice_cap=None) -> None:
         self.session = session
         self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
-        self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget)
+        self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget,
+                                 slice_cap=None if whole_prefill else slice_cap)
         self.reqs: dict[int, _Req] = {}
+        self.rows_s: float | None = None  # a decode step's compute, measured
+        self.prefill_tok_s: float | None = None  # prompt tokens per second, measured
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
 
@@ -123,12 +136,13 @@ class InterleavedRuns:
             return True
         if msg[0] != "sampled":
             return False
-        _, index, tokens = msg
+        _, index, tokens, piece_s, rows_s = msg
         with s._cond:
             item = self.sched.in_flight.get(index)
             if item is None:
                 return True
             piece = item.prefill
+            self._measure(item, piece_s, rows_s)
             got = self.sched.on_sampled(index, tokens)
             if piece is not None and piece.rid in self.reqs:
                 req = self.reqs[piece.rid]
@@ -147,6 +161,18 @@ class InterleavedRuns:
                     self._end(g.rid, Finished(g.rid, None, (g.finished,), (tuple(req.output),)))
             s._cond.notify_all()
         return True
+
+    def _measure(self, item, piece_s: float, rows_s: float) -> None:
+        """Learn, from the last stage's compute, a decode step's time and the prefill rate;
+        the slice cap follows them (see [Note: slices that fit a decode step])."""
+        if item.decode and rows_s > 0:
+            self.rows_s = _ewma(self.rows_s, rows_s)
+        if item.prefill is not None and piece_s > 0:
+            self.prefill_tok_s = _ewma(self.prefill_tok_s, len(item.prefill.ids) / piece_s)
+        if self.rows_s is not None and self.prefill_tok_s is not None and not self.whole_prefill:
+            tokens = SLICE_FACTOR * self.rows_s * self.prefill_tok_s
+            cap = int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
+            self.sched.slice_cap = lambda prefix, cap=cap: cap
 
     def _end(self, rid: int, final) -> None:
         req = self.reqs.pop(rid, None)

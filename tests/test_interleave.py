@@ -35,6 +35,8 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
                 p = item.prefill
                 assert fed_prefix.get(p.rid, 0) == p.prefix
                 fed_prefix[p.rid] = p.prefix + len(p.ids)
+                if item.decode and sched.slice_cap is not None:  # others wait on this item
+                    assert len(p.ids) <= sched.slice_cap(p.prefix)
             rows = [r.rid for r in item.decode]
             assert len(rows) == len(set(rows))  # a request once per item
             in_flight = [i for it in sched.in_flight.values() if it is not item
@@ -68,7 +70,9 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
 @given(data=st.data())
 def test_every_request_gets_all_its_tokens_in_order(data):
     depth = data.draw(st.integers(1, 4))
-    sched = Interleaver(depth=depth, kv_token_budget=data.draw(st.integers(40, 400)))
+    cap = data.draw(st.none() | st.integers(1, 6))
+    sched = Interleaver(depth=depth, kv_token_budget=data.draw(st.integers(40, 400)),
+                        slice_cap=None if cap is None else (lambda prefix: cap))
     wants = {}
     for rid in range(data.draw(st.integers(1, 6))):
         n = data.draw(st.integers(1, 30))
@@ -102,6 +106,29 @@ def test_decode_rows_ride_along_with_a_long_prompts_slices():
             tokens[item.prefill.rid] = 9
         sched.on_sampled(item.index, tokens)
     assert seen == [(32, [0]), (24, [0]), (16, [0]), (8, [0])]
+
+
+def test_slices_are_cut_to_the_cap_only_while_others_decode():
+    sched = Interleaver(depth=1, kv_token_budget=10_000, slice_cap=lambda prefix: 10)
+    sched.add(0, tuple(range(50)), (30, 20), max_new_tokens=3)
+    sched.admit()
+    alone = []
+    for _ in range(2):  # nobody decodes yet: the planned slices
+        item = sched.next_item()
+        alone.append(len(item.prefill.ids))
+        sched.on_sampled(item.index, {0: 1} if item.prefill.last else {})
+    assert alone == [30, 20]
+    sched.add(1, tuple(range(25)), (25,), max_new_tokens=1)
+    sched.admit()
+    cut = []
+    for _ in range(3):
+        item = sched.next_item()
+        cut.append((len(item.prefill.ids), [r.rid for r in item.decode]))
+        tokens = {r.rid: 1 for r in item.decode}
+        if item.prefill.last:
+            tokens[1] = 2
+        sched.on_sampled(item.index, tokens)
+    assert cut == [(10, [0]), (10, [0]), (5, [])]  # request 0 finished after its 3rd token
 
 
 def test_admission_waits_for_memory_and_refuses_what_never_fits():

@@ -112,7 +112,15 @@ class Plan:
         table = dict(self.slice_table)
         if length in table:
             return table[length]
-        # No stored scheme: fall back to the planned one scaled to the length, longest first.
+        # No stored scheme: the planned one fitted to the length, longest first. A shorter
+        # prompt keeps the plan's slice sizes (so fewer slices), not its slice count: 21
+        # slices planned for 4096 tokens would cut a 36-token chat into 2-token pieces.
+        if length < self.seq_len:
+            count, covered = 0, 0
+            while covered < length and count < len(self.slices):
+                covered += self.slices[count]
+                count += 1
+            return rescale_slices(self.slices[:count], length)
         return rescale_slices(self.slices, length)
 
     # -- JSON ----------------------------------------------------------------------------

@@ -80,11 +80,18 @@ class ItemRunner:
             op = od = None
             if piece is not None:
                 op = self.stage(xp, self.caches[piece.rid], last_only=self.samples)
+            split = time.perf_counter()
             if rows:
                 od = self.stage.forward_rows(xd, RowCaches([self.caches[r.rid] for r in rows]),
                                              last_only=self.samples)
+            computed = time.perf_counter()
             self._emulate(start, cpu0)
-            self.busy_s += time.perf_counter() - start
+            end = time.perf_counter()
+            # The slice's and the rows' compute, for the scheduler's slice sizes; an emulated
+            # slowdown stretches both alike.
+            stretch = (end - start) / max(1e-9, computed - start)
+            piece_s, rows_s = (split - start) * stretch, (computed - split) * stretch
+            self.busy_s += end - start
         if self.s < self.last and self.leader:
             for unit, out in ((2 * item.index, op), (2 * item.index + 1, od)):
                 if out is not None:
@@ -97,7 +104,7 @@ class ItemRunner:
                 tokens[piece.rid] = self._sample(piece.rid, op[:, -1])
             for i, r in enumerate(rows):
                 tokens[r.rid] = self._sample(r.rid, od[i:i + 1, -1])
-            self.emit(("sampled", item.index, tokens))
+            self.emit(("sampled", item.index, tokens, piece_s, rows_s))
         if time.monotonic() - self.reported_at >= BUSY_REPORT_S:
             self.reported_at = time.monotonic()
             self.emit(("busy", self.rank, self.busy_s))

@@ -86,7 +86,8 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                                    f"{served!r}", param="model", code="model_not_found")
         ids, max_tokens = prompt_and_budget(engine, req)
         handle = engine.admit(ids, max_new_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed, loop=asyncio.get_running_loop())
+                              top_p=req.top_p, seed=req.seed, stop_at_eos=not req.ignore_eos,
+                              loop=asyncio.get_running_loop())
         rid, created = oa.new_id(chat), oa.now()
         if req.stream:
             return StreamingResponse(sse(handle, req, rid=rid, created=created,
@@ -99,7 +100,8 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def whole(request: Request, handle: Handle, req: oa.Completion, *, rid: str,
                     created: int, prompt_tokens: int):
         text = TextStream(engine.tokenizer_or_ids(), req.stop)
-        collect = asyncio.ensure_future(_collect(handle, text, engine))
+        collect = asyncio.ensure_future(_collect(
+            handle, text, set() if req.ignore_eos else set(engine.eos_ids())))
         try:
             while not collect.done():
                 await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
@@ -118,7 +120,7 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def sse(handle: Handle, req: oa.Completion, *, rid: str, created: int,
                   prompt_tokens: int) -> AsyncIterator[str]:
         text = TextStream(engine.tokenizer_or_ids(), req.stop)
-        eos = set(engine.eos_ids())
+        eos = set() if req.ignore_eos else set(engine.eos_ids())
         kw = {"rid": rid, "created": created, "model": served}
         finished = False
         num_tokens = 0
@@ -172,8 +174,7 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
 STARTED = int(time.time())
 
 
-async def _collect(handle: Handle, text: TextStream, engine: Engine) -> tuple[str, int]:
-    eos = set(engine.eos_ids())
+async def _collect(handle: Handle, text: TextStream, eos: set[int]) -> tuple[str, int]:
     num_tokens = 0
     async for event in handle.events():
         if isinstance(event, Tokens):

@@ -169,7 +169,8 @@ class Engine:
     # session interleaves them); the next max_waiting wait here, in arrival order, and start as
     # places free; beyond that a request gets 429 with a Retry-After.
     def admit(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
-              top_p: float, seed: int | None, loop: asyncio.AbstractEventLoop) -> Handle:
+              top_p: float, seed: int | None, loop: asyncio.AbstractEventLoop,
+              stop_at_eos: bool = True) -> Handle:
         """Start or queue one request, or raise the APIError that says why not."""
         from hpipe.runtime.request import check_prompt
 
@@ -204,7 +205,8 @@ class Engine:
                                headers={"Retry-After": str(self._retry_s())})
             handle = Handle(self, prompt_ids, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=random.randrange(2**63) if seed is None else seed), loop=loop)
+                seed=random.randrange(2**63) if seed is None else seed,
+                stop_at_eos=stop_at_eos), loop=loop)
             if full:
                 self._queue.append(handle)
             else:

@@ -25,6 +25,8 @@ NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": No
            "best_of": 1, "suffix": None, "parallel_tool_calls": None}
 # Accepted and ignored: bookkeeping that does not change the answer.
 IGNORED = {"user", "metadata", "store", "service_tier"}
+# Beyond OpenAI, as vLLM: generate max_tokens even past an end-of-sequence (benchmarks).
+EXTRA = {"ignore_eos"}
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -60,12 +62,13 @@ class Completion:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False
 
 
 def parse_request(body: object, *, chat: bool) -> Completion:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    known = (CHAT_FIELDS if chat else COMPLETION_FIELDS) | set(NEUTRAL) | IGNORED
+    known = (CHAT_FIELDS if chat else COMPLETION_FIELDS) | set(NEUTRAL) | IGNORED | EXTRA
     for key in body:
         if key not in known:
             raise APIError(400, f"unsupported field {key!r}", param=key,
@@ -97,6 +100,10 @@ def parse_request(body: object, *, chat: bool) -> Completion:
     if body.get("seed") is not None:
         kw["seed"] = _integer(body["seed"], "seed", low=-(2**63), high=2**64 - 1) % 2**63
     kw["stop"] = _stop(body.get("stop"))
+    if body.get("ignore_eos") is not None:
+        if not isinstance(body["ignore_eos"], bool):
+            raise APIError(400, "ignore_eos must be true or false", param="ignore_eos")
+        kw["ignore_eos"] = body["ignore_eos"]
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise APIError(400, "stream must be true or false", param="stream")
