@@ -23,10 +23,14 @@ submissions are refused with the same cause. A new session can be opened at once
 An idle session holds no pending collective, so it waits for hours; the connect timeout only
 bounds joining.
 
-What this does not do yet: run requests at the same time (a scheduler that interleaves slices
-and decode steps of several requests comes with ``hpipe serve``), run across hosts under
-torchrun (``hpipe run`` still runs a fixed list of requests there), or reuse a KV cache
-between requests.
+Two modes. By default requests run one after another, each through its plan's static schedule
+(the action lists the simulator times), so each Finished carries a measured Timeline: what
+``hpipe run`` and the demo use. With ``interleave=True`` (``hpipe serve``) many one-row requests
+share the pipeline at once, prefill slices taking turns with decode steps
+(hpipe/interleave.py, hpipe/session_items.py).
+
+What this does not do yet: run across hosts under torchrun (``hpipe run`` still runs a fixed
+list of requests there), or reuse a KV cache between requests.
 """
 
 from __future__ import annotations
