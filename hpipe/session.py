@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,136 +47,30 @@ from hpipe.cluster import ClusterSpec, load_cluster
 from hpipe.errors import PlanMismatchError, WorkerFailedError
 from hpipe.plan.plan import Plan
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
+from hpipe.session_events import (
+    WAIT_POLL_S,
+    Event,
+    Finished,
+    Progress,
+    Request,
+    Stream,
+    Tokens,
+)
 
 if TYPE_CHECKING:  # not at import: a spawned worker unpickles this module's target first
-    from hpipe.runtime.request import RunRequest, RunResult
+    from hpipe.runtime.request import RunRequest
+
+# The events and requests live in session_events.py; they are part of this module's API.
+__all__ = ["Event", "Finished", "Progress", "Request", "Session", "SessionClosedError", "Stream",
+           "Tokens"]
 
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 5.0  # close(): how long a running request may take to finish before the kill
-WAIT_POLL_S = 0.25  # waits poll so Ctrl-C reaches the waiting thread
 
 
 class SessionClosedError(RuntimeError):
     """A request submitted to a session that was closed."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """What to generate: ``prompt_ids`` (rows of equal length; one row is a batch of 1).
-
-    ``temperature == 0`` is greedy. Decoding stops after ``max_new_tokens`` or, with
-    ``stop_at_eos``, once every row has produced an end-of-sequence token.
-    """
-
-    prompt_ids: tuple[tuple[int, ...], ...]
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_at_eos: bool = True
-    label: str = ""
-
-    @classmethod
-    def from_ids(cls, ids: Sequence[int] | Sequence[Sequence[int]], **kwargs) -> Request:
-        """One row of token ids, or a list of rows."""
-        rows = [ids] if ids and isinstance(ids[0], int) else list(ids)
-        return cls(prompt_ids=tuple(tuple(int(t) for t in row) for row in rows), **kwargs)
-
-
-# -- events ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Progress:
-    """``kind`` "prefill": ``done`` of ``total`` prefill units went through the last stage;
-    "decode": ``done`` of at most ``total`` tokens were sampled."""
-
-    request_id: int
-    kind: str
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """The token just sampled for each row (a finished row repeats its end-of-sequence id)."""
-
-    request_id: int
-    ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The end of a request. ``result`` is None for a request cancelled before it started.
-    ``finish_reasons`` per row: "stop" (end of sequence), "length" (max_new_tokens) or
-    "cancelled"."""
-
-    request_id: int
-    result: RunResult | None
-    finish_reasons: tuple[str, ...]
-    # The tokens per row (before an end of sequence), where there is no result: an interleaved
-    # session's requests, and cancelled ones.
-    output: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def output_ids(self) -> tuple[tuple[int, ...], ...]:
-        return self.result.output_ids if self.result is not None else self.output
-
-
-Event = Progress | Tokens | Finished
-
-
-class Stream:
-    """One request's events, in order, ending with ``Finished``; iterate, or wait for
-    ``result()``. A failure of the session ends the stream by raising its error."""
-
-    def __init__(self, session: Session, request_id: int) -> None:
-        self._session = session
-        self.id = request_id
-        self._events: queue.Queue = queue.Queue()
-        self._final: Finished | BaseException | None = None
-        self._done = threading.Event()
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            try:
-                item = self._events.get(timeout=WAIT_POLL_S)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Finished):
-                return
-
-    def result(self, timeout: float | None = None) -> Finished:
-        """Wait for the end; raise the session's failure if it broke meanwhile."""
-        waited = 0.0
-        while not self._done.wait(WAIT_POLL_S):
-            waited += WAIT_POLL_S
-            if timeout is not None and waited >= timeout:
-                raise TimeoutError(f"request {self.id} did not finish within {timeout:g} s")
-        if isinstance(self._final, BaseException):
-            raise self._final
-        assert self._final is not None
-        return self._final
-
-    def cancel(self) -> bool:
-        return self._session.cancel(self.id)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    # -- fed by the session ---------------------------------------------------------------
-    def _push(self, event: Event) -> None:
-        self._events.put(event)
-
-    def _end(self, final: Finished | BaseException) -> None:
-        if self._done.is_set():
-            return
-        self._final = final
-        self._events.put(final)
-        self._done.set()
 
 
 @dataclass

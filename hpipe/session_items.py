@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from hpipe.errors import CapacityError, PromptShapeError
 from hpipe.interleave import Interleaver
+from hpipe.session_events import Finished, Progress, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ class InterleavedRuns:
     # -- from the session's callers ------------------------------------------------------------
     def submit(self, rid: int, stream, request, *, eos: tuple[int, ...]) -> None:
         """Called with the session's lock held."""
-        from hpipe.session import Finished
-
         if len(request.prompt_ids) != 1:
             raise PromptShapeError(f"an interleaved session takes one prompt per request, got "
                                    f"{len(request.prompt_ids)} rows; submit them separately")
@@ -86,8 +85,6 @@ class InterleavedRuns:
 
     def cancel(self, rid: int) -> bool:
         """Called with the session's lock held."""
-        from hpipe.session import Finished
-
         req = self.reqs.get(rid)
         if req is None or req.ended or not self.sched.cancel(rid):
             return False
@@ -128,8 +125,6 @@ class InterleavedRuns:
     # -- from the workers (the supervisor's thread) --------------------------------------------
     def on_message(self, msg: tuple) -> bool:
         """Handle an interleaved-mode message; False when it is not one."""
-        from hpipe.session import Finished, Progress, Tokens
-
         s = self.session
         if msg[0] == "busy":
             self.busy_s[msg[1]] = msg[2]

@@ -266,17 +266,26 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
                 "--seq-len", "8"])
     try:
         s.wait_ready()
-        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 12}
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 20}
+
+        def stream_lines() -> list[str]:
+            with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
+                              timeout=120) as r:
+                return [line for line in r.iter_lines() if line]
+
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             first = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
             time.sleep(1.5)  # running
-            second = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
+            second = pool.submit(stream_lines)
             time.sleep(1.0)  # waiting: the queue (1) is full
             third = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
             assert third.status_code == 429, third.text
             assert int(third.headers["Retry-After"]) >= 1
             assert third.json()["error"]["type"] == "rate_limit_error"
-            for fut in (first, second):
-                fut.result().raise_for_status()
+            first.result().raise_for_status()
+            lines = second.result()
+        # The second waited past a keep-alive comment and still streamed all of its tokens.
+        assert ": waiting" in lines and lines[-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in lines[-2]
     finally:
         s.stop()

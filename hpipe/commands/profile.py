@@ -122,47 +122,62 @@ def run(args: argparse.Namespace) -> int:
         raise OutputPathError(f"--out {str(args.out)!r}: could not write the profile "
                               f"({e.strerror or e}); it was saved to {spare} instead") from None
     fits = {dev.name: fit_device(dev) for dev in profile.devices}
-    cal = profile.calibration
-    scale = dict(zip(profile.device_names, cal.compute_scale)) if cal else {}
     if args.json:
         import json
 
-        print(json.dumps({
-            "out": str(args.out), "model": profile.model_name, "dtype": profile.dtype,
-            "cluster": cluster.name, "emulated": profile.emulated,
-            "devices": [{"name": d.name, "kind": d.kind, "slowdown": d.slowdown,
-                         "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max,
-                         "calibration_compute_scale": scale.get(d.name)}
-                        for d in profile.devices],
-            "calibration": None if cal is None else cal.to_dict(),
-            "links": [{"src": lk.src, "dst": lk.dst,
-                       "bandwidth_gbps": lk.bandwidth_bytes_s * 8 / 1e9,
-                       "latency_s": lk.latency_s} for lk in profile.links],
-        }, indent=1))
-        return 0
-    print(f"profiled {profile.model_name} ({profile.dtype}) on {cluster.name!r}: "
-          f"{len(grid.points())} grid points per device, {len(profile.links)} links"
-          + ("  [EMULATED devices: times include the slowdown sleep]" if profile.emulated else ""))
+        print(json.dumps(summary_json(profile, cluster, fits, args.out), indent=1))
+    else:
+        print(summary_text(profile, cluster, grid, fits, args))
+    return 0
+
+
+def summary_json(profile, cluster, fits, out: Path) -> dict:
+    """Per device: layer time and fit error; per link: bandwidth and latency."""
+    cal = profile.calibration
+    scale = dict(zip(profile.device_names, cal.compute_scale)) if cal else {}
+    return {
+        "out": str(out), "model": profile.model_name, "dtype": profile.dtype,
+        "cluster": cluster.name, "emulated": profile.emulated,
+        "devices": [{"name": d.name, "kind": d.kind, "slowdown": d.slowdown,
+                     "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max,
+                     "calibration_compute_scale": scale.get(d.name)}
+                    for d in profile.devices],
+        "calibration": None if cal is None else cal.to_dict(),
+        "links": [{"src": lk.src, "dst": lk.dst,
+                   "bandwidth_gbps": lk.bandwidth_bytes_s * 8 / 1e9,
+                   "latency_s": lk.latency_s} for lk in profile.links],
+    }
+
+
+def summary_text(profile, cluster, grid, fits, args) -> str:
+    cal = profile.calibration
+    scale = dict(zip(profile.device_names, cal.compute_scale)) if cal else {}
+    lines = [f"profiled {profile.model_name} ({profile.dtype}) on {cluster.name!r}: "
+             f"{len(grid.points())} grid points per device, {len(profile.links)} links"
+             + ("  [EMULATED devices: times include the slowdown sleep]"
+                if profile.emulated else "")]
     for dev in profile.devices:
         fit = fits[dev.name]
         one = next(s for s in dev.layer if s.rows == 1 and s.prefix == 0)
-        print(f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} ms "
-              f"@ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
-              + (f"; in a pipeline x{scale[dev.name]:.2f}" if dev.name in scale else "")
-              + ("  (emulated)" if dev.slowdown != 1.0 else ""))
+        lines.append(
+            f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} "
+            f"ms @ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
+            + (f"; in a pipeline x{scale[dev.name]:.2f}" if dev.name in scale else "")
+            + ("  (emulated)" if dev.slowdown != 1.0 else ""))
     for lk in profile.links:
-        print(f"  {lk.src} <-> {lk.dst}: {lk.bandwidth_bytes_s * 8 / 1e9:.2f} Gbit/s, "
-              f"latency {lk.latency_s * 1e6:.0f} us")
+        lines.append(f"  {lk.src} <-> {lk.dst}: {lk.bandwidth_bytes_s * 8 / 1e9:.2f} Gbit/s, "
+                     f"latency {lk.latency_s * 1e6:.0f} us")
     if cal is not None:
-        print(f"  calibration: layers {list(cal.layer_counts)}, {len(cal.slices)} equal slices of "
-              f"{sum(cal.slices)} tokens: measured {cal.measured_latency_s:.3f} s, the grid fit "
-              f"predicted {cal.predicted_latency_s:.3f} s; each device's compute is scaled by "
-              "its own ratio")
+        lines.append(
+            f"  calibration: layers {list(cal.layer_counts)}, {len(cal.slices)} equal slices "
+            f"of {sum(cal.slices)} tokens: measured {cal.measured_latency_s:.3f} s, the grid "
+            f"fit predicted {cal.predicted_latency_s:.3f} s; each device's compute is scaled "
+            "by its own ratio")
     elif not args.no_calibrate:
-        print("  calibration: not run (a preset's random twin, or the even split did not fit); "
-              "predictions are the grid fit alone")
-    print(f"wrote {args.out}")
-    return 0
+        lines.append("  calibration: not run (a preset's random twin, or the even split did "
+                     "not fit); predictions are the grid fit alone")
+    lines.append(f"wrote {args.out}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

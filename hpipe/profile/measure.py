@@ -184,10 +184,6 @@ def profile_device(
     n = min(NUM_BLOCKS, spec.num_layers)
     stage = source.load_stage(0, n, has_embedding=True, has_head=True,
                               dtype=TORCH_DTYPES[dtype], device=tdev)
-    layer_weight_bytes = _param_bytes(next(iter(stage.layers.values())))
-    embedding_weight_bytes = _param_bytes(stage.embed)
-    # Each stage holds its own head copy, tied or not (ModelSpec.head_params says the same).
-    head_weight_bytes = (spec.vocab_size * spec.hidden + spec.hidden) * stage.head.weight.element_size()
     timer = _PartTimer(stage, sync)
     gen = torch.Generator().manual_seed(0)
     points = grid.points()
@@ -210,29 +206,12 @@ def profile_device(
                 cache = stage.new_cache(batch=b, max_tokens=p + s)
                 kv_per_token = cache.mem_bytes // (n * b * (p + s))
                 ids = torch.randint(0, spec.vocab_size, (b, s), generator=gen).to(tdev)
-                with torch.inference_mode():
-                    # Warm-up calls in the first pass only (allocator, kernel selection).
-                    for _ in range(grid.warmup + 1 if rep == 0 else 1):  # last one timed
-                        cache.length = p  # the prefix is "cached" (zeros time like real K, V)
-                        sync()
-                        t0, cpu0 = time.perf_counter(), time.process_time()
-                        stage(ids, cache, last_only=True)
-                        sync()
-                        compute_s = time.perf_counter() - t0
-                        if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
-                            time.sleep(emulated_sleep_s(
-                                device.slowdown, wall_s=compute_s,
-                                cpu_s=None if on_cuda else time.process_time() - cpu0,
-                                num_threads=device.num_threads))
-                        total_s = time.perf_counter() - t0
-                    scale = total_s / compute_s
-                    parts = {k: v * scale for k, v in timer.parts.items()}
-                    blocks = [parts[f"block{k}"] for k in range(n)]
-                    parts["layer"] = statistics.median(blocks)
-                    parts["call"] = max(0.0, total_s - sum(blocks) - parts["embedding"]
-                                        - parts["head"])
-                    runs[(b, s, p)].append(parts)
-                    if rep == 0:
+                # Warm-up calls in the first pass only (allocator, kernel selection).
+                runs[(b, s, p)].append(_time_point(
+                    stage, timer, ids, cache, prefix=p, calls=grid.warmup + 1 if rep == 0 else 1,
+                    device=device, sync=sync))
+                if rep == 0:
+                    with torch.inference_mode():
                         work_of[(b, s, p)] = _workspace_bytes(stage, ids, cache, p, tdev)
                 del cache
                 done += 1
@@ -248,16 +227,55 @@ def profile_device(
             memory.append(MemorySample(b, s, p, work_of[pt]))
     finally:
         timer.remove()
+    return _device_profile(device, stage, spec, context_bytes=context_bytes,
+                           kv_per_token=kv_per_token, samples=(layer, embedding, head, call,
+                                                               memory), on_cuda=on_cuda)
+
+
+def _time_point(stage, timer, ids, cache, *, prefix: int, calls: int, device: DeviceSpec,
+                sync) -> dict[str, float]:
+    """Run one grid point ``calls`` times, time the last: each part's seconds (blocks, their
+    median as "layer", embedding, head, and the rest of the call), emulated slowdown included."""
+    on_cuda = device.torch_device.startswith("cuda")
+    with torch.inference_mode():
+        for _ in range(calls):
+            cache.length = prefix  # the prefix is "cached" (zeros time like real K, V)
+            sync()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            stage(ids, cache, last_only=True)
+            sync()
+            compute_s = time.perf_counter() - t0
+            if device.slowdown > 1.0:  # see [Note: emulated slowdown in the profile]
+                time.sleep(emulated_sleep_s(
+                    device.slowdown, wall_s=compute_s,
+                    cpu_s=None if on_cuda else time.process_time() - cpu0,
+                    num_threads=device.num_threads))
+            total_s = time.perf_counter() - t0
+    scale = total_s / compute_s
+    parts = {k: v * scale for k, v in timer.parts.items()}
+    blocks = [v for k, v in parts.items() if k.startswith("block")]
+    parts["layer"] = statistics.median(blocks)
+    parts["call"] = max(0.0, total_s - sum(blocks) - parts["embedding"] - parts["head"])
+    return parts
+
+
+def _device_profile(device: DeviceSpec, stage, spec, *, context_bytes: int, kv_per_token: int,
+                    samples, on_cuda: bool) -> DeviceProfile:
+    """The measurements as a DeviceProfile, with the stage's weight sizes and the peak."""
+    layer, embedding, head, call, memory = samples
+    tdev = torch.device(device.torch_device)
+    # Each stage holds its own head copy, tied or not (ModelSpec.head_params says the same).
+    head_weight_bytes = (spec.vocab_size * spec.hidden + spec.hidden) * stage.head.weight.element_size()
     peak = (torch.cuda.max_memory_allocated(tdev) if on_cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    log.info("profiled %s (pid %d): %d points", device.name, os.getpid(), len(points))
+    log.info("profiled %s (pid %d): %d points", device.name, os.getpid(), len(layer))
     return DeviceProfile(
         name=device.name, kind=device.kind, torch_device=device.torch_device,
         num_threads=device.num_threads, slowdown=device.slowdown,
         layer=tuple(layer), embedding=tuple(embedding), head=tuple(head), call=tuple(call),
         memory=tuple(memory), context_bytes=int(context_bytes),
-        layer_weight_bytes=layer_weight_bytes,
+        layer_weight_bytes=_param_bytes(next(iter(stage.layers.values()))),
         kv_bytes_per_token_per_layer=int(kv_per_token),
-        embedding_weight_bytes=embedding_weight_bytes, head_weight_bytes=head_weight_bytes,
+        embedding_weight_bytes=_param_bytes(stage.embed), head_weight_bytes=head_weight_bytes,
         peak_memory_bytes=int(peak),
     )

@@ -127,15 +127,12 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         try:
             if req.chat:
                 yield _data(oa.chunk(req, **kw, role=True, text=""))
-            events = handle.events().__aiter__()
-            while True:
+            while not finished:
                 try:
-                    event = await asyncio.wait_for(events.__anext__(), KEEPALIVE_S)
+                    event = await handle.next_event(KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     yield ": waiting\n\n"  # for proxies; clients ignore comments
                     continue
-                except StopAsyncIteration:
-                    break
                 if isinstance(event, Progress) and event.kind == "prefill":
                     yield f": prefill {event.done}/{event.total} slices\n\n"
                 elif isinstance(event, Tokens):

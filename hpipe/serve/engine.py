@@ -301,6 +301,14 @@ class Handle:
             self._loop.call_soon_threadsafe(self.queue.put_nowait,
                                             Finished(-1, None, ("cancelled",), ((),)))
 
+    async def next_event(self, timeout_s: float) -> Progress | Tokens | Finished:
+        """The next event, or TimeoutError after ``timeout_s`` (nothing is lost: a queue get
+        may be cancelled, unlike an async generator's step, which a timeout would close)."""
+        item = await asyncio.wait_for(self.queue.get(), timeout_s)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     async def events(self) -> AsyncIterator[Progress | Tokens | Finished]:
         while True:
             item = await self.queue.get()
