@@ -217,6 +217,11 @@ class Session:
         """The worker processes' ids, by rank."""
         return self._pool.pids if self._pool is not None else []
 
+    def busy_seconds(self) -> dict[int, float]:
+        """An interleaved session's compute seconds per rank so far, as the ranks report them
+        (about once a second); empty otherwise."""
+        return dict(self._items.busy_s) if self._items is not None else {}
+
     @property
     def kv_token_budget(self) -> int | None:
         """KV positions an interleaved session may hold over all its requests (None: one

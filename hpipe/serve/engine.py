@@ -137,12 +137,12 @@ class Engine:
         ranks report them (an item serves several requests, so this is per device, not per
         request)."""
         session = self.session
-        if session is None or session._items is None:
+        if session is None:
             return
         m = self.metrics
         uptime = max(1e-9, time.monotonic() - self._opened_at)
         plan = self.plan
-        for rank, seconds in dict(session._items.busy_s).items():
+        for rank, seconds in session.busy_seconds().items():
             stage, device = plan.row_stages[rank], plan.row_names[rank]
             m.of(m.busy, stage=str(stage), device=device).set(min(1.0, seconds / uptime))
             counter = m.of(m.busy_seconds, stage=str(stage), device=device)
