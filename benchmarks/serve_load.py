@@ -129,6 +129,13 @@ async def interference(url: str, *, streams: int, long_text: str, stream_tokens:
         long_log = StreamLog()
         await stream_chat(client, url, long_text + "\n\nSummarize this document.", 1, long_log,
                           ignore_eos=False)
+        # Keep the streams until each has a token after the prefill: a stream frozen through
+        # it shows its gap only when it resumes.
+        ended = long_log.first_token_s or long_log.done_s
+        deadline = time.monotonic() + 120
+        while (any(not lg.token_times or lg.token_times[-1] <= ended for lg in logs)
+               and time.monotonic() < deadline and not all(t.done() for t in tasks)):
+            await asyncio.sleep(0.05)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -137,6 +144,9 @@ async def interference(url: str, *, streams: int, long_text: str, stream_tokens:
     for lg in logs:
         for a, b in zip(lg.token_times, lg.token_times[1:]):
             (before if b <= t0 else during if a < t1 and b >= t0 else []).append(b - a)
+    for lg in logs:  # a stream that never resumed: its gap runs to the end of the prefill
+        if lg.token_times and lg.token_times[-1] <= t1:
+            during.append(t1 - lg.token_times[-1])
     median_gap = statistics.median(before)
     return {"median_gap_s": median_gap, "longest_gap_during_s": max(during),
             "gap_ratio": max(during) / median_gap, "long_ttft_s": t1 - t0}

@@ -186,7 +186,11 @@ class Interleaver:
             done_in_plan = sum(r.slices[:r.next_slice])
             n = done_in_plan + r.slices[r.next_slice] - r.prefilled
             if others_decode and self.slice_cap is not None:
-                n = max(1, min(n, self.slice_cap(r.prefilled)))
+                cap = max(1, self.slice_cap(r.prefilled))
+                # A tail under half a cap rides along: a 35-token chat in one piece, not 32 + 3
+                # (each extra item costs every stage a pass and the scheduler a round trip).
+                if n > cap + cap // 2:
+                    n = cap
             if r.prefilled + n == done_in_plan + r.slices[r.next_slice]:
                 r.next_slice += 1
             last = r.prefilled + n == len(r.prompt)

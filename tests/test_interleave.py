@@ -36,7 +36,8 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
                 assert fed_prefix.get(p.rid, 0) == p.prefix
                 fed_prefix[p.rid] = p.prefix + len(p.ids)
                 if item.decode and sched.slice_cap is not None:  # others wait on this item
-                    assert len(p.ids) <= sched.slice_cap(p.prefix)
+                    cap = sched.slice_cap(p.prefix)
+                    assert len(p.ids) <= cap + cap // 2
             rows = [r.rid for r in item.decode]
             assert len(rows) == len(set(rows))  # a request once per item
             in_flight = [i for it in sched.in_flight.values() if it is not item
@@ -121,14 +122,16 @@ def test_slices_are_cut_to_the_cap_only_while_others_decode():
     sched.add(1, tuple(range(25)), (25,), max_new_tokens=1)
     sched.admit()
     cut = []
-    for _ in range(3):
+    for _ in range(2):
         item = sched.next_item()
         cut.append((len(item.prefill.ids), [r.rid for r in item.decode]))
         tokens = {r.rid: 1 for r in item.decode}
         if item.prefill.last:
             tokens[1] = 2
         sched.on_sampled(item.index, tokens)
-    assert cut == [(10, [0]), (10, [0]), (5, [])]  # request 0 finished after its 3rd token
+    # 25 tokens at a cap of 10: 10, then the last 15 in one piece (a tail under half a cap
+    # rides along instead of making an item of its own).
+    assert cut[:2] == [(10, [0]), (15, [0])]
 
 
 def test_admission_waits_for_memory_and_refuses_what_never_fits():
