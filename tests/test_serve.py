@@ -263,21 +263,29 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
     (tmp_path / "slow.yaml").write_text(SLOW)
     s = Server(["--model", str(tiny_checkpoints["llama"]), "--cluster", str(tmp_path / "slow.yaml"),
                 "--served-model-name", "tiny", "--max-running", "1", "--max-waiting", "1",
-                "--seq-len", "8"])
+                "--seq-len", "8", "--keepalive", "0.5"])
     try:
         s.wait_ready()
-        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 20}
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8}
 
         def stream_lines() -> list[str]:
             with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
                               timeout=120) as r:
                 return [line for line in r.iter_lines() if line]
 
+        def until(name: str, value: float) -> None:
+            deadline = time.monotonic() + 60
+            while s.metric(name) != value:
+                assert time.monotonic() < deadline, f"{name} never reached {value}"
+                time.sleep(0.05)
+
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            first = pool.submit(httpx.post, f"{s.url}/v1/completions", json=body, timeout=120)
-            time.sleep(1.5)  # running
+            # 0.1-0.5 s a token here: the first runs for seconds, past a keep-alive (0.5 s)
+            first = pool.submit(httpx.post, f"{s.url}/v1/completions",
+                                json={**body, "max_tokens": 40}, timeout=120)
+            until("hpipe:num_requests_running", 1)
             second = pool.submit(stream_lines)
-            time.sleep(1.0)  # waiting: the queue (1) is full
+            until("hpipe:num_requests_waiting", 1)  # the queue (1) is full
             third = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
             assert third.status_code == 429, third.text
             assert int(third.headers["Retry-After"]) >= 1

@@ -57,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--whole-prefill", action="store_true",
                    help="prefill each prompt in one piece, as servers without token slicing "
                         "do (for comparisons: running streams then wait for whole prefills)")
+    p.add_argument("--keepalive", type=positive(float), default=5.0,
+                   help="seconds between SSE comments while a stream waits (default 5)")
     p.add_argument("--grace", type=in_range(float, 0), default=10.0,
                    help="seconds running requests get to finish on Ctrl-C / SIGTERM")
     p.add_argument("--liveness", type=positive(float), default=DEFAULT_LIVENESS_S,
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                                    liveness_s=args.liveness, whole_prefill=args.whole_prefill,
                                    connect_timeout_s=args.connect_timeout),
                     plan, on_fatal=on_fatal, on_ready=on_ready)
-    app = build_app(engine, api_key=args.api_key)
+    app = build_app(engine, api_key=args.api_key, keepalive_s=args.keepalive)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace, lifespan="off")
     server = make_server(config)

@@ -29,7 +29,8 @@ KEEPALIVE_S = 5.0  # an SSE comment at least this often while nothing else is se
 DISCONNECT_POLL_S = 0.5  # a non-streaming request checks its client this often
 
 
-def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
+def build_app(engine: Engine, *, api_key: str | None = None,
+              keepalive_s: float = KEEPALIVE_S) -> FastAPI:
     app = FastAPI(title="hpipe serve", docs_url=None, redoc_url=None)
     served = engine.settings.served_name
 
@@ -129,7 +130,7 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                 yield _data(oa.chunk(req, **kw, role=True, text=""))
             while not finished:
                 try:
-                    event = await handle.next_event(KEEPALIVE_S)
+                    event = await handle.next_event(keepalive_s)
                 except asyncio.TimeoutError:
                     yield ": waiting\n\n"  # for proxies; clients ignore comments
                     continue
