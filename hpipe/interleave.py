@@ -15,8 +15,8 @@ sees the slices in order.
 [Note: slices that fit a decode step] A slice planned for latency alone (the slicing DP's)
 is as long as the pipeline's fill allows, hundreds of tokens; inside an item that also carries
 decode rows, its time is what every running stream waits between two tokens. So while any
-request decodes, a slice is cut to ``slice_cap(prefix)`` tokens (the Session derives it from the
-cost model: a slice whose stage time stays within a small multiple of a decode step's), and
+request decodes, a slice is cut to ``slice_cap(prefix)`` tokens (the Session measures it as it
+runs: what the last stage computes in about one decode step, hpipe/session_items.py), and
 the planned slices resume at full size when nobody waits.
 
 Memory: a request is admitted (its KV cache allocated on every stage) only while the caches of

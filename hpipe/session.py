@@ -151,15 +151,12 @@ class Session:
                       liveness_s=liveness_s, connect_timeout_s=connect_timeout_s,
                       on_failure=on_failure)
         if interleave:
-            from hpipe.cost import cost_model
             from hpipe.cost.memory import kv_token_budget
-            from hpipe.plan.serving import serving_slice_cap
             from hpipe.session_items import InterleavedRuns
 
-            cost = cost or cost_model(spec, plan.cluster, plan.dtype)
-            session._items = InterleavedRuns(
-                session, depth=plan.num_stages, kv_token_budget=kv_token_budget(plan),
-                whole_prefill=whole_prefill, slice_cap=serving_slice_cap(plan, cost))
+            session._items = InterleavedRuns(session, depth=plan.num_stages,
+                                             kv_token_budget=kv_token_budget(plan),
+                                             whole_prefill=whole_prefill)
         session._start()
         try:
             if wait:

@@ -50,11 +50,13 @@ class _Req:
 
 class InterleavedRuns:
     def __init__(self, session, *, depth: int, kv_token_budget: int,
-                 whole_prefill: bool = False, slice_cap=None) -> None:
+                 whole_prefill: bool = False) -> None:
         self.session = session
         self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
+        # Until the first slice and decode step are measured (_measure), the floor.
         self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget,
-                                 slice_cap=None if whole_prefill else slice_cap)
+                                 slice_cap=None if whole_prefill
+                                 else (lambda prefix: MIN_SLICE_TOKENS))
         self.reqs: dict[int, _Req] = {}
         self.rows_s: float | None = None  # a decode step's compute, measured
         self.prefill_tok_s: float | None = None  # prompt tokens per second, measured

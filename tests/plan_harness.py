@@ -81,6 +81,7 @@ def random_instance(seed: int, *, max_devices: int = 4, max_layers: int = 7, max
     links = [{"between": [f"h{a}", f"h{b}"], "bandwidth_gbps": rng.uniform(0.05, 5),
               "latency_s": 1e-4} for a in range(num_hosts) for b in range(a + 1, num_hosts)]
     cluster = parse_cluster({"name": f"rand{seed}", "hosts": hosts, "links": links})
+    assert cluster.num_devices == num_dev and len(cluster.hosts) == num_hosts, seed
     base = AnalyticCost(model, cluster, "float16")
     cost = SkewedCost(base, [rng.uniform(0.3, 3.0) for _ in range(model.num_layers)])
     pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype="float16",

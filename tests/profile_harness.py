@@ -35,6 +35,8 @@ def device_profile(name: str, slowdown: float = 1.0) -> DeviceProfile:
 
 
 def make_profile(names=("cpu0", "cpu1"), slowdowns=(1.0, 1.0), model=MODEL) -> Profile:
+    # A link needs two devices, and every device its slowdown (zip would drop the extras).
+    assert len(names) == len(slowdowns) >= 2, (names, slowdowns)
     return Profile(
         model_name=model.name, model_shape=model_shape(model), dtype="float32",
         torch_version="2.13.0", date="2026-01-01T00:00:00+00:00", cluster_name="local:2",

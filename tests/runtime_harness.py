@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hpipe.cluster import ClusterSpec, local_cluster
+from hpipe.cluster import ClusterSpec, local_cluster, parse_cluster
 from hpipe.model.generate import GenerationResult, Sampler, generate
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.runtime import RunRequest, RunResult, check_request, launch_local
@@ -140,3 +140,32 @@ def assert_stopped_early(result: RunResult, ref: GenerationResult, case) -> None
     assert len(result.output_ids[0]) < case.max_new_tokens
     if case.batch == 1:
         assert result.num_decode_steps == len(ref.output_ids[0]) < case.max_new_tokens - 1
+
+
+def slow_cluster(num_workers: int, slowdown: float = 1.0) -> ClusterSpec:
+    """``num_workers`` local CPU workers, each emulated ``slowdown`` x slower: a tiny model's
+    request then lasts seconds, long enough to signal, cancel or queue behind."""
+    return parse_cluster({"name": "slow" if slowdown > 1 else f"local:{num_workers}",
+                          "hosts": [{"name": "local", "intra_link": "loopback",
+                                     "devices": [{"name": f"cpu{i}", "type": "cpu",
+                                                  "slowdown": slowdown}
+                                                 for i in range(num_workers)]}]})
+
+
+def write_slow_cluster(path: Path, slowdown: float, num_workers: int = 2) -> Path:
+    """``slow_cluster`` as a cluster file, for CLI tests."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(slow_cluster(num_workers, slowdown).to_dict()))
+    return path
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (its workers, and multiprocessing's resource tracker)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sorted(kids)

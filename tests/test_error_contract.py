@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runtime_harness import children_of, write_slow_cluster
 
 from hpipe.cli import main
 from hpipe.errors import ModelSpecError
@@ -124,26 +125,6 @@ def test_model_shapes_that_cannot_be_are_typed_errors_not_asserts():
 
 
 # -- signals and stopped workers, through the real CLI -----------------------------------------
-SLOW = """name: slow
-hosts:
-  - name: local
-    intra_link: loopback
-    devices:
-      - {name: cpu0, type: cpu, slowdown: 300}
-      - {name: cpu1, type: cpu, slowdown: 300}
-"""
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return sorted(kids)
-
-
 def _start(argv: list[str]) -> subprocess.Popen:
     # Ctrl-C reaches a foreground program with SIGINT at its default; a test suite started in
     # the background inherits it ignored, so the child restores it.
@@ -165,10 +146,10 @@ def _finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
 def _wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 60) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        kids = _children(proc.pid)
+        kids = children_of(proc.pid)
         if len(kids) >= count:
             time.sleep(2.0)  # past start-up: loading, or into the first request
-            return _children(proc.pid)
+            return children_of(proc.pid)
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"no workers after {timeout_s} s: {proc.communicate()}")
@@ -194,7 +175,7 @@ def _state(pid: int) -> str:
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_no_worker_left(tiny_checkpoints,
                                                                        tmp_path, sig, code, word):
-    (tmp_path / "slow.yaml").write_text(SLOW)
+    write_slow_cluster(tmp_path / "slow.yaml", 300)
     proc = _start(["run", "--model", str(tiny_checkpoints["llama"]), "--cluster",
                    str(tmp_path / "slow.yaml"), "--prompt-ids", "5,6,7,8,9,10",
                    "--max-new-tokens", "100"])
@@ -211,7 +192,7 @@ def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_no_worker_left(tiny_chec
     ["profile", "--model", "{llama}", "--cluster", "{slow}", "--out", "{d}/p.json", "--quick"],
 ], ids=["generate", "profile"])
 def test_ctrl_c_in_other_commands_is_one_line(tiny_checkpoints, tmp_path, argv):
-    (tmp_path / "slow.yaml").write_text(SLOW)
+    write_slow_cluster(tmp_path / "slow.yaml", 300)
     argv = [a.format(llama=tiny_checkpoints["llama"], slow=tmp_path / "slow.yaml", d=tmp_path)
             for a in argv]
     proc = _start(argv)
@@ -230,7 +211,7 @@ def test_a_stopped_worker_in_a_tensor_parallel_run_is_named_within_the_liveness_
     """A SIGSTOP'd member of a TP pair used to hang the run for ~600 s; the pipeline case
     blamed the rank that was waiting. Now: exit 1 within the limit, naming the stopped rank,
     and the JSON error carries it."""
-    (tmp_path / "slow.yaml").write_text(SLOW)
+    write_slow_cluster(tmp_path / "slow.yaml", 300)
     proc = _start(["run", "--model", str(tiny_checkpoints["llama"]), "--cluster",
                    str(tmp_path / "slow.yaml"), "--method", "megatron", "--prompt-ids",
                    "5,6,7,8,9,10", "--max-new-tokens", "100", "--liveness", "3", "--json"])

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from runtime_harness import Case, plan_for, request_for
+from runtime_harness import Case, plan_for, request_for, slow_cluster
 
-from hpipe.cluster import parse_cluster
 from hpipe.errors import (
     PlanMismatchError,
     PromptTooLongError,
@@ -38,20 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- a killed worker ---------------------------------------------------------------------------
-def _slow_cluster(num_workers: int, slowdown: float):
-    """Local CPU workers emulated `slowdown` x slower, so a tiny model's run lasts seconds."""
-    return parse_cluster({"name": "slow", "hosts": [{"name": "local", "intra_link": "loopback",
-                          "devices": [{"name": f"cpu{i}", "type": "cpu", "slowdown": slowdown}
-                                      for i in range(num_workers)]}]})
-
-
 def _long_request(tiny_checkpoints):
     from hpipe.model.source import open_model
 
     path = tiny_checkpoints["llama"]
     spec = open_model(path).spec
     case = Case("long", "llama", layers=(2, 2), slices=(4, 4), max_new_tokens=100)
-    req = request_for(case, path, spec, 2, cluster=_slow_cluster(2, 300.0))
+    req = request_for(case, path, spec, 2, cluster=slow_cluster(2, 300.0))
     return dataclasses.replace(req, eos_token_ids=(), stop_at_eos=False)
 
 

@@ -19,22 +19,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from runtime_harness import children_of, write_slow_cluster
 
 from hpipe.model.generate import generate
 from hpipe.runtime.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key"
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return kids
 
 
 class Server:
@@ -74,7 +65,7 @@ class Server:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
     def stop(self) -> None:
-        workers = _children(self.proc.pid)
+        workers = children_of(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
         try:
             _, err = self.proc.communicate(timeout=60)
@@ -216,7 +207,8 @@ def test_a_client_that_disconnects_cancels_its_request(server):
         time.sleep(0.2)
     assert server.metric("hpipe:num_requests_running") == 0
     # The same pipeline serves on.
-    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2)
+    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2,
+                                                       extra_body={"ignore_eos": True})
     assert resp.usage.completion_tokens == 2
 
 
@@ -232,7 +224,8 @@ def test_a_killed_worker_fails_its_request_then_the_pipeline_is_reopened(server)
     assert set(after).isdisjoint(workers)
     assert server.metric("hpipe:pipeline_restarts_total") >= 1
     assert server.metric("hpipe:request_failed_total") >= 1
-    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2)
+    resp = server.client().completions.create(model="smollm2", prompt="Hello", max_tokens=2,
+                                                       extra_body={"ignore_eos": True})
     assert resp.usage.completion_tokens == 2
 
 
@@ -249,24 +242,19 @@ def test_metrics_use_vllm_names(server):
 
 
 # -- a full queue, on a small slow model ---------------------------------------------------------
-SLOW = """name: slow
-hosts:
-  - name: local
-    intra_link: loopback
-    devices:
-      - {name: cpu0, type: cpu, slowdown: 60}
-      - {name: cpu1, type: cpu, slowdown: 60}
-"""
+
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
-    (tmp_path / "slow.yaml").write_text(SLOW)
+    write_slow_cluster(tmp_path / "slow.yaml", 60)
     s = Server(["--model", str(tiny_checkpoints["llama"]), "--cluster", str(tmp_path / "slow.yaml"),
                 "--served-model-name", "tiny", "--max-running", "1", "--max-waiting", "1",
                 "--seq-len", "8", "--keepalive", "0.5"])
     try:
         s.wait_ready()
-        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8}
+        # Greedy, past any end of sequence: every request runs its max_tokens.
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
 
         def stream_lines() -> list[str]:
             with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},

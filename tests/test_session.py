@@ -11,9 +11,8 @@ import threading
 import time
 
 import pytest
-from runtime_harness import Case, plan_for, prompt_for, reference
+from runtime_harness import Case, plan_for, prompt_for, reference, slow_cluster
 
-from hpipe.cluster import parse_cluster
 from hpipe.demo import DOCUMENT_PATH
 from hpipe.errors import PromptTooLongError, WorkerFailedError
 from hpipe.model.generate import generate
@@ -80,7 +79,7 @@ def test_a_stream_reports_progress_then_tokens_then_its_end(tiny_checkpoints):
     case = Case("stream", "llama", layers=(1, 3), slices=(6, 3, 1), max_new_tokens=5,
                 eos_token_ids=())
     ids = prompt_for(case, spec)[0]
-    with Session.open(model=path, plan=plan_for(case, spec, _cluster(2))) as session:
+    with Session.open(model=path, plan=plan_for(case, spec, slow_cluster(2))) as session:
         stream = session.submit(Request.from_ids(ids, max_new_tokens=5, stop_at_eos=False))
         events = list(stream)
     prefill = [e.done for e in events if isinstance(e, Progress) and e.kind == "prefill"]
@@ -96,7 +95,7 @@ def test_bad_requests_are_refused_at_submit_and_the_session_goes_on(tiny_checkpo
     path = str(tiny_checkpoints["llama"])
     spec = open_model(path).spec
     case = Case("refuse", "llama", layers=(2, 2), slices=(8,))
-    with Session.open(model=path, plan=plan_for(case, spec, _cluster(2))) as session:
+    with Session.open(model=path, plan=plan_for(case, spec, slow_cluster(2))) as session:
         with pytest.raises(PromptTooLongError, match=r"120 tokens \+ 20 new tokens = 140"):
             session.submit(Request.from_ids([5] * 120, max_new_tokens=20))
         with pytest.raises(ValueError, match="temperature"):
@@ -112,7 +111,7 @@ def test_an_idle_session_outlives_its_connect_timeout(tiny_checkpoints):
     path = str(tiny_checkpoints["llama"])
     spec = open_model(path).spec
     case = Case("idle", "llama", layers=(2, 2), slices=(5, 3), eos_token_ids=())
-    with Session.open(model=path, plan=plan_for(case, spec, _cluster(2)),
+    with Session.open(model=path, plan=plan_for(case, spec, slow_cluster(2)),
                       connect_timeout_s=4.0) as session:
         time.sleep(7.0)
         done = session.generate(Request.from_ids(prompt_for(case, spec)[0], max_new_tokens=4,
@@ -122,21 +121,13 @@ def test_an_idle_session_outlives_its_connect_timeout(tiny_checkpoints):
 
 
 # -- cancel ------------------------------------------------------------------------------------
-def _cluster(num_workers: int, slowdown: float = 1.0):
-    return parse_cluster({"name": "slow" if slowdown > 1 else f"local:{num_workers}",
-                          "hosts": [{"name": "local", "intra_link": "loopback",
-                                     "devices": [{"name": f"cpu{i}", "type": "cpu",
-                                                  "slowdown": slowdown}
-                                                 for i in range(num_workers)]}]})
-
-
 def _slow_session(tiny_checkpoints, *, groups=(), layers=(2, 2), slowdown=300.0):
     """A tiny model on workers emulated `slowdown` x slower, so a request lasts seconds."""
     path = str(tiny_checkpoints["llama"])
     spec = open_model(path).spec
     case = Case("slow", "llama", layers=layers, groups=groups, slices=(4, 4, 4, 4))
     num = sum(groups) if groups else len(layers)
-    plan = plan_for(case, spec, _cluster(num, slowdown))
+    plan = plan_for(case, spec, slow_cluster(num, slowdown))
     return Session.open(model=path, plan=plan, liveness_s=LIVENESS_S), prompt_for(case, spec)[0]
 
 
