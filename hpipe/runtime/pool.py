@@ -328,7 +328,7 @@ def _worker_main(target, payload, settings: WorkerSettings, rank: int, commands,
                  beats: Heartbeats, parent_pid: int) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent(parent_pid)
-    beats.start_beating(rank)
+    stop_beating = beats.start_beating(rank)
     # SIGTERM from the supervisor: leave at once (the default handler); Ctrl-C reaches the
     # whole foreground process group, so the supervisor handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -370,5 +370,6 @@ def _worker_main(target, payload, settings: WorkerSettings, rank: int, commands,
         inbox.close()
         inbox.join_thread()
         os._exit(1)
+    stop_beating()  # before the interpreter finalises (see Heartbeats.start_beating)
     inbox.close()
     inbox.join_thread()
