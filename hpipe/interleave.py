@@ -20,8 +20,15 @@ runs: what the last stage computes in about one decode step, hpipe/session_items
 the planned slices resume at full size when nobody waits.
 
 Memory: a request is admitted (its KV cache allocated on every stage) only while the caches of
-the admitted requests, prompt plus new tokens each, fit ``kv_token_budget``; the others wait in
-arrival order. A request that could never fit is refused when it is submitted.
+the admitted requests, prompt plus new tokens each, and the kept prefixes fit
+``kv_token_budget``; the others wait in arrival order, and kept prefixes are evicted, least
+recently used first, to make room. A request that could never fit is refused when it is
+submitted.
+
+Prefix reuse (hpipe/prefix_cache.py): when a request is admitted it takes the longest kept
+prefix of its prompt (``Admitted.source``, ``cached`` tokens) and is sliced and prefilled from
+there; an item whose last slice ends a prompt worth keeping says so (``Item.keep_as``), and the
+stages snapshot that request's cache under the key after computing the item.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from hpipe.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,13 @@ class DecodeRow:
 
 @dataclass(frozen=True)
 class Item:
+    """One pass through the pipeline. ``keep_as``: after computing it, each stage keeps the
+    prefill request's cache of its whole prompt as prefix ``keep_as``."""
+
     index: int
     prefill: PrefillPiece | None
     decode: tuple[DecodeRow, ...]
+    keep_as: int | None = None
 
     @property
     def rids(self) -> tuple[int, ...]:
@@ -72,10 +85,11 @@ class _Live:
 
     rid: int
     prompt: tuple[int, ...]
-    slices: tuple[int, ...]
     max_new_tokens: int
     eos: frozenset[int]
     stop_at_eos: bool = True
+    slices: tuple[int, ...] = ()  # of the tokens after the cached prefix, set when admitted
+    cached: int = 0  # prompt tokens taken from a kept prefix
     next_slice: int = 0
     prefilled: int = 0  # prompt tokens handed out in items
     generated: list[int] = field(default_factory=list)
@@ -97,6 +111,23 @@ class _Live:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """Request ``rid`` gets its caches, the first ``cached`` positions copied from kept prefix
+    ``source`` (None: nothing reused)."""
+
+    rid: int
+    source: int | None
+    cached: int
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """Kept prefix ``key`` is dropped."""
+
+    key: int
+
+
+@dataclass(frozen=True)
 class Sampled:
     """What one finished item gave a request: its new token, and whether it is done (and why:
     "stop" at end of sequence, "length" at max_new_tokens)."""
@@ -108,10 +139,15 @@ class Sampled:
 
 class Interleaver:
     def __init__(self, *, depth: int, kv_token_budget: int,
-                 slice_cap: Callable[[int], int] | None = None) -> None:
+                 slicing: Callable[[int], tuple[int, ...]] = lambda n: (n,),
+                 slice_cap: Callable[[int], int] | None = None,
+                 prefixes: PrefixCache | None = None) -> None:
         assert depth >= 1 and kv_token_budget >= 1, (depth, kv_token_budget)
         self.depth = depth
         self.kv_token_budget = kv_token_budget
+        self.slicing = slicing  # prompt tokens to prefill -> the plan's slices for them
+        self.prefixes = prefixes  # None: no prefix reuse
+        self.evicted: list[int] = []  # Evicted keys decided in next_item, for the caller
         # slice_cap(prefix): the most prompt tokens an item may carry at that prefix while
         # other requests decode (see [Note: slices that fit a decode step]); None: no cap.
         self.slice_cap = slice_cap
@@ -121,11 +157,15 @@ class Interleaver:
         self._next_index = 0
 
     # -- requests ----------------------------------------------------------------------------
-    def add(self, rid: int, prompt: tuple[int, ...], slices: tuple[int, ...], *,
-            max_new_tokens: int, eos: tuple[int, ...] = (), stop_at_eos: bool = True) -> None:
-        assert sum(slices) == len(prompt) and all(s > 0 for s in slices), (slices, len(prompt))
-        req = _Live(rid, tuple(prompt), tuple(slices), max_new_tokens, frozenset(eos),
-                    stop_at_eos)
+    def add(self, rid: int, prompt: tuple[int, ...], *, max_new_tokens: int,
+            eos: tuple[int, ...] = (), stop_at_eos: bool = True,
+            slices: tuple[int, ...] | None = None) -> None:
+        """Queue a request. ``slices``: its own slicing when nothing is reused (default: the
+        scheduler's ``slicing``)."""
+        assert prompt, "an empty prompt"
+        assert slices is None or sum(slices) == len(prompt), (slices, len(prompt))
+        req = _Live(rid, tuple(prompt), max_new_tokens, frozenset(eos), stop_at_eos,
+                    slices=tuple(slices or ()))
         if req.room_tokens > self.kv_token_budget:
             raise ValueError(f"request {rid} needs {req.room_tokens} KV positions, more than "
                              f"the budget of {self.kv_token_budget}")
@@ -144,15 +184,46 @@ class Interleaver:
         req.done = True
         return True
 
-    def admit(self) -> list[int]:
-        """Admit waiting requests, in order, while their caches fit the budget."""
-        used = sum(r.room_tokens for r in self.live.values())
+    def _free_tokens(self) -> int:
+        held = self.prefixes.held_tokens if self.prefixes is not None else 0
+        return self.kv_token_budget - held - sum(r.room_tokens for r in self.live.values())
+
+    def _evict_until(self, need: int, *, keep: int | None = None) -> list[int]:
+        """Evict kept prefixes, least recent first and never ``keep``, until ``need`` tokens
+        are free or none is left to evict."""
         out = []
-        while self.waiting and used + self.waiting[0].room_tokens <= self.kv_token_budget:
-            req = self.waiting.popleft()
+        while self.prefixes is not None and self._free_tokens() < need:
+            key = self.prefixes.least_recent(keep=keep)
+            if key is None:
+                break
+            self.prefixes.remove(key)
+            out.append(key)
+        return out
+
+    def admit(self) -> list[Admitted | Evicted]:
+        """Admit waiting requests, in order, while their caches fit the budget (evicting kept
+        prefixes for them). Send the decisions in the order given: an admission copies from
+        its source before any later eviction."""
+        out: list[Admitted | Evicted] = []
+        while self.waiting:
+            req = self.waiting[0]
+            source, cached = (self.prefixes.lookup(req.prompt) if self.prefixes is not None
+                              else (None, 0))
+            out += [Evicted(k) for k in self._evict_until(req.room_tokens, keep=source)]
+            if self._free_tokens() < req.room_tokens and source is not None:
+                out += [Evicted(k) for k in self._evict_until(req.room_tokens)]
+                source, cached = None, 0  # its own source had to go too
+            if self._free_tokens() < req.room_tokens:
+                break
+            self.waiting.popleft()
+            if self.prefixes is not None:
+                self.prefixes.record(len(req.prompt), cached)
+            req.cached = req.prefilled = cached
+            if cached or not req.slices:
+                req.slices = tuple(self.slicing(len(req.prompt) - cached))
+            assert sum(req.slices) == len(req.prompt) - cached and all(s > 0 for s in req.slices)
             self.live[req.rid] = req
-            used += req.room_tokens
-            out.append(req.rid)
+            out.append(Admitted(req.rid, source, cached))
         return out
 
     def releasable(self) -> list[int]:
@@ -183,7 +254,7 @@ class Interleaver:
             if not r.prefilling:
                 continue
             # The rest of the planned slice, cut to the cap while other streams decode.
-            done_in_plan = sum(r.slices[:r.next_slice])
+            done_in_plan = r.cached + sum(r.slices[:r.next_slice])
             n = done_in_plan + r.slices[r.next_slice] - r.prefilled
             if others_decode and self.slice_cap is not None:
                 cap = max(1, self.slice_cap(r.prefilled))
@@ -202,10 +273,28 @@ class Interleaver:
             return None
         for row in rows:
             self.live[row.rid].in_flight = True
-        item = Item(self._next_index, piece, rows)
+        keep_as = self._keep_key(self.live[piece.rid]) if piece is not None and piece.last else None
+        item = Item(self._next_index, piece, rows, keep_as)
         self._next_index += 1
         self.in_flight[item.index] = item
         return item
+
+    def _keep_key(self, r: _Live) -> int | None:
+        """Whether the prompt ``r`` just finished prefilling is kept, and under which key (see
+        [Note: prefix reuse]); the evictions it needs go to ``self.evicted``."""
+        if self.prefixes is None or not self.prefixes.should_keep(r.prompt, r.cached):
+            return None
+        for key in self.prefixes.superseded(r.prompt):
+            self.prefixes.remove(key)
+            self.evicted.append(key)
+        self.evicted += self._evict_until(len(r.prompt))
+        if self._free_tokens() < len(r.prompt):
+            return None
+        return self.prefixes.add(r.prompt)
+
+    def take_evicted(self) -> list[int]:
+        out, self.evicted = self.evicted, []
+        return out
 
     def on_sampled(self, index: int, tokens: dict[int, int]) -> list[Sampled]:
         """Item ``index`` came out of the last stage with ``tokens`` (rid -> sampled id, for

@@ -29,8 +29,11 @@ Two modes. By default requests run one after another, each through its plan's st
 share the pipeline at once, prefill slices taking turns with decode steps
 (hpipe/interleave.py, hpipe/session_items.py).
 
+Interleaved sessions also keep the KV caches of prefilled prompts, and a request whose prompt
+starts like a kept one prefills only the rest (hpipe/prefix_cache.py).
+
 What this does not do yet: run across hosts under torchrun (``hpipe run`` still runs a fixed
-list of requests there), or reuse a KV cache between requests.
+list of requests there).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ class Session:
              dtype: str = "float32", cost=None, allow_tp: bool = True,
              liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
              wait: bool = True, interleave: bool = False, whole_prefill: bool = False,
-             on_failure: Callable[[Exception], None] | None = None) -> Session:
+             prefix_reuse: bool = True, on_failure: Callable[[Exception], None] | None = None) -> Session:
         """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
         every stage has loaded its weights (raising if a worker failed meanwhile).
 
@@ -124,7 +127,9 @@ class Session:
         many one-row requests at once, prefill slices taking turns with decode steps
         (hpipe/interleave.py), instead of one whole request after another; with
         ``whole_prefill`` each prompt goes in one piece (what servers without slicing do: for
-        comparisons).
+        comparisons). ``prefix_reuse`` (interleaved only): a prompt that starts like one
+        prefilled before takes that prefix's KV cache instead of prefilling it again
+        (hpipe/prefix_cache.py).
 
         Open it from a thread that outlives it (the main thread, or one kept for it): Linux
         ends the workers when the thread that spawned them ends (see hpipe/runtime/pool.py).
@@ -156,7 +161,8 @@ class Session:
 
             session._items = InterleavedRuns(session, depth=plan.num_stages,
                                              kv_token_budget=kv_token_budget(plan),
-                                             whole_prefill=whole_prefill)
+                                             whole_prefill=whole_prefill,
+                                             prefix_reuse=prefix_reuse)
         session._start()
         try:
             if wait:
@@ -218,6 +224,17 @@ class Session:
         """An interleaved session's compute seconds per rank so far, as the ranks report them
         (about once a second); empty otherwise."""
         return dict(self._items.busy_s) if self._items is not None else {}
+
+    def prefix_stats(self) -> dict[str, int]:
+        """An interleaved session's prefix reuse so far: prompt tokens of admitted requests
+        (``queried_tokens``), how many came from kept prefixes (``hit_tokens``), and the
+        positions kept now (``held_tokens``); empty when it does not reuse prefixes."""
+        prefixes = self._items.sched.prefixes if self._items is not None else None
+        if prefixes is None:
+            return {}
+        with self._cond:
+            return {"queried_tokens": prefixes.queried_tokens, "hit_tokens": prefixes.hit_tokens,
+                    "held_tokens": prefixes.held_tokens}
 
     @property
     def kv_token_budget(self) -> int | None:

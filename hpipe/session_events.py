@@ -71,6 +71,9 @@ class Finished:
     # The tokens per row (before an end of sequence), where there is no result: an interleaved
     # session's requests, and cancelled ones.
     output: tuple[tuple[int, ...], ...] = ()
+    # Prompt tokens whose KV came from a kept prefix instead of being prefilled (interleaved
+    # sessions; see hpipe/prefix_cache.py).
+    cached_tokens: int = 0
 
     @property
     def output_ids(self) -> tuple[tuple[int, ...], ...]:

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass, field
 
 from hpipe.errors import CapacityError, PromptShapeError
-from hpipe.interleave import Interleaver
+from hpipe.interleave import Admitted, Interleaver
+from hpipe.prefix_cache import PrefixCache
 from hpipe.session_events import Finished, Progress, Tokens
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ class _Req:
     stream: object  # hpipe.session.Stream
     request: object  # hpipe.session.Request
     prompt: tuple[int, ...]
-    slices: tuple[int, ...]
     eos: frozenset[int]
     slices_done: int = 0
     output: list[int] = field(default_factory=list)
@@ -50,13 +50,16 @@ class _Req:
 
 class InterleavedRuns:
     def __init__(self, session, *, depth: int, kv_token_budget: int,
-                 whole_prefill: bool = False) -> None:
+                 whole_prefill: bool = False, prefix_reuse: bool = True) -> None:
         self.session = session
         self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
         # Until the first slice and decode step are measured (_measure), the floor.
         self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget,
+                                 slicing=((lambda n: (n,)) if whole_prefill
+                                          else session.plan.slices_for),
                                  slice_cap=None if whole_prefill
-                                 else (lambda prefix: MIN_SLICE_TOKENS))
+                                 else (lambda prefix: MIN_SLICE_TOKENS),
+                                 prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
         self.rows_s: float | None = None  # a decode step's compute, measured
         self.prefill_tok_s: float | None = None  # prompt tokens per second, measured
@@ -73,10 +76,8 @@ class InterleavedRuns:
         if request.max_new_tokens == 0:
             stream._end(Finished(rid, None, ("length",), ((),)))
             return
-        slices = ((len(prompt),) if self.whole_prefill
-                  else self.session.plan.slices_for(len(prompt)))
         try:
-            self.sched.add(rid, prompt, slices, max_new_tokens=request.max_new_tokens, eos=eos,
+            self.sched.add(rid, prompt, max_new_tokens=request.max_new_tokens, eos=eos,
                            stop_at_eos=request.stop_at_eos)
         except ValueError:
             need = len(prompt) + request.max_new_tokens - 1
@@ -86,14 +87,15 @@ class InterleavedRuns:
                 f"but the stages hold at most {self.sched.kv_token_budget} beside their weights "
                 "(the tightest device of the plan); shorten the prompt or ask for fewer tokens"
             ) from None
-        self.reqs[rid] = _Req(stream, request, prompt, slices, frozenset(eos))
+        self.reqs[rid] = _Req(stream, request, prompt, frozenset(eos))
 
     def cancel(self, rid: int) -> bool:
         """Called with the session's lock held."""
         req = self.reqs.get(rid)
         if req is None or req.ended or not self.sched.cancel(rid):
             return False
-        self._end(rid, Finished(rid, None, ("cancelled",), (tuple(req.output),)))
+        self._end(rid, Finished(rid, None, ("cancelled",), (tuple(req.output),),
+                                cached_tokens=self._cached(rid)))
         return True
 
     # -- the driver thread ---------------------------------------------------------------------
@@ -119,13 +121,22 @@ class InterleavedRuns:
 
     def _decide(self) -> list[tuple]:
         cmds: list[tuple] = [("release", rid) for rid in self.sched.releasable()]
-        for rid in self.sched.admit():
-            r = self.reqs[rid].request
-            room = len(self.reqs[rid].prompt) + max(0, r.max_new_tokens - 1)
-            cmds.append(("admit", rid, room, r.temperature, r.top_p, r.seed))
+        for got in self.sched.admit():
+            if not isinstance(got, Admitted):
+                cmds.append(("evict", got.key))
+                continue
+            r = self.reqs[got.rid].request
+            room = len(self.reqs[got.rid].prompt) + max(0, r.max_new_tokens - 1)
+            cmds.append(("admit", got.rid, room, r.temperature, r.top_p, r.seed, got.source,
+                         got.cached))
         while (item := self.sched.next_item()) is not None:
+            cmds += [("evict", key) for key in self.sched.take_evicted()]
             cmds.append(("item", item))
         return cmds
+
+    def _cached(self, rid: int) -> int:
+        live = self.sched.live.get(rid)
+        return live.cached if live is not None else 0
 
     # -- from the workers (the supervisor's thread) --------------------------------------------
     def on_message(self, msg: tuple) -> bool:
@@ -147,9 +158,10 @@ class InterleavedRuns:
             if piece is not None and piece.rid in self.reqs:
                 req = self.reqs[piece.rid]
                 req.slices_done += 1
-                if not req.ended:
-                    req.stream._push(Progress(piece.rid, "prefill", req.slices_done,
-                                              len(req.slices)))
+                live = self.sched.live.get(piece.rid)
+                if not req.ended and live is not None:
+                    total = max(req.slices_done, len(live.slices))  # cut slices make more
+                    req.stream._push(Progress(piece.rid, "prefill", req.slices_done, total))
             for g in got:
                 req = self.reqs.get(g.rid)
                 if req is None or req.ended:
@@ -158,7 +170,8 @@ class InterleavedRuns:
                 if not (g.finished == "stop" and g.token in req.eos):
                     req.output.append(g.token)
                 if g.finished is not None:
-                    self._end(g.rid, Finished(g.rid, None, (g.finished,), (tuple(req.output),)))
+                    self._end(g.rid, Finished(g.rid, None, (g.finished,), (tuple(req.output),),
+                                              cached_tokens=self._cached(g.rid)))
             s._cond.notify_all()
         return True
 

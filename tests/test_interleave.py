@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpipe.errors import CapacityError
-from hpipe.interleave import Interleaver
+from hpipe.interleave import Admitted, Evicted, Interleaver
+from hpipe.prefix_cache import MIN_NEW_TOKENS, MIN_REUSE_TOKENS, PrefixCache
 from hpipe.model.generate import generate
 from hpipe.session import Finished, Request, Session, Tokens
 
@@ -26,10 +27,31 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
     out: dict[int, list[int]] = {}
     pipe: list = []
     fed_prefix: dict[int, int] = {}
+    kept: dict[int, tuple[int, ...]] = {}  # what the stages would hold, by key
+    prompts = {r.rid: r.prompt for r in sched.waiting}
+
+    def check_budget():
+        held = sum(len(t) for t in kept.values())
+        assert held + sum(r.room_tokens for r in sched.live.values()) <= sched.kv_token_budget
+
     for _ in range(max_items):
         sched.releasable()
-        sched.admit()
+        for got in sched.admit():
+            if isinstance(got, Evicted):
+                del kept[got.key]
+                continue
+            fed_prefix[got.rid] = got.cached
+            if got.source is not None:  # the copied positions are the same tokens
+                assert kept[got.source][:got.cached] == prompts[got.rid][:got.cached]
+                assert got.cached < len(prompts[got.rid])
+        check_budget()
         while (item := sched.next_item()) is not None:
+            for key in sched.take_evicted():
+                del kept[key]
+            if item.keep_as is not None:
+                assert item.prefill.last
+                kept[item.keep_as] = prompts[item.prefill.rid]
+            check_budget()
             # at most one slice, and slices of one prompt in order, without gaps
             if item.prefill is not None:
                 p = item.prefill
@@ -81,22 +103,114 @@ def test_every_request_gets_all_its_tokens_in_order(data):
         prompt = tuple(range(sum(slices)))
         if len(prompt) + n - 1 > sched.kv_token_budget:
             continue
-        sched.add(rid, prompt, tuple(slices), max_new_tokens=n)
+        sched.add(rid, prompt, slices=tuple(slices), max_new_tokens=n)
         wants[rid] = [100 * rid + k for k in range(n)]
     out = _run(sched, rng=random.Random(data.draw(st.integers(0, 99))))
     assert out == wants
     assert sched.idle or not sched.live
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_prefix_reuse_keeps_every_token_and_the_budget(data):
+    """Prompts that share documents, under a tight budget: each request still gets all its
+    tokens, its pieces start where its reused prefix ends, a reused prefix is made of the same
+    tokens, and kept prefixes plus running caches never exceed the budget."""
+    depth = data.draw(st.integers(1, 3))
+    budget = data.draw(st.integers(200, 1200))
+    sched = Interleaver(depth=depth, kv_token_budget=budget, prefixes=PrefixCache(),
+                        slicing=lambda n: (n,) if n < 40 else (n - n // 3, n // 3))
+    docs = [tuple(range(1000 * d, 1000 * d + data.draw(st.integers(20, 150))))
+            for d in range(data.draw(st.integers(1, 3)))]
+    wants = {}
+    for rid in range(data.draw(st.integers(1, 8))):
+        doc = docs[data.draw(st.integers(0, len(docs) - 1))]
+        question = tuple(range(500 + rid * 10, 500 + rid * 10 + data.draw(st.integers(1, 80))))
+        n = data.draw(st.integers(1, 6))
+        prompt = doc + question
+        if len(prompt) + n - 1 > budget:
+            continue
+        sched.add(rid, prompt, max_new_tokens=n)
+        wants[rid] = [100 * rid + k for k in range(n)]
+    out = _run(sched, rng=random.Random(data.draw(st.integers(0, 99))))
+    assert out == wants
+
+
+def _finish(sched: Interleaver) -> list:
+    """Run everything to the end one item at a time; the items, in order."""
+    items = []
+    while True:
+        sched.releasable()
+        sched.admit()
+        item = sched.next_item()
+        if item is None:
+            return items
+        items.append(item)
+        tokens = {r.rid: 5 for r in item.decode}
+        if item.prefill is not None and item.prefill.last:
+            tokens[item.prefill.rid] = 5
+        sched.on_sampled(item.index, tokens)
+
+
+def test_a_second_question_prefills_only_itself():
+    doc = tuple(range(1000, 1300))
+    sched = Interleaver(depth=2, kv_token_budget=10_000, prefixes=PrefixCache())
+    sched.add(1, doc + (1, 2, 3), max_new_tokens=2)
+    first = _finish(sched)
+    assert first[0].keep_as is not None and first[0].prefill.prefix == 0
+    sched.add(2, doc + (7, 8), max_new_tokens=2)
+    [admitted] = sched.admit()
+    assert admitted == Admitted(2, first[0].keep_as, len(doc))
+    second = _finish(sched)
+    assert second[0].prefill.prefix == len(doc) and second[0].prefill.ids == (7, 8)
+    assert second[0].keep_as is None  # two new tokens: not worth keeping the document twice
+    assert sched.prefixes.hit_tokens == len(doc) and sched.prefixes.queried_tokens == 605
+
+
+def test_a_conversation_turn_replaces_the_prefix_it_extends():
+    turn1 = tuple(range(200))
+    sched = Interleaver(depth=1, kv_token_budget=10_000, prefixes=PrefixCache())
+    sched.add(1, turn1, max_new_tokens=1)
+    key1 = _finish(sched)[0].keep_as
+    turn2 = turn1 + tuple(range(300, 300 + MIN_NEW_TOKENS))
+    sched.add(2, turn2, max_new_tokens=1)
+    items = _finish(sched)
+    assert items[0].prefill.prefix == len(turn1) - 0 and items[0].keep_as not in (None, key1)
+    assert sched.take_evicted() == [key1] and list(sched.prefixes.entries.values()) == [turn2]
+
+
+def test_kept_prefixes_make_room_least_recent_first():
+    sched = Interleaver(depth=1, kv_token_budget=500, prefixes=PrefixCache())
+    a, b = tuple(range(100)), tuple(range(1000, 1100))
+    for rid, prompt in ((1, a), (2, b)):
+        sched.add(rid, prompt, max_new_tokens=1)
+        _finish(sched)
+    assert sched.prefixes.held_tokens == 200
+    sched.add(3, a + (9,) * 10, max_new_tokens=1)  # uses a: b is now the least recent
+    _finish(sched)
+    sched.add(4, tuple(range(2000, 2350)), max_new_tokens=1)  # needs 350 of the 300 free
+    decisions = sched.admit()
+    assert decisions[0] == Evicted(2) and isinstance(decisions[-1], Admitted)
+    assert decisions[-1].source is None
+
+
+def test_short_common_prefixes_are_not_reused():
+    sched = Interleaver(depth=1, kv_token_budget=10_000, prefixes=PrefixCache())
+    sched.add(1, tuple(range(100)), max_new_tokens=1)
+    _finish(sched)
+    sched.add(2, tuple(range(MIN_REUSE_TOKENS - 1)) + (7,) * 80, max_new_tokens=1)
+    assert sched.admit() == [Admitted(2, None, 0)]
+
+
 def test_decode_rows_ride_along_with_a_long_prompts_slices():
     """A running request gets a decode row in every item while another prompt prefills: its
     gap is one item, not the whole prefill."""
     sched = Interleaver(depth=1, kv_token_budget=10_000)
-    sched.add(0, (1, 2, 3), (3,), max_new_tokens=50)
+    sched.add(0, (1, 2, 3), slices=(3,), max_new_tokens=50)
     sched.admit()
     first = sched.next_item()
     sched.on_sampled(first.index, {0: 7})
-    sched.add(1, tuple(range(80)), (32, 24, 16, 8), max_new_tokens=2)
+    sched.add(1, tuple(range(80)), slices=(32, 24, 16, 8), max_new_tokens=2)
     sched.admit()
     seen = []
     for _ in range(4):
@@ -111,7 +225,7 @@ def test_decode_rows_ride_along_with_a_long_prompts_slices():
 
 def test_slices_are_cut_to_the_cap_only_while_others_decode():
     sched = Interleaver(depth=1, kv_token_budget=10_000, slice_cap=lambda prefix: 10)
-    sched.add(0, tuple(range(50)), (30, 20), max_new_tokens=3)
+    sched.add(0, tuple(range(50)), slices=(30, 20), max_new_tokens=3)
     sched.admit()
     alone = []
     for _ in range(2):  # nobody decodes yet: the planned slices
@@ -119,7 +233,7 @@ def test_slices_are_cut_to_the_cap_only_while_others_decode():
         alone.append(len(item.prefill.ids))
         sched.on_sampled(item.index, {0: 1} if item.prefill.last else {})
     assert alone == [30, 20]
-    sched.add(1, tuple(range(25)), (25,), max_new_tokens=1)
+    sched.add(1, tuple(range(25)), slices=(25,), max_new_tokens=1)
     sched.admit()
     cut = []
     for _ in range(2):
@@ -136,13 +250,13 @@ def test_slices_are_cut_to_the_cap_only_while_others_decode():
 
 def test_admission_waits_for_memory_and_refuses_what_never_fits():
     sched = Interleaver(depth=2, kv_token_budget=100)
-    sched.add(0, tuple(range(60)), (60,), max_new_tokens=11)  # 70 positions
-    sched.add(1, tuple(range(40)), (40,), max_new_tokens=1)  # 40: does not fit beside it
-    assert sched.admit() == [0]
+    sched.add(0, tuple(range(60)), slices=(60,), max_new_tokens=11)  # 70 positions
+    sched.add(1, tuple(range(40)), slices=(40,), max_new_tokens=1)  # 40: does not fit beside it
+    assert [a.rid for a in sched.admit()] == [0]
     with pytest.raises(ValueError, match="needs 120 KV positions, more than the budget of 100"):
-        sched.add(2, tuple(range(100)), (100,), max_new_tokens=21)
+        sched.add(2, tuple(range(100)), slices=(100,), max_new_tokens=21)
     assert sched.cancel(0)
-    assert sched.releasable() == [0] and sched.admit() == [1]
+    assert sched.releasable() == [0] and [a.rid for a in sched.admit()] == [1]
 
 
 # -- an interleaved session on real workers --------------------------------------------------------
@@ -189,7 +303,8 @@ def test_a_long_prompt_does_not_freeze_a_running_stream(session, smollm2):
     reader.start()
     long_started.wait(120)
     t0 = time.monotonic()
-    long = session.submit(Request.from_ids(tok.encode(DOCUMENT_PATH.read_text())[:1500],
+    # Not the start of the document: another test's prompt, kept, would skip the prefill.
+    long = session.submit(Request.from_ids(tok.encode(DOCUMENT_PATH.read_text())[1800:3300],
                                            max_new_tokens=1))
     long.result(timeout=300)
     prefill_s = time.monotonic() - t0
@@ -225,3 +340,28 @@ def test_cancel_and_capacity_in_an_interleaved_session(session, smollm2):
             session.submit(Request.from_ids(list(range(3, 103)), max_new_tokens=40))
     finally:
         sched.kv_token_budget = saved
+
+
+def test_questions_on_a_kept_document_answer_as_the_whole_prompt(session, smollm2,
+                                                                  smollm2_model):
+    """A second and third question about the same document reuse its KV cache (cached_tokens
+    counts it) and give the greedy tokens of the whole prompt computed from scratch."""
+    from hpipe.demo import DOCUMENT_PATH
+    from hpipe.model.prompts import document_question
+
+    tok = smollm2.tokenizer
+    document = tok.decode(tok.encode(DOCUMENT_PATH.read_text())[:700])
+    before = session.prefix_stats()
+    outs = []
+    for q in ("Who wrote this?", "What is it about?", "Name one company it mentions."):
+        ids = tok.encode(tok.chat_prompt(document_question(document, q)))
+        done = session.generate(Request.from_ids(ids, max_new_tokens=10), timeout=300)
+        ref = generate(smollm2_model, [ids], max_new_tokens=10, eos_token_ids=tok.eos_token_ids)
+        assert done.output_ids == ref.output_ids, (q, done.output_ids, ref.output_ids)
+        outs.append((len(ids), done.cached_tokens))
+    assert outs[0][1] < 100  # the first question prefills the document
+    for n, cached in outs[1:]:
+        assert n - 40 < cached < n, outs  # the rest prefill about their question alone
+    after = session.prefix_stats()
+    assert after["hit_tokens"] - before["hit_tokens"] == sum(c for _, c in outs)
+    assert after["held_tokens"] >= outs[0][0]

@@ -61,6 +61,25 @@ class KVCache:
     def advance(self, num_new: int) -> None:
         self.length += num_new
 
+    def copy_prefix(self, source: KVCache, num_tokens: int) -> None:
+        """Take ``source``'s first ``num_tokens`` positions as this cache's own (the same
+        prefix, computed once; see hpipe/prefix_cache.py). Copied, not shared: this cache then
+        grows past them while the source stays as it is."""
+        assert self.length == 0 and num_tokens <= min(source.length, self.max_tokens), (
+            self.length, num_tokens, source.length, self.max_tokens)
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values):
+            mine[:, :, :num_tokens] = theirs[:, :, :num_tokens]
+        self.length = num_tokens
+
+    def snapshot(self, num_tokens: int) -> KVCache:
+        """A new cache holding exactly this one's first ``num_tokens`` positions."""
+        k = self.keys[0]
+        out = KVCache(num_layers=len(self.keys), batch=self.batch, num_kv_heads=k.shape[1],
+                      head_dim=k.shape[3], max_tokens=num_tokens, dtype=k.dtype,
+                      device=k.device)
+        out.copy_prefix(self, num_tokens)
+        return out
+
     def reset(self) -> None:
         """Forget every cached token (buffers are reused, not freed)."""
         self.length = 0

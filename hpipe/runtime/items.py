@@ -8,6 +8,10 @@ then sends both on; the last stage samples, per request with its own sampler, th
 a final slice and after every decode row, and reports them to the supervisor, which feeds them
 back in the next items. Messages carry unit numbers 2 * index (the slice) and 2 * index + 1
 (the rows), checked on arrival like every other transfer.
+
+Kept prefixes (hpipe/prefix_cache.py) live here too, by key: an admission may start a
+request's cache as a copy of one, and an item with ``keep_as`` snapshots its prefill
+request's cache after computing it.
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ class ItemRunner:
                               wire_device=wire_device_for(backend),
                               recv_timeout_s=recv_timeout_s, rank_of_stage=rs.rank_of_stage)
         self.caches: dict[int, object] = {}
+        self.prefixes: dict[int, object] = {}  # key -> KVCache of a kept prompt
         self.samplers: dict[int, object] = {}
         self.sends: deque = deque()
         self.busy_s = 0.0
         self.reported_at = time.monotonic()
 
     def admit(self, rid: int, *, room_tokens: int, temperature: float, top_p: float,
-              seed: int) -> None:
-        self.caches[rid] = self.stage.new_cache(batch=1, max_tokens=room_tokens)
+              seed: int, source: int | None = None, cached: int = 0) -> None:
+        cache = self.stage.new_cache(batch=1, max_tokens=room_tokens)
+        if source is not None:
+            cache.copy_prefix(self.prefixes[source], cached)
+        self.caches[rid] = cache
         if self.samples:
             from hpipe.model.generate import Sampler
 
@@ -60,6 +68,9 @@ class ItemRunner:
     def release(self, rid: int) -> None:
         self.caches.pop(rid, None)
         self.samplers.pop(rid, None)
+
+    def evict(self, key: int) -> None:
+        self.prefixes.pop(key, None)
 
     def run(self, item) -> None:
         piece, rows = item.prefill, item.decode
@@ -92,6 +103,9 @@ class ItemRunner:
             stretch = (end - start) / max(1e-9, computed - start)
             piece_s, rows_s = (split - start) * stretch, (computed - split) * stretch
             self.busy_s += end - start
+            if item.keep_as is not None:
+                cache = self.caches[piece.rid]
+                self.prefixes[item.keep_as] = cache.snapshot(cache.length)
         if self.s < self.last and self.leader:
             for unit, out in ((2 * item.index, op), (2 * item.index + 1, od)):
                 if out is not None:

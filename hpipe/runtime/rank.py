@@ -294,8 +294,9 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
 
     ``commands`` is this rank's queue of messages from the supervisor, every rank getting the
     same ones in the same order: ``("run", id, RunRequest)``, ``("cancel", id)``, ``("close",)``,
-    and the serving scheduler's ``("admit", id, room, temperature, top_p, seed)``,
-    ``("item", Item)``, ``("release", id)`` (see hpipe/runtime/items.py).
+    and the serving scheduler's ``("admit", id, room, temperature, top_p, seed, source,
+    cached)``, ``("item", Item)``, ``("release", id)``, ``("evict", key)`` (see
+    hpipe/runtime/items.py).
     ``emit`` sends to the supervisor: ``("ready", rank, num_loads)`` once loaded,
     ``("token", id, ids per row)`` and ``("progress", id, kind, done, total)`` from the rank
     that samples, and ``("outcome", id, rank, StageOutcome)`` from every rank after each run.
@@ -320,7 +321,7 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
             if items is not None:
                 items.drain()
             return
-        if cmd[0] in ("admit", "item", "release"):
+        if cmd[0] in ("admit", "item", "release", "evict"):
             if items is None:
                 from hpipe.runtime.items import ItemRunner
 
@@ -328,11 +329,13 @@ def serve_rank(plan: Plan, model: str, ctx, commands, emit: Callable[[tuple], No
                                    data_group=ctx.data_group, emit=emit,
                                    recv_timeout_s=COLLECTIVE_TIMEOUT_S)
             if cmd[0] == "admit":
-                _, rid, room, temperature, top_p, seed = cmd
+                _, rid, room, temperature, top_p, seed, source, cached = cmd
                 items.admit(rid, room_tokens=room, temperature=temperature, top_p=top_p,
-                            seed=seed)
+                            seed=seed, source=source, cached=cached)
             elif cmd[0] == "item":
                 items.run(cmd[1])
+            elif cmd[0] == "evict":
+                items.evict(cmd[1])
             else:
                 items.release(cmd[1])
             continue
