@@ -154,6 +154,29 @@ def test_stop_strings_and_max_tokens(server, smollm2, smollm2_model):
     assert resp.object == "text_completion" and resp.choices[0].text
 
 
+def test_a_second_question_on_a_document_reuses_its_prefix(server, smollm2, smollm2_model):
+    """Automatic prefix caching: the same document with a new question is answered from the
+    kept KV of the document (usage says how many prompt tokens were cached, /metrics counts
+    them) and equals the single-process answer to the whole prompt."""
+    from hpipe.demo import DOCUMENT_PATH
+
+    tok = smollm2.tokenizer
+    document = tok.decode(tok.encode(DOCUMENT_PATH.read_text())[:400])
+    client = server.client()
+    hits_before = server.metric("hpipe:prefix_cache_hits_total")
+    cached = []
+    for q in ("Who is this about?", "Which year is mentioned first?"):
+        messages = [{"role": "user", "content": f"{document}\n\nQuestion: {q}"}]
+        resp = client.chat.completions.create(model="smollm2", messages=messages,
+                                              max_tokens=8, temperature=0)
+        assert resp.choices[0].message.content == _reference(smollm2, smollm2_model,
+                                                             messages, 8)
+        cached.append(resp.usage.prompt_tokens_details.cached_tokens)
+    assert cached[0] < 64 and cached[1] > 380, cached
+    assert server.metric("hpipe:prefix_cache_hits_total") - hits_before == sum(cached)
+    assert server.metric("hpipe:prefix_cache_held_tokens") > 400
+
+
 def test_eight_concurrent_clients_get_their_solo_answers(server):
     client = server.client()
     questions = [[{"role": "user", "content": f"Name a fruit that is {c}."}]

@@ -57,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--whole-prefill", action="store_true",
                    help="prefill each prompt in one piece, as servers without token slicing "
                         "do (for comparisons: running streams then wait for whole prefills)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole, even where it starts like one prefilled "
+                        "before (default: reuse the kept prefix's KV cache)")
     p.add_argument("--keepalive", type=positive(float), default=5.0,
                    help="seconds between SSE comments while a stream waits (default 5)")
     p.add_argument("--grace", type=in_range(float, 0), default=10.0,
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                    max_running=args.max_running,
                                    max_waiting=args.max_waiting, restart=args.restart,
                                    liveness_s=args.liveness, whole_prefill=args.whole_prefill,
+                                   prefix_reuse=args.prefix_cache,
                                    connect_timeout_s=args.connect_timeout),
                     plan, on_fatal=on_fatal, on_ready=on_ready)
     app = build_app(engine, api_key=args.api_key, keepalive_s=args.keepalive)

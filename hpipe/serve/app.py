@@ -108,7 +108,7 @@ def build_app(engine: Engine, *, api_key: str | None = None,
                 await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
                 if not collect.done() and await request.is_disconnected():
                     handle.cancel("disconnected")
-            reason, num_tokens = collect.result()
+            reason, num_tokens, cached = collect.result()
         except HPipeError as e:
             raise oa.APIError(400, str(e)) from None
         except Exception as e:
@@ -116,7 +116,7 @@ def build_app(engine: Engine, *, api_key: str | None = None,
                               type="server_error", code="worker_failed") from None
         return oa.full_response(req, rid=rid, created=created, model=served, text=text.text,
                                 finish_reason=reason, prompt_tokens=prompt_tokens,
-                                completion_tokens=num_tokens)
+                                completion_tokens=num_tokens, cached_tokens=cached)
 
     async def sse(handle: Handle, req: oa.Completion, *, rid: str, created: int,
                   prompt_tokens: int) -> AsyncIterator[str]:
@@ -155,7 +155,8 @@ def build_app(engine: Engine, *, api_key: str | None = None,
                     yield _data(oa.chunk(req, **kw, finish_reason=reason))
                     if req.include_usage:
                         yield _data(oa.usage_chunk(req, **kw, prompt_tokens=prompt_tokens,
-                                                   completion_tokens=num_tokens))
+                                                   completion_tokens=num_tokens,
+                                                   cached_tokens=event.cached_tokens))
         except Exception as e:  # the pipeline failed mid-stream: a last event says so
             finished = True
             err = oa.APIError(500, f"the pipeline failed during this request: {e}",
@@ -172,7 +173,8 @@ def build_app(engine: Engine, *, api_key: str | None = None,
 STARTED = int(time.time())
 
 
-async def _collect(handle: Handle, text: TextStream, eos: set[int]) -> tuple[str, int]:
+async def _collect(handle: Handle, text: TextStream, eos: set[int]) -> tuple[str, int, int]:
+    """The request's text into ``text``; its finish reason, completion and cached tokens."""
     num_tokens = 0
     async for event in handle.events():
         if isinstance(event, Tokens):
@@ -185,7 +187,7 @@ async def _collect(handle: Handle, text: TextStream, eos: set[int]) -> tuple[str
                 handle.cancel("stop_string")
         elif isinstance(event, Finished):
             text.finish()
-            return _reason(event, text), num_tokens
+            return _reason(event, text), num_tokens, event.cached_tokens
     raise RuntimeError("the request ended without a result")
 
 

@@ -34,6 +34,7 @@ class EngineSettings:
     max_waiting: int = 64  # requests queued behind them before 429
     restart: bool = True  # reopen the pipeline after a failure; False: stop the server
     whole_prefill: bool = False  # for comparison: no slicing (see Session.open)
+    prefix_reuse: bool = True  # automatic prefix caching (hpipe/prefix_cache.py)
     liveness_s: float = 15.0
     connect_timeout_s: float = 60.0
 
@@ -90,7 +91,7 @@ class Engine:
             session = Session.open(model=s.model, plan=self.plan, liveness_s=s.liveness_s,
                                    connect_timeout_s=s.connect_timeout_s, interleave=True,
                                    whole_prefill=s.whole_prefill,
-                                   on_failure=self._on_failure)
+                                   prefix_reuse=s.prefix_reuse, on_failure=self._on_failure)
         except Exception as e:  # nothing to serve: the server says why and stops
             log.error("the pipeline did not start: %s", e)
             with self._lock:
@@ -148,6 +149,9 @@ class Engine:
             counter = m.of(m.busy_seconds, stage=str(stage), device=device)
             counter.inc(max(0.0, seconds - self._busy_seen.get(rank, 0.0)))
             self._busy_seen[rank] = max(seconds, self._busy_seen.get(rank, 0.0))
+        held = session.prefix_stats().get("held_tokens")
+        if held is not None:
+            m.of(m.prefix_held).set(held)
 
     def tokenizer_or_ids(self):
         """The tokenizer, or (a checkpoint without one) a stand-in that shows ids as text."""
@@ -357,6 +361,8 @@ class Handle:
         m.of(m.e2e).observe(time.monotonic() - self.arrived)
         n = len(done.output_ids[0]) if done.output_ids else 0
         m.of(m.generation_tokens).inc(n)
+        m.of(m.prefix_queries).inc(len(self.prompt_ids))
+        m.of(m.prefix_hits).inc(done.cached_tokens)
         if n > 1 and self.first_token_at is not None:
             m.of(m.tpot).observe((time.monotonic() - self.first_token_at) / (n - 1))
         self.engine.record_busy()

@@ -57,6 +57,13 @@ class ServeMetrics:
                           ("stage", "device"))
         self.busy_seconds = counter("hpipe:stage_busy_seconds",
                                     "Seconds each device computed.", ("stage", "device"))
+        self.prefix_queries = counter("hpipe:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("hpipe:prefix_cache_hits",
+                                   "Prompt tokens whose KV came from the prefix cache instead "
+                                   "of a prefill.")
+        self.prefix_held = gauge("hpipe:prefix_cache_held_tokens",
+                                 "KV positions the stages keep for prefix reuse now.")
         self.restarts = counter("hpipe:pipeline_restarts",
                                 "Times the pipeline was reopened after a failure.")
         self._labels = labels

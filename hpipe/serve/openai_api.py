@@ -185,13 +185,15 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def full_response(req: Completion, *, rid: str, created: int, model: str, text: str,
-                  finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+                  finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                  cached_tokens: int = 0) -> dict:
     if req.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": None, "finish_reason": finish_reason}
@@ -200,7 +202,7 @@ def full_response(req: Completion, *, rid: str, created: int, model: str, text: 
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": created, "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def chunk(req: Completion, *, rid: str, created: int, model: str, text: str | None = None,
@@ -224,10 +226,10 @@ def chunk(req: Completion, *, rid: str, created: int, model: str, text: str | No
 
 
 def usage_chunk(req: Completion, *, rid: str, created: int, model: str, prompt_tokens: int,
-                completion_tokens: int) -> dict:
+                completion_tokens: int, cached_tokens: int = 0) -> dict:
     kind = "chat.completion.chunk" if req.chat else "text_completion"
     return {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def now() -> int:
