@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hpipe.commands import experiment, plan, profile, run, serve, simulate
+from hpipe.commands import analyze, experiment, plan, profile, run, serve, simulate
 from hpipe.commands.contract import run_command, usage_failed
 from hpipe.commands.settings import in_range, int_list, read_prompt_file
 from hpipe.errors import DeviceError, UsageError
@@ -154,7 +154,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # The subcommand table: add one ``add_parser(subparsers)`` per subcommand here.
 SUBCOMMANDS = (add_generate_parser, add_demo_parser, plan.add_parser, simulate.add_parser,
-               experiment.add_parser, run.add_parser, profile.add_parser, serve.add_parser)
+               experiment.add_parser, run.add_parser, profile.add_parser, serve.add_parser,
+               analyze.add_parser)
 
 
 class Parser(argparse.ArgumentParser):
