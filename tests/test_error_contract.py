@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_harness import children_of, write_slow_cluster
+from runtime_harness import all_gone, children_of, write_slow_cluster
 
 from hpipe.cli import main
 from hpipe.errors import ModelSpecError
@@ -155,22 +155,6 @@ def _wait_for_workers(proc: subprocess.Popen, count: int, timeout_s: float = 60)
     raise AssertionError(f"no workers after {timeout_s} s: {proc.communicate()}")
 
 
-def _all_gone(pids: list[int], timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_no_worker_left(tiny_checkpoints,
@@ -184,7 +168,7 @@ def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_no_worker_left(tiny_chec
     _, err = _finish(proc, 30)
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"hpipe run: {word}")
-    assert _all_gone(workers), "a worker outlived the run"
+    assert all_gone(workers), "a worker outlived the run"
 
 
 @pytest.mark.parametrize("argv", [
@@ -203,7 +187,7 @@ def test_ctrl_c_in_other_commands_is_one_line(tiny_checkpoints, tmp_path, argv):
     _, err = _finish(proc, 30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted (Ctrl-C)" in err.strip().splitlines()[-1]
-    assert _all_gone(workers)
+    assert all_gone(workers)
 
 
 def test_a_stopped_worker_in_a_tensor_parallel_run_is_named_within_the_liveness_limit(
@@ -226,4 +210,4 @@ def test_a_stopped_worker_in_a_tensor_parallel_run_is_named_within_the_liveness_
     assert re.search(r"hpipe run: failed: worker rank 1 .*stopped answering", err), err
     body = json.loads(out.strip().splitlines()[-1])["error"]
     assert body["type"] == "WorkerFailedError" and body["rank"] == 1
-    assert _all_gone(workers)
+    assert all_gone(workers)

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from hpipe.errors import CapacityError
 from hpipe.interleave import Admitted, Evicted, Interleaver
-from hpipe.prefix_cache import MIN_NEW_TOKENS, MIN_REUSE_TOKENS, PrefixCache
 from hpipe.model.generate import generate
+from hpipe.prefix_cache import MIN_NEW_TOKENS, MIN_REUSE_TOKENS, PrefixCache
 from hpipe.session import Finished, Request, Session, Tokens
 
 

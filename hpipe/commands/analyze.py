@@ -91,6 +91,16 @@ def run(args: argparse.Namespace) -> int:
                         top_p=args.top_p, seed=args.seed)
     plan = build_plan(args) if args.server is None else None
     answers = AnswerFile.open(args.out, overwrite=args.overwrite)
+    backend = None
+    if args.server is not None:  # reach it (URL, key, model) before saying anything
+        from hpipe.analyze.backends import ServerBackend
+
+        try:
+            backend = ServerBackend(args.server, settings, api_key=args.api_key,
+                                    model=args.model)
+        except BaseException:
+            answers.close()
+            raise
     say = (lambda *a: None) if args.no_progress else (
         lambda text: print(text, file=sys.stderr, flush=True))
     if inputs.skipped:
@@ -102,9 +112,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"analyze: {args.out} holds {len(answers.done)} answers; resuming")
     job = Job(pairs, answers, in_flight=args.in_flight,
               progress_bar=not args.no_progress and sys.stderr.isatty())
-    backend = None
     try:
-        if job.needs_model:
+        if job.needs_model and backend is None:
             backend = _open_backend(args, plan, settings, say)
         if job.todo and (args.no_progress or not sys.stderr.isatty()):
             say(f"analyze: {len(job.todo)} documents to go, "
@@ -128,10 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open_backend(args, plan, settings, say):
-    from hpipe.analyze.backends import ServerBackend, SessionBackend
-
-    if args.server is not None:
-        return ServerBackend(args.server, settings, api_key=args.api_key, model=args.model)
+    from hpipe.analyze.backends import SessionBackend
     from hpipe.session import Session
 
     say(f"analyze: starting {plan.num_stages} stage(s) of {args.model} on {plan.cluster.name}")
