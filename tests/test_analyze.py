@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from runtime_harness import all_gone, children_of
 from serve_harness import KEY, Server
 
@@ -266,3 +268,25 @@ def test_the_same_job_through_hpipe_serve(tmp_path, docs, smollm2, smollm2_model
         assert rows[q]["status"] == "ok"
         assert rows[q]["answer"] == _solo(smollm2, smollm2_model, body, q)
     assert rows[QUESTIONS[1]]["cached_tokens"] > rows[QUESTIONS[1]]["prompt_tokens"] - 40
+
+
+# -- fuzz: whatever a JSONL input holds, a document list or one typed error ---------------------
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.sampled_from(["id", "text", "questions", "x"]), inner,
+                                       max_size=4), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(lines=st.lists(st.one_of(_JSON.map(json.dumps), st.text(max_size=30)), max_size=5))
+def test_any_jsonl_gives_documents_or_an_error_naming_the_input(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("fuzz") / "docs.jsonl"
+    path.write_text("\n".join(lines))
+    try:
+        inputs = read_inputs(path)
+    except InputFileError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    for doc in inputs.documents:
+        assert doc.id and doc.text.strip()
+        assert doc.questions is None or all(q for q in doc.questions)

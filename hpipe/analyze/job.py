@@ -51,17 +51,17 @@ class Summary:
 
 @dataclass
 class _Progress:
-    """A bar on a terminal, a plain line per document otherwise."""
+    """``mode``: "bar" (a terminal), "lines" (a plain line per document) or "off"."""
 
     total: int
-    bar: bool
+    mode: str
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     tokens: int = 0
     _tqdm: object = None
 
     def __post_init__(self) -> None:
-        if self.bar and self.total:
+        if self.mode == "bar" and self.total:
             from tqdm import tqdm
 
             self._tqdm = tqdm(total=self.total, desc="analyze", unit="doc", file=sys.stderr)
@@ -74,6 +74,8 @@ class _Progress:
         if self._tqdm is not None:
             self._tqdm.set_postfix_str(f"{rate:,.0f} tok/s")
             self._tqdm.update(1)
+            return
+        if self.mode != "lines":
             return
         eta = elapsed / self.done * (self.total - self.done)
         print(f"analyze: {self.done}/{self.total} documents ({doc_id}), {rate:,.0f} tok/s, "
@@ -91,11 +93,12 @@ def _clock(seconds: float) -> str:
 
 class Job:
     def __init__(self, pairs, answers: AnswerFile, *, in_flight: int = 4,
-                 progress_bar: bool = False) -> None:
+                 progress: str = "off") -> None:
         self.answers = answers
         self.backend = None
         self.in_flight = in_flight
-        self.progress_bar = progress_bar
+        assert progress in ("bar", "lines", "off"), progress
+        self.progress = progress
         self.summary = Summary(documents=len(pairs), questions=sum(len(q) for _, q in pairs))
         # What the answers file lacks: [(Document, its questions still to answer)].
         self.todo = []
@@ -120,7 +123,7 @@ class Job:
         self.backend = backend
         started = time.monotonic()
         todo = self.todo
-        progress = _Progress(len(todo), self.progress_bar)
+        progress = _Progress(len(todo), self.progress)
         pool = concurrent.futures.ThreadPoolExecutor(self.in_flight,
                                                      thread_name_prefix="hpipe-analyze-doc")
         try:

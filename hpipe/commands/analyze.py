@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if answers.done:
         say(f"analyze: {args.out} holds {len(answers.done)} answers; resuming")
     job = Job(pairs, answers, in_flight=args.in_flight,
-              progress_bar=not args.no_progress and sys.stderr.isatty())
+              progress="off" if args.no_progress else
+              "bar" if sys.stderr.isatty() else "lines")
     try:
         if job.needs_model and backend is None:
             backend = _open_backend(args, plan, settings, say)
