@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from hpipe.errors import CapacityError, InputFileError
+from hpipe.errors import CapacityError, HPipeError, InputFileError, PromptTooLongError
 
 
 class TooLong(Exception):
@@ -70,8 +70,10 @@ class SessionBackend:
             stream = self.session.submit(Request.from_ids(
                 ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                 top_p=s.top_p, seed=s.seed))
-        except CapacityError as e:
+        except (CapacityError, PromptTooLongError) as e:
             raise TooLong(str(e)) from None
+        except HPipeError as e:  # anything else this one prompt cannot do; the job goes on
+            raise AskFailed(str(e)) from None
         first = None
         done = None
         for event in stream:
