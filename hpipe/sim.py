@@ -76,11 +76,16 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
                 elif a.kind == ActionKind.COMPUTE:
                     st = plan.stages[s]
                     start = max(stage_free[s], inbox[s])
-                    dur = cost.stage_time_s(
-                        st.devices, st.layer_start, st.layer_stop, batch=u.rows,
-                        tokens=u.tokens, prefix=u.prefix, has_embedding=s == 0,
-                        has_head=s == last,
-                    )
+                    if u.phase == "decode":  # read-bound: see cost.analytic
+                        dur = cost.decode_time_s(
+                            st.devices, st.layer_start, st.layer_stop, batch=u.rows,
+                            context=u.prefix, has_embedding=s == 0, has_head=s == last)
+                    else:
+                        dur = cost.stage_time_s(
+                            st.devices, st.layer_start, st.layer_stop, batch=u.rows,
+                            tokens=u.tokens, prefix=u.prefix, has_embedding=s == 0,
+                            has_head=s == last,
+                        )
                     end = start + dur
                     for r in rows_of[s]:
                         intervals.append(Interval(r, "compute", u.index, u.phase, u.microbatch,

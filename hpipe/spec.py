@@ -137,6 +137,8 @@ class ModelSpec:
 # Exact-name presets, shapes only. Sources: the LLaMA, LLaMA-2 and LLaMA-3 model cards /
 # config.json files; GPT-3 sizes from Brown et al. 2020, Table 2.1 (the paper's "GPT3-2B" is
 # GPT-3 2.7B: 32 layers, d_model 2560, 32 heads, as TeraPipe's config also has it).
+_LLAMA31_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                 ("original_max_position_embeddings", 8192.0))
 _PRESETS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -165,6 +167,27 @@ _PRESETS: dict[str, ModelSpec] = {
         ModelSpec(name="smollm2-135m", family="llama", num_layers=30, hidden=576, num_heads=9,
                   num_kv_heads=3, intermediate=1536, vocab_size=49152, max_seq_len=8192,
                   rope_theta=100000.0, tie_embeddings=True),
+        # Llama-3.1 (config.json of meta-llama/Llama-3.1-{8B,70B,405B}): 128k context through
+        # llama3 rope scaling of an 8k original.
+        *(ModelSpec(name=f"llama-3.1-{size}", family="llama", num_layers=layers, hidden=hidden,
+                    num_heads=heads, num_kv_heads=8, intermediate=inter, vocab_size=128256,
+                    max_seq_len=131072, rope_theta=500000.0, rope_type="llama3",
+                    rope_scaling=_LLAMA31_ROPE, eos_token_ids=(128001, 128008, 128009))
+          for size, layers, hidden, heads, inter in (
+              ("8b", 32, 4096, 32, 14336), ("70b", 80, 8192, 64, 28672),
+              ("405b", 126, 16384, 128, 53248))),
+        # Qwen2.5 (config.json of Qwen/Qwen2.5-{7B,32B,72B}): q/k/v biases; 32k native context
+        # (the model cards reach 128k with YaRN, which the runtime does not implement).
+        *(ModelSpec(name=f"qwen2.5-{size}", family="llama", num_layers=layers, hidden=hidden,
+                    num_heads=heads, num_kv_heads=kv, intermediate=inter, vocab_size=152064,
+                    max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True)
+          for size, layers, hidden, heads, kv, inter in (
+              ("7b", 28, 3584, 28, 4, 18944), ("32b", 64, 5120, 40, 8, 27648),
+              ("72b", 80, 8192, 64, 8, 29568))),
+        # Mistral-7B v0.3 (config.json of mistralai/Mistral-7B-v0.3).
+        ModelSpec(name="mistral-7b", family="llama", num_layers=32, hidden=4096, num_heads=32,
+                  num_kv_heads=8, intermediate=14336, vocab_size=32768, max_seq_len=32768,
+                  rope_theta=1000000.0),
     )
 }
 

@@ -67,6 +67,22 @@ class Timeline:
                    default=0.0)
 
     @property
+    def num_decode_steps(self) -> int:
+        return len({iv.unit for iv in self._of("decode", "compute")})
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first: the decode steps' share of the run, per
+        step (0 without decode)."""
+        steps = self.num_decode_steps
+        return (self.latency_s - self.ttft_s) / steps if steps else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Output tokens per second in decode, over the batch's rows."""
+        return self.batch / self.tpot_s if self.tpot_s > 0 else 0.0
+
+    @property
     def last_slice_start_s(self) -> float:
         """When the last prefill slice entered the pipeline (the first device started it)."""
         ivs = self._of("prefill", "compute")
@@ -111,6 +127,9 @@ class Timeline:
             "ttft_s": self.ttft_s,
             "last_slice_start_s": self.last_slice_start_s,
             "prefill_throughput_tok_s": self.prefill_throughput_tok_s,
+            "num_decode_steps": self.num_decode_steps,
+            "tpot_s": self.tpot_s,
+            "decode_tok_s": self.decode_tok_s,
             "devices": [
                 {"name": n, "busy_s": b, "utilisation": u, "peak_memory_bytes": m}
                 for n, b, u, m in zip(self.row_names, self.busy_s(), self.utilisation(),

@@ -70,3 +70,33 @@ def test_output_paths_are_prepared_before_the_work(tmp_path, capsys, tripwire):
     assert main(["profile", "--model", "llama-7b", "--cluster", "local:1", "--out",
                  str(blocker / "p.json")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_simulate_times_decode_and_a_given_plan(tmp_path, capsys):
+    """--max-new-tokens adds TTFT / TPOT / total per method; --plan FILE and --layers time a
+    plan that was not planned here, and the same plan gives the same figures both ways."""
+    import json
+
+    args = ["--cluster", "paper", "--model", "llama-7b", "--seq-len", "2048", "--batch", "1",
+            "--no-tp", "--max-new-tokens", "65", "--json"]
+    assert main(["simulate", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hp = out["methods"]["hpipe"]["summary"]
+    assert hp["num_decode_steps"] == 64
+    assert hp["latency_s"] == pytest.approx(hp["ttft_s"] + 64 * hp["tpot_s"])
+    assert 0.015 < hp["tpot_s"] < 0.035  # read-bound decode, not the prefill model at 1 token
+    assert main(["plan", "--cluster", "paper", "--model", "llama-7b", "--seq-len", "2048",
+                 "--batch", "1", "--no-tp", "--json"]) == 0
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(capsys.readouterr().out)
+    assert main(["simulate", "--plan", str(plan_file), "--max-new-tokens", "65", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["methods"]["hpipe"]["summary"]
+    assert again["latency_s"] == pytest.approx(hp["latency_s"])
+    layers = [b - a for a, b in (s["layers"] for s in out["methods"]["hpipe"]["plan"]["stages"])]
+    slices = out["methods"]["hpipe"]["plan"]["slices"]
+    assert main(["simulate", *args[:-1], "--layers", ",".join(map(str, layers)), "--slices",
+                 ",".join(map(str, slices))]) == 0
+    text = capsys.readouterr().out
+    assert "tpot_ms" in text and "manual" in text
+    assert main(["simulate", "--plan", str(plan_file), "--layers", "16,16"]) == 2
+    assert "give either --plan or --layers/--slices" in capsys.readouterr().err

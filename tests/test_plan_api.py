@@ -109,6 +109,12 @@ def test_model_that_fits_nowhere_says_why_and_what_fits():
                        match=r"'llama-70b' \(80 layers\) fits no split.*GiB on 't4-.*fits: about \d+ more device"):
         plan_method("hpipe", model=model_preset("llama-70b"), cluster=small, batch=1,
                     seq_len=1024)
+    # No split can help when the weights alone exceed the cluster: it says by how much.
+    with pytest.raises(InfeasiblePlanError,
+                       match=r"its weights \(128.5 GiB\) and KV cache \([\d.]+ GiB\) alone exceed "
+                             r"the [\d.]+ GiB the cluster's devices hold beside their runtimes"):
+        plan_method("hpipe", model=model_preset("llama-70b"), cluster=PAPER, batch=6,
+                    seq_len=2048)
     with pytest.raises(InfeasiblePlanError, match=r"fits: batch <= \d+"):
         plan_method("hpipe", model=model_preset("llama-13b"), cluster=PAPER, batch=200,
                     seq_len=2048)
@@ -119,6 +125,11 @@ def test_baseline_oom_names_device_and_smaller_batch():
                        match=r"base: layers \[0, 6\) need [\d.]+ GiB on 'p100-0' \(16.0 GiB, over by"
                              r".*fits: batch <= \d+, or method 'hpipe'"):
         plan_method("base", model=model_preset("gpt3-2.7b"), cluster=PAPER, batch=16,
+                    seq_len=2048)
+    # A baseline never suggests HPipe where HPipe does not fit either.
+    with pytest.raises(InfeasiblePlanError, match=r"terapipe: .*fits: nothing at this batch and "
+                                                  r"length, not even method 'hpipe'"):
+        plan_method("terapipe", model=model_preset("llama-70b"), cluster=PAPER, batch=6,
                     seq_len=2048)
     table = plan_all(model=model_preset("gpt3-2.7b"), cluster=PAPER, batch=16, seq_len=2048)
     assert isinstance(table["base"], InfeasiblePlanError) and isinstance(table["hpipe"], Plan)

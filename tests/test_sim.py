@@ -25,6 +25,10 @@ class TableCost:
                      has_embedding, has_head):
         return self.times[(layer_start, prefix)]
 
+    def decode_time_s(self, devices, layer_start, layer_stop, *, batch, context, has_embedding,
+                      has_head):
+        return self.times[(layer_start, context)]
+
     def transfer_time_s(self, src, dst, num_bytes):
         return self.transfer_s
 
@@ -87,6 +91,22 @@ def test_decode_loops_tokens_back_to_stage_zero():
     # prefill 1 + .25 + 1, then each step: token back .25, stage 0 1, hop .25, stage 1 1
     assert tl.prefill_latency_s == pytest.approx(2.25)
     assert tl.latency_s == pytest.approx(2.25 + 2 * 2.5)
+
+
+def test_decode_steps_are_timed_by_the_decode_cost():
+    """The simulator times prefill units with stage_time_s and decode steps with decode_time_s
+    (a different cost: read-bound), at the context each step attends to."""
+    plan = _plan(2, [8])
+    times = {(0, 0): 1.0, (2, 0): 1.0, (0, 8): 0.1, (2, 8): 0.1, (0, 9): 0.2, (2, 9): 0.2}
+
+    class DecodeCost(TableCost):
+        def stage_time_s(self, devices, layer_start, layer_stop, *, tokens, prefix, **kw):
+            assert tokens == 8 and prefix == 0, "a decode step timed as a prefill"
+            return self.times[(layer_start, prefix)]
+
+    tl = simulate(plan, DecodeCost(times), num_decode_steps=2)
+    assert tl.prefill_latency_s == pytest.approx(2.0)
+    assert tl.latency_s == pytest.approx(2.0 + 2 * 0.1 + 2 * 0.2)
 
 
 def test_actions_read_back_from_their_short_form():

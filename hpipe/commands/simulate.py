@@ -11,8 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
-from hpipe.commands.settings import add_setting_args, load_settings, prepare_output
-from hpipe.errors import InfeasiblePlanError
+from hpipe.commands.settings import (
+    add_setting_args,
+    in_range,
+    int_list,
+    load_settings,
+    prepare_output,
+)
+from hpipe.errors import InfeasiblePlanError, PlanMismatchError
 from hpipe.spec import METHODS
 
 METHOD_CHOICES = tuple(m for m in METHODS if m != "manual") + ("all",)
@@ -23,6 +29,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__)
     add_setting_args(p)
     p.add_argument("--method", default="hpipe", choices=METHOD_CHOICES)
+    p.add_argument("--max-new-tokens", type=in_range(int, 0), default=0,
+                   help="also time N output tokens (N - 1 decode steps after the prefill): "
+                        "TTFT, time per output token, total")
+    p.add_argument("--plan", type=Path,
+                   help="time this plan (from 'hpipe plan --json') instead of planning; it "
+                        "carries its model, cluster, batch, length and dtype")
+    p.add_argument("--layers", type=int_list,
+                   help="a manual split: layer count per device, e.g. 8,8,4,4,4,4")
+    p.add_argument("--slices", type=int_list,
+                   help="a manual slicing of the prompt, e.g. 1024,512,512")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--trace", type=Path, help="write a Chrome trace (Perfetto) here")
     p.add_argument("--png", type=Path, help="write a Gantt chart PNG here")
@@ -53,19 +69,50 @@ def _describe(result) -> str:
     return "\n".join(lines)
 
 
+def _given_plan(args, steps: int):
+    """(cluster, model, {method: result}) for a plan file or a manual --layers/--slices."""
+    from hpipe.cost import cost_model
+    from hpipe.plan.api import plan_method
+    from hpipe.plan.compare import result_from_plan
+    from hpipe.plan.plan import read_plan
+
+    if args.method not in ("hpipe", "manual"):
+        raise PlanMismatchError(f"--plan, --layers and --slices time one given plan; they do "
+                                f"not go with --method {args.method}")
+    if args.plan is not None:
+        if args.layers or args.slices:
+            raise PlanMismatchError("give either --plan or --layers/--slices, not both")
+        plan = read_plan(args.plan)
+        cost = cost_model(plan.model, plan.cluster, plan.dtype, profile=args.profile)
+        args.batch, args.seq_len, args.dtype = plan.batch, plan.seq_len, plan.dtype
+    else:
+        cluster, model, cost = load_settings(args)
+        plan = plan_method("manual", model=model, cluster=cluster, batch=args.batch,
+                           seq_len=args.seq_len, dtype=args.dtype, cost=cost,
+                           layers=args.layers, slices=args.slices, allow_tp=args.allow_tp)
+    args.method = plan.method
+    return plan.cluster, plan.model, {plan.method: result_from_plan(plan, cost,
+                                                                    num_decode_steps=steps)}
+
+
 def run(args: argparse.Namespace) -> int:
     from hpipe.plan.compare import PAPER_METHODS, evaluate_methods
     from hpipe.report.gantt import plot_timelines
-    from hpipe.report.tables import memory_table, performance_table
+    from hpipe.report.tables import decode_table, memory_table, performance_table
     from hpipe.report.trace import write_chrome_trace
 
     prepare_output(args.trace, "--trace")
     prepare_output(args.png, "--png")
-    cluster, model, cost = load_settings(args)
-    methods = PAPER_METHODS if args.method == "all" else (args.method,)
-    results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
-                               seq_len=args.seq_len, dtype=args.dtype, cost=cost,
-                               grain_tokens=args.grain_tokens, allow_tp=args.allow_tp)
+    steps = max(0, args.max_new_tokens - 1)
+    if args.plan is not None or args.layers or args.slices:
+        cluster, model, results = _given_plan(args, steps)
+    else:
+        cluster, model, cost = load_settings(args)
+        methods = PAPER_METHODS if args.method == "all" else (args.method,)
+        results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
+                                   seq_len=args.seq_len, dtype=args.dtype, cost=cost,
+                                   grain_tokens=args.grain_tokens, allow_tp=args.allow_tp,
+                                   num_decode_steps=steps)
     if args.method != "all" and results[args.method].timeline is None:
         raise InfeasiblePlanError(f"{args.method} is infeasible: {results[args.method].error}")
     drawn = [r for r in results.values() if r.timeline is not None]
@@ -93,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         print(_describe(results[args.method]))
     print()
     print(performance_table(results))
+    if steps:
+        print()
+        print(decode_table(results))
     print()
     print(memory_table(results))
     for flag, path in (("trace", args.trace), ("png", args.png)):

@@ -11,6 +11,16 @@ average under the causal mask. Time is the roofline max of
 
     FLOPs / (peak * eff(b*s))     and     (weights + KV read + KV written) / (bandwidth * MEM_EFF)
 
+[Note: decode is read-bound] A decode step feeds one token per row: each weight is read once
+for only ``batch`` multiply-adds, so the step takes about
+
+    max((weights + KV cache read) / (bandwidth * MEM_EFF),  FLOPs / (peak * EFF_MAX))
+
+(gpt-fast's "memory bandwidth achieved" argument). The under-fill curve below is not applied:
+a one-row GEMV is slow because it streams the weights, which the first term already counts;
+charging it as a one-row tile as well made LLaMA-7B's decode step on the paper cluster 111 ms
+instead of about 25 ms.
+
 [Note: achievable FLOP/s] ``eff(rows) = EFF_MAX * rows / (rows + HALF_ROWS)``: a GEMM with few
 rows (rows = b*s, the M of every projection) fills few tiles of the tensor/SIMT cores and spends
 its time loading weights, so small slices under-use a GPU. This is what stops the slicing DP
@@ -164,6 +174,30 @@ class AnalyticCost:
         if tp > 1:
             out = out + 2 * n * self._allreduce_time_s(devices, batch * tokens * hidden * e)
         return out
+
+    def decode_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
+                      batch: int, context: int, has_embedding: bool, has_head: bool) -> float:
+        """One decode step (see [Note: decode is read-bound])."""
+        tp = len(devices)
+        n = layer_stop - layer_start
+        m = self.model
+        params, hidden, kv_tok, e = self._shape
+        read = n * (params * e + batch * (context + 1) * kv_tok) / tp
+        flops = n * self.layer_flops(batch=batch, tokens=1, prefix=context) / tp
+        if has_embedding:
+            read += 2 * batch * hidden * e
+        if has_head:
+            read += m.head_params() * e / tp
+            flops += 2.0 * batch * hidden * m.vocab_size / tp
+        step = 0.0
+        for d in devices:  # a TP group runs in lock step: the slowest member sets the pace
+            dev = self.cluster.devices[d]
+            t = max(read / (dev.mem_bandwidth_bytes_s * MEM_EFF),
+                    flops / (dev.peak_flops(self.dtype) * EFF_MAX))
+            step = max(step, t * dev.slowdown)
+        if tp > 1:
+            step += 2 * n * self._allreduce_time_s(devices, batch * hidden * e)
+        return step
 
     def transfer_time_s(self, src: int, dst: int, num_bytes: float) -> float:
         link = self._memo.get(("link", src, dst))

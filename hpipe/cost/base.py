@@ -33,6 +33,21 @@ class CostModel(Protocol):
         emulated slowdown included."""
         ...
 
+    def decode_time_s(
+        self,
+        devices: tuple[int, ...],
+        layer_start: int,
+        layer_stop: int,
+        *,
+        batch: int,
+        context: int,
+        has_embedding: bool,
+        has_head: bool,
+    ) -> float:
+        """One decode step of layers [layer_start, layer_stop): ``batch`` rows of one new token
+        each, attending to ``context`` cached tokens."""
+        ...
+
     def transfer_time_s(self, src: int, dst: int, num_bytes: float) -> float:
         """Time to move ``num_bytes`` from device index ``src`` to ``dst``."""
         ...

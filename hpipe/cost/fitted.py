@@ -201,6 +201,14 @@ class FittedCost:
         allreduce = self.transfer_time_s(devices[0], devices[1], ring)
         return max(times) / g + 2 * (layer_stop - layer_start) * allreduce
 
+    def decode_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
+                      batch: int, context: int, has_embedding: bool, has_head: bool) -> float:
+        """A decode step from the grid's fit at one-token slices. The grid times slices of 16
+        tokens and more, so this extrapolates along the fit's terms (its per-call term keeps
+        the fixed cost of a step); a profile does not time decode on its own yet."""
+        return self.stage_time_s(devices, layer_start, layer_stop, batch=batch, tokens=1,
+                                 prefix=context, has_embedding=has_embedding, has_head=has_head)
+
     def link_fit(self, src: int, dst: int) -> tuple[float, float] | None:
         """(latency_s, bandwidth_bytes_s) measured between two devices, or None."""
         a, b = self.cluster.devices[src].name, self.cluster.devices[dst].name

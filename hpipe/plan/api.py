@@ -17,9 +17,9 @@ from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError, PromptTooLongError
 from hpipe.plan import baselines
 from hpipe.plan.evaluate import Problem
-from hpipe.plan.feasibility import largest_fitting
+from hpipe.plan.feasibility import largest_fitting, split_fits
 from hpipe.plan.plan import Plan
-from hpipe.plan.search import plan_hpipe
+from hpipe.plan.search import hpipe_units, plan_hpipe
 from hpipe.spec import DTYPES, METHODS, ModelSpec
 
 # Grid points the slicing DP works on: ~256 keep it well under a second; the grain is a power
@@ -120,9 +120,18 @@ def _baseline_fix(pb: Problem, method: str) -> str:
         except InfeasiblePlanError:
             return False
 
+    fixes = []
     lo = largest_fitting(fits, pb.batch - 1)
-    batch = f"batch <= {lo}, or " if lo else ""
-    return f"{batch}method 'hpipe' (its split and slicing adapt to memory)"
+    if lo:
+        fixes.append(f"batch <= {lo}")
+    # Suggest HPipe only where some split of it fits (its memory check, not a whole plan).
+    if split_fits(pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch,
+                  seq_len=pb.seq_len, units=hpipe_units(pb.grain_tokens)):
+        fixes.append("method 'hpipe' (its split and slicing adapt to memory)")
+    if not fixes:
+        return ("nothing at this batch and length, not even method 'hpipe' ('hpipe plan "
+                "--method hpipe' says what would)")
+    return ", or ".join(fixes)
 
 
 def plan_all(

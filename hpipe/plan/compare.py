@@ -82,9 +82,11 @@ def base_plan_unchecked(model: ModelSpec, cluster: ClusterSpec, *, batch: int, s
                 slices=(seq_len,), notes=("unchecked even split, for the memory table only",))
 
 
-def result_from_plan(plan: Plan, cost: CostModel, *, error: str | None = None) -> MethodResult:
-    """Simulate ``plan`` and lay its per-row memory onto the cluster's devices."""
-    tl = simulate(plan, cost)
+def result_from_plan(plan: Plan, cost: CostModel, *, error: str | None = None,
+                     num_decode_steps: int = 0) -> MethodResult:
+    """Simulate ``plan`` (its prefill, then ``num_decode_steps`` decode steps) and lay its
+    per-row memory onto the cluster's devices."""
+    tl = simulate(plan, cost, num_decode_steps=num_decode_steps)
     cluster = plan.cluster
     mem = [0] * cluster.num_devices
     for name, peak in zip(tl.row_names, tl.peak_memory_bytes):
@@ -107,9 +109,11 @@ def evaluate_methods(
     cost: CostModel | None = None,
     grain_tokens: int | None = None,
     allow_tp: bool = True,
+    num_decode_steps: int = 0,
 ) -> dict[str, MethodResult]:
-    """Plan each method with the planner's front door and simulate it (``allow_tp``: whether
-    HPipe may use tensor-parallel stages).
+    """Plan each method with the planner's front door and simulate it, with
+    ``num_decode_steps`` decode steps after the prefill (``allow_tp``: whether HPipe may use
+    tensor-parallel stages).
 
     A method the planner finds infeasible is kept as a result with ``error`` set; for Base we
     still simulate the unchecked even split so its memory row can show where it overflows.
@@ -130,10 +134,11 @@ def evaluate_methods(
             if method == "base":
                 unchecked = base_plan_unchecked(model, cluster, batch=batch, seq_len=seq_len,
                                                 dtype=dtype)
-                out[method] = result_from_plan(unchecked, cost, error=str(e))
+                out[method] = result_from_plan(unchecked, cost, error=str(e),
+                                               num_decode_steps=num_decode_steps)
             else:
                 out[method] = MethodResult(method, None, None, names, (0,) * len(names), caps,
                                            error=str(e))
             continue
-        out[method] = result_from_plan(plan, cost)
+        out[method] = result_from_plan(plan, cost, num_decode_steps=num_decode_steps)
     return out

@@ -204,6 +204,14 @@ class MemoCost:
             devices, layer_start, layer_stop, batch=batch, tokens=tokens, prefix=prefix,
             has_embedding=has_embedding, has_head=has_head))
 
+    def decode_time_s(self, devices, layer_start, layer_stop, *, batch, context,
+                      has_embedding, has_head):
+        key = ("decode", devices, layer_start, layer_stop, batch, context, has_embedding,
+               has_head)
+        return self._remember(self._time, key, lambda: self.base.decode_time_s(
+            devices, layer_start, layer_stop, batch=batch, context=context,
+            has_embedding=has_embedding, has_head=has_head))
+
     def transfer_time_s(self, src, dst, num_bytes):
         if isinstance(num_bytes, np.ndarray):
             return self.base.transfer_time_s(src, dst, num_bytes)

@@ -40,6 +40,29 @@ def largest_fitting(ok: Callable[[int], bool], hi: int) -> int:
     return lo
 
 
+def _elem_bytes(cost: CostModel) -> int:
+    from hpipe.spec import dtype_bytes
+
+    return dtype_bytes(getattr(cost, "dtype", "float16"))
+
+
+def _whole_cluster_shortfall(model: ModelSpec, cluster: ClusterSpec, *, batch: int,
+                             seq_len: int, elem_bytes: int) -> str:
+    """"; the weights (X GiB) and KV cache (Y GiB) exceed the cluster's Z GiB by W" when they
+    do: no split can help then, only more memory."""
+    from hpipe.cost.memory import context_bytes, kv_bytes
+
+    weights = model.total_params() * elem_bytes
+    kv = kv_bytes(model, num_layers=model.num_layers, batch=batch, seq_len=seq_len,
+                  elem_bytes=elem_bytes)
+    room = sum(d.memory_bytes - context_bytes(d) for d in cluster.devices)
+    if weights + kv <= room:
+        return ""
+    return (f"; its weights ({weights / GIB:.1f} GiB) and KV cache ({kv / GIB:.1f} GiB) alone "
+            f"exceed the {room / GIB:.1f} GiB the cluster's devices hold beside their "
+            f"runtimes, by {(weights + kv - room) / GIB:.1f} GiB")
+
+
 def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int,
                      seq_len: int, units: UnitsFn) -> str:
     """The message for "no contiguous split of the layers fits any host order"."""
@@ -70,6 +93,8 @@ def explain_no_split(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec,
         dev = cluster.devices[j]
         msg += (f"; e.g. layers [{a}, {b}) need {need / GIB:.1f} GiB on {dev.name!r} "
                 f"({dev.memory_bytes / GIB:.1f} GiB)")
+    msg += _whole_cluster_shortfall(model, cluster, batch=batch, seq_len=seq_len,
+                                    elem_bytes=_elem_bytes(cost))
     fixes = []
     b_ok = largest_fitting(lambda b: split_fits(cost, model=model, cluster=cluster, batch=b,
                                          seq_len=seq_len, units=units), batch - 1)

@@ -65,6 +65,21 @@ def performance_rows(results: Mapping[str, MethodResult], *, reference: str = "b
     return headers, rows
 
 
+def decode_rows(results: Mapping[str, MethodResult]) -> tuple[list[str], list[list[str]]]:
+    """Time to first token, time per output token, decode tokens/s and the whole request."""
+    headers = ["method", "ttft_s", "tpot_ms", "decode_tok_s", "total_s", "new_tokens"]
+    rows = []
+    for name, r in results.items():
+        bad = _cant_run(r)
+        if bad is not None:
+            rows.append([name, bad, bad, bad, bad, "-"])
+            continue
+        tl = r.timeline
+        rows.append([name, _fmt(tl.ttft_s), _fmt(tl.tpot_s * 1e3), _fmt(tl.decode_tok_s),
+                     _fmt(tl.latency_s), str(tl.num_decode_steps + 1)])
+    return headers, rows
+
+
 def memory_rows(results: Mapping[str, MethodResult]) -> tuple[list[str], list[list[str]]]:
     """MB per device in cluster order; "OOM" where need exceeds capacity, "-" for no layers."""
     first = next(iter(results.values()))
@@ -100,6 +115,10 @@ def energy_rows(results: Mapping[str, MethodResult], *, reference: str = "hpipe"
 
 def performance_table(results: Mapping[str, MethodResult], *, markdown: bool = False) -> str:
     return render(*performance_rows(results), markdown=markdown)
+
+
+def decode_table(results: Mapping[str, MethodResult], *, markdown: bool = False) -> str:
+    return render(*decode_rows(results), markdown=markdown)
 
 
 def memory_table(results: Mapping[str, MethodResult], *, markdown: bool = False) -> str:
