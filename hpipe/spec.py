@@ -22,6 +22,11 @@ METHODS = ("hpipe", "base", "gpipe", "gpb", "megatron", "terapipe", "tpt", "manu
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+# What a plan is made for (hpipe plan --objective): the prefill's latency (the paper's), one
+# request's whole latency with its decode steps, or output tokens/s of many running requests.
+OBJECTIVES = ("prefill", "latency", "throughput")
+
+
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of ``dtype`` (one of DTYPES)."""
     return 4 if dtype == "float32" else 2

@@ -41,6 +41,14 @@ class SkewedCost:
                                       has_head=has_head, **kw)
         return self.scale * (one * sum(self.factors[layer_start:layer_stop]) + ends)
 
+    def decode_time_s(self, devices, layer_start, layer_stop, *, batch, context,
+                      has_embedding, has_head):
+        kw = dict(batch=batch, context=context)
+        one = self.base.decode_time_s(devices, 0, 1, has_embedding=False, has_head=False, **kw)
+        ends = self.base.decode_time_s(devices, 0, 0, has_embedding=has_embedding,
+                                       has_head=has_head, **kw)
+        return self.scale * (one * sum(self.factors[layer_start:layer_stop]) + ends)
+
     def transfer_time_s(self, src, dst, num_bytes):
         return self.scale * self.base.transfer_time_s(src, dst, num_bytes)
 

@@ -204,3 +204,33 @@ def test_hpipe_matches_exhaustive_search_on_small_instances(allow_tp):
         gaps.append((hp / oracle - 1, seed))
     assert len(gaps) > 40, len(gaps)
     assert max(gaps)[0] < 1e-9, sorted(gaps)[-3:]
+
+
+def test_the_latency_objective_matches_exhaustive_search_on_small_instances():
+    """With decode steps in the objective (TTFT + the steps), the whole search against every
+    plan it could return, each scored the same way; and the closed-form decode time equals
+    the simulator's decode steps."""
+    import dataclasses
+
+    from hpipe.sim import simulate
+
+    gaps, differs = [], 0
+    for seed in range(0, 120, 2):
+        pb = dataclasses.replace(random_instance(seed, max_devices=3, max_layers=6, max_grid=5),
+                                 decode_steps=40)
+        oracle = brute_hpipe_s(pb, stage_groups(pb.cluster, allow_tp=False))
+        try:
+            plan = plan_method("hpipe", allow_tp=False, objective="latency", max_new_tokens=41,
+                               **plan_kw(pb))
+        except InfeasiblePlanError:
+            assert math.isinf(oracle), f"seed {seed}: hpipe infeasible, oracle {oracle}"
+            continue
+        tl = simulate(plan, pb.cost, num_decode_steps=40)
+        assert plan.predicted_latency_s == pytest.approx(tl.latency_s, rel=1e-9), seed
+        assert plan.predicted_latency_s >= oracle * (1 - 1e-12), f"seed {seed}"
+        gaps.append((plan.predicted_latency_s / oracle - 1, seed))
+        prefill = plan_method("hpipe", allow_tp=False, **plan_kw(pb))
+        differs += prefill.stages != plan.stages or prefill.slices != plan.slices
+    assert len(gaps) > 25, len(gaps)
+    assert max(gaps)[0] < 1e-9, sorted(gaps)[-3:]
+    assert differs > 0, "decode never changed a plan: the test shows nothing"

@@ -25,7 +25,6 @@ from hpipe.plan.brute import (
     grid_slicings,
 )
 from hpipe.plan.climb import neighbour_splits
-from hpipe.plan.evaluate import predicted_latency_s
 from hpipe.plan.groups import stage_groups
 from hpipe.plan.layers import (
     plan_layers,
@@ -147,13 +146,13 @@ def test_flow_bound_is_below_the_simulator_and_exact_for_equal_micro_batches():
         stages = split.stages()
         for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
             plan = pb.plan("manual", stages, sl)
-            assert plan_bound_s(pb, plan) <= predicted_latency_s(plan, pb.cost) * (1 + 1e-12)
+            assert plan_bound_s(pb, plan) <= pb.objective_s(plan) * (1 + 1e-12)
             below += 1
         for m in range(1, pb.batch + 1):
             if pb.batch % m == 0:
                 plan = pb.plan("manual", stages, (pb.seq_len,), num_microbatches=m)
                 assert plan_bound_s(pb, plan) == pytest.approx(
-                    predicted_latency_s(plan, pb.cost), rel=1e-9), f"seed {seed}, {m} mb"
+                    pb.objective_s(plan), rel=1e-9), f"seed {seed}, {m} mb"
                 exact += 1
     assert below > 100 and exact > 60, (below, exact)
 
@@ -221,7 +220,7 @@ def test_rescored_slicing_against_exhaustive_simulation():
             assert math.isinf(oracle), f"seed {seed}"
             continue
         # Independent re-score of the planner's own slicing.
-        assert predicted_latency_s(plan, pb.cost) == pytest.approx(plan.predicted_latency_s)
+        assert pb.objective_s(plan) == pytest.approx(plan.predicted_latency_s)
         # The exhaustive grid optimum bounds every grid slicing; the uniform candidates may
         # fall between grid points and then beat it.
         if plan.slices in set(grid_slicings(pb.seq_len, pb.grain_tokens)):
@@ -231,7 +230,7 @@ def test_rescored_slicing_against_exhaustive_simulation():
         est_best, est_slices = brute_slicing_estimate(
             st.tau, fits_fn=st.fits, seq_len=pb.seq_len, grain_tokens=pb.grain_tokens,
             num_stages=len(stages))
-        fav = predicted_latency_s(pb.plan("manual", stages, est_slices), pb.cost)
+        fav = pb.objective_s(pb.plan("manual", stages, est_slices))
         assert plan.predicted_latency_s <= fav * (1 + 1e-2), f"seed {seed}"
         gaps.append(plan.predicted_latency_s / oracle - 1)
     assert len(gaps) > 30

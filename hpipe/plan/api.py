@@ -60,11 +60,17 @@ def plan_method(
     slices: tuple[int, ...] | None = None,
     grain_tokens: int | None = None,
     allow_tp: bool = True,
+    objective: str = "prefill",
+    max_new_tokens: int = 0,
 ) -> Plan:
     """Plan ``method`` (one of METHODS) for ``batch`` prompts of ``seq_len`` tokens.
 
     ``allow_tp=False`` keeps HPipe to pure pipelines (one device per stage), e.g. for a
     runtime without tensor parallelism; the other methods fix their own parallelism.
+
+    ``objective`` "latency" plans for the time to the last of ``max_new_tokens`` output tokens
+    (time to first token, then ``max_new_tokens - 1`` decode steps; see [Note: planning for
+    decode] in hpipe/plan/evaluate.py); every method's plan is then scored that way.
 
     Raises PromptTooLongError past the model's context, InfeasiblePlanError when nothing fits
     (the message names the device, the shortfall and what would fit), PlanMismatchError for
@@ -87,9 +93,16 @@ def plan_method(
         raise PlanMismatchError(
             f"--layers/--slices make a manual plan; use method 'manual' (or 'hpipe' to fill "
             f"the rest with HPipe's DPs), not {method!r}")
+    if objective not in ("prefill", "latency"):
+        raise PlanMismatchError(f"objective {objective!r} is not one plan_method makes; "
+                                "'prefill' or 'latency' (throughput: plan_throughput)")
+    if objective == "latency" and max_new_tokens < 1:
+        raise PlanMismatchError("objective 'latency' needs max_new_tokens >= 1, got "
+                                f"{max_new_tokens}")
     pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype=dtype,
                  cost=cost if cost is not None else cost_model(model, cluster, dtype),
-                 grain_tokens=grain_tokens or default_grain_tokens(seq_len))
+                 grain_tokens=grain_tokens or default_grain_tokens(seq_len),
+                 decode_steps=max_new_tokens - 1 if objective == "latency" else 0)
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
     elif method == "hpipe":

@@ -19,7 +19,7 @@ baseline]), so keep the two in step when changing one.
 from __future__ import annotations
 
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError
-from hpipe.plan.evaluate import Problem, check_memory, scored
+from hpipe.plan.evaluate import Problem, check_memory
 from hpipe.plan.groups import Group, single_groups, tp_pairs
 from hpipe.plan.layers import even_counts, stages_from_counts
 from hpipe.plan.plan import Plan, StagePlan, check_slices
@@ -43,7 +43,7 @@ def plan_base(pb: Problem) -> Plan:
     stages = even_stages(pb, _devices(pb))
     plan = pb.plan("base", stages, (pb.seq_len,))
     check_memory(plan, pb.cost)
-    return scored(plan, pb.cost)
+    return pb.score(plan)
 
 
 def plan_gpipe(pb: Problem) -> Plan:
@@ -67,7 +67,7 @@ def _terapipe_slicing(pb: Problem, method: str, stages: tuple[StagePlan, ...]) -
         check_memory(plan, pb.cost)  # the static part overflows: name the device
         raise InfeasiblePlanError(f"{method}: no slicing at a {pb.grain_tokens}-token grain fits "
                                   f"memory at batch {pb.batch}; fits: a smaller batch")
-    return scored(pb.plan(method, stages, slices), pb.cost)
+    return pb.score(pb.plan(method, stages, slices))
 
 
 def plan_terapipe(pb: Problem) -> Plan:
@@ -99,7 +99,7 @@ def plan_manual(pb: Problem, *, layers: tuple[int, ...] | None,
         check_slices(tuple(slices), pb.seq_len)
         plan = pb.plan("manual", stages, tuple(slices), notes=notes)
         check_memory(plan, pb.cost)
-        return scored(plan, pb.cost)
+        return pb.score(plan)
     plan = plan_slices_for(pb, stages, method="manual", notes=notes)
     if plan is None:
         check_memory(pb.plan("manual", stages, (pb.seq_len,)), pb.cost)

@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 
-from hpipe.plan.evaluate import Problem, predicted_latency_s
+from hpipe.plan.evaluate import Problem
 from hpipe.plan.layers import SplitCosts, split_bottleneck_s, split_sum_s
 from hpipe.plan.plan import StagePlan
 from hpipe.plan.slices import estimate_s, grid_positions
@@ -116,7 +116,7 @@ def brute_slicing_simulated(pb: Problem, stages: tuple[StagePlan, ...]
     best: tuple[float, tuple[int, ...] | None] = (math.inf, None)
     for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
         if _fits_all(sl, st.fits):
-            v = predicted_latency_s(pb.plan("manual", stages, sl), pb.cost)
+            v = pb.objective_s(pb.plan("manual", stages, sl))
             if v < best[0]:
                 best = (v, sl)
     return best
@@ -150,5 +150,5 @@ def brute_hpipe_s(pb: Problem, groups: tuple[tuple[int, ...], ...]) -> float:
                     if not memory_overflows(plan, pb.cost):
                         plans.append(plan)
                 for plan in plans:
-                    best = min(best, predicted_latency_s(plan, pb.cost))
+                    best = min(best, pb.objective_s(plan))
     return best

@@ -370,4 +370,4 @@ def _two_change_splits(stages: tuple[StagePlan, ...], pb: Problem,
 def _whole_bottleneck_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
     times = stage_slice_times(stages, pb.cost, model=pb.model, dtype=pb.dtype, rows=pb.batch,
                               tokens=pb.seq_len, prefix=0, overlap_comm=pb.overlap_comm)
-    return max(times) if times else math.inf
+    return max(times) + pb.decode_s(stages, first_rows=1) if times else math.inf

@@ -4,7 +4,8 @@
   workspace fits: what the slicing DPs minimise over.
 - ``memory_overflows`` / ``check_memory``: per-device memory of a finished plan against the
   device, with a message naming the device, the layers and the shortfall.
-- ``scored``: the plan with ``predicted_latency_s`` from the exact simulator.
+- ``Problem.score``: the plan with ``predicted_latency_s`` from the exact simulator: the
+  prefill's latency, or with ``decode_steps`` the time to the last output token.
 - ``MemoCost``: a cost model's answers remembered for one planning call.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +42,57 @@ class Problem:
     # True: sends overlap compute (the runtime's non-blocking sends, the simulator's default),
     # so a link is a pipeline resource of its own; False: the paper's t_c + t_t accounting.
     overlap_comm: bool = True
+    # The objective (see [Note: planning for decode]): 0, the prefill's latency (the paper's);
+    # N > 0, the time to the last token of N decode steps after the first token.
+    decode_steps: int = 0
+    _decode_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False,
+                               hash=False)
+
+    # [Note: planning for decode] With ``decode_steps`` the search minimises TTFT plus the
+    # decode steps, every candidate scored the same way. After the first token nothing else
+    # is in the pipeline, so each step is one token's trip: back from the last stage to the
+    # first, then through every stage and hop at the step's context. That sum (``decode_s``)
+    # depends on the split only, so it is added to the prefill's bounds as it is, and they
+    # stay lower bounds.
+    def decode_s(self, stages: tuple[StagePlan, ...], *, first_rows: int | None = None
+                 ) -> float:
+        """The decode steps' time through ``stages``, exactly as the simulator times them.
+        ``first_rows``: the rows of the prefill's last micro-batch, whose tokens make the
+        first hop back (the whole batch by default; 1 gives a lower bound for any plan)."""
+        if not self.decode_steps or not stages:
+            return 0.0
+        first_rows = self.batch if first_rows is None else first_rows
+        key = (stages, first_rows)
+        hit = self._decode_memo.get(key)
+        if hit is not None:
+            return hit
+        cost, last = self.cost, len(stages) - 1
+        act = self.batch * self.model.hidden * dtype_bytes(self.dtype)
+        total = sum(cost.transfer_time_s(a.device, b.device, act)
+                    for a, b in zip(stages, stages[1:])) * self.decode_steps
+        if len(stages) > 1:  # one stage samples and feeds itself: no hop back
+            back = stages[-1].device, stages[0].device
+            total += cost.transfer_time_s(*back, first_rows * 8)
+            total += cost.transfer_time_s(*back, self.batch * 8) * (self.decode_steps - 1)
+        for step in range(self.decode_steps):
+            for j, st in enumerate(stages):
+                total += cost.decode_time_s(st.devices, st.layer_start, st.layer_stop,
+                                            batch=self.batch, context=self.seq_len + step,
+                                            has_embedding=j == 0, has_head=j == last)
+        self._decode_memo[key] = total
+        return total
+
+    def objective_s(self, plan: Plan) -> float:
+        """What the planner minimises for ``plan``: its simulated prefill latency, or (with
+        ``decode_steps``) its time to first token plus the decode steps."""
+        tl = simulate(plan, self.cost)
+        if not self.decode_steps:
+            return tl.prefill_latency_s
+        return tl.ttft_s + self.decode_s(plan.stages, first_rows=plan.microbatch_rows()[-1])
+
+    def score(self, plan: Plan) -> Plan:
+        """The plan with ``predicted_latency_s`` set to its objective."""
+        return dataclasses.replace(plan, predicted_latency_s=self.objective_s(plan))
 
     def plan(self, method: str, stages: tuple[StagePlan, ...], slices: tuple[int, ...], *,
              num_microbatches: int = 1, slice_table=(), notes=()) -> Plan:
@@ -164,16 +216,6 @@ def check_memory(plan: Plan, cost: CostModel, *, hint: str = "") -> None:
             f"{plan.method}: {'; '.join(over)} at batch {plan.batch}, seq_len {plan.seq_len}, "
             f"{plan.num_microbatches} micro-batch(es), {len(plan.slices)} slice(s)"
             + (f"; fits: {hint}" if hint else ""))
-
-
-def scored(plan: Plan, cost: CostModel) -> Plan:
-    """The plan with its simulated prefill latency filled in."""
-    latency = simulate(plan, cost).prefill_latency_s
-    return dataclasses.replace(plan, predicted_latency_s=latency)
-
-
-def predicted_latency_s(plan: Plan, cost: CostModel) -> float:
-    return simulate(plan, cost).prefill_latency_s
 
 
 class MemoCost:

@@ -82,8 +82,8 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
 def plan_bound_s(pb: Problem, plan: Plan) -> float:
     """``flow_bound_s`` of a plan's own prefill units: its simulated latency is never less,
     so a plan whose bound does not beat the best so far need not be simulated."""
-    return flow_bound_s(pb, plan.stages, [(u.rows, u.tokens, u.prefix)
-                                          for u in prefill_units(plan)])
+    return pb.decode_s(plan.stages, first_rows=1) + flow_bound_s(
+        pb, plan.stages, [(u.rows, u.tokens, u.prefix) for u in prefill_units(plan)])
 
 
 # Micro-batch counts are swept one by one up to this batch. Above it only the counts at which
@@ -130,4 +130,4 @@ def estimate_split_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
         if not memory_overflows(plan, pb.cost):
             best = min(best, flow_bound_s(pb, stages, [(r, pb.seq_len, 0)
                                                        for r in plan.microbatch_rows()]))
-    return best
+    return best + pb.decode_s(stages, first_rows=1)

@@ -57,7 +57,6 @@ from hpipe.plan.evaluate import (
     Problem,
     check_memory,
     memory_overflows,
-    scored,
     stage_slice_times,
 )
 from hpipe.plan.feasibility import explain_no_split
@@ -248,7 +247,7 @@ def plan_slices_for(pb: Problem, stages: tuple[StagePlan, ...], *, method: str,
     for i in sorted(range(len(plans)), key=lambda i: bounds[i]):
         if bounds[i] >= cutoff_s or (best is not None and bounds[i] > best.predicted_latency_s):
             continue  # its latency is at least its bound
-        plan = scored(plans[i], pb.cost)
+        plan = pb.score(plans[i])
         # Fastest simulated; on a tie, fewer slices (less per-slice overhead in a runtime).
         if best is None or ((plan.predicted_latency_s, len(plan.slices))
                             < (best.predicted_latency_s, len(best.slices))):
@@ -314,7 +313,7 @@ def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *
             continue
         if cutoff_s < math.inf and plan_bound_s(pb, plan) >= cutoff_s:
             continue
-        plan = scored(plan, pb.cost)
+        plan = pb.score(plan)
         if best is None or plan.predicted_latency_s < best.predicted_latency_s:
             best = plan
     return best
@@ -322,7 +321,7 @@ def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *
 
 def _scored_below(pb: Problem, plan: Plan, cutoff_s: float) -> Plan | None:
     """The plan, simulated, unless its lower bound shows it cannot beat ``cutoff_s``."""
-    return None if plan_bound_s(pb, plan) >= cutoff_s else scored(plan, pb.cost)
+    return None if plan_bound_s(pb, plan) >= cutoff_s else pb.score(plan)
 
 
 def _stages_key(stages: tuple[StagePlan, ...]) -> tuple:
