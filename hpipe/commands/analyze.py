@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = pairs_of(inputs, read_questions(args.question, args.questions))
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
-    plan = build_plan(args) if args.server is None else None
+    plan = (build_plan(args, concurrency=args.in_flight, max_new_tokens=args.max_new_tokens)
+            if args.server is None else None)
     answers = AnswerFile.open(args.out, overwrite=args.overwrite)
     backend = None
     if args.server is not None:  # reach it (URL, key, model) before saying anything

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hpipe.commands.settings import add_profile_argument, in_range, positive
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
-from hpipe.spec import DTYPES, METHODS
+from hpipe.spec import DTYPES, METHODS, OBJECTIVES
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--no-tp", dest="allow_tp", action="store_false",
                    help="keep HPipe to a pure pipeline (one device per stage)")
+    p.add_argument("--objective", default="throughput", choices=OBJECTIVES,
+                   help="what HPipe's plan minimises (default: output tokens/s of the "
+                        "requests running at once; see 'hpipe plan --help')")
 
 
 def add_liveness_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +36,7 @@ def add_liveness_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a worker waits to join the process group")
 
 
-def build_plan(args):
+def build_plan(args, *, concurrency: int, max_new_tokens: int):
     """The plan to serve: --plan, or the method planned on --cluster for --seq-len tokens."""
     import dataclasses
 
@@ -57,10 +60,14 @@ def build_plan(args):
     else:
         cluster = load_cluster(args.cluster or "local:2")
         seq_len = args.seq_len or min(spec.max_seq_len, 4096)
+        # A server's requests run together: by default the split with the most output
+        # tokens/s for ``concurrency`` of them, HPipe's slicing for their prompts.
+        objective = args.objective if args.method == "hpipe" else "prefill"
         plan = plan_method(args.method, model=spec, cluster=cluster, batch=1, seq_len=seq_len,
                            dtype=args.dtype,
                            cost=cost_model(spec, cluster, args.dtype, profile=args.profile),
-                           allow_tp=args.allow_tp)
+                           allow_tp=args.allow_tp, objective=objective,
+                           max_new_tokens=max_new_tokens, concurrency=concurrency)
     check_plan(plan, spec, model=args.model)
     check_local_devices([plan])
     return plan

@@ -3,6 +3,12 @@
     hpipe plan --cluster paper --model llama-7b --seq-len 2048 --batch 6
     hpipe plan --cluster my.yaml --model ./Llama-2-7b-hf --method manual --layers 4,4,4,4,8,8
     hpipe plan ... --json        # Plan.to_dict() plus a "summary" (a plan file for hpipe run)
+    hpipe plan ... --objective throughput --concurrency 16 --max-new-tokens 256
+
+HPipe plans for one objective: "prefill" (the prompt's latency, the paper's), "latency" (time to
+the last of --max-new-tokens tokens) or "throughput" (output tokens/s with --concurrency
+requests decoding, their KV caches counted). The table under the plan shows HPipe's plan for
+each objective and how it does on all of them.
 
 When nothing fits, it says which device runs out of memory by how much and what would fit.
 """
@@ -13,8 +19,8 @@ import argparse
 import json
 
 from hpipe.catalog import GIB  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
-from hpipe.commands.settings import add_setting_args, int_list, load_settings
-from hpipe.spec import METHODS
+from hpipe.commands.settings import add_setting_args, in_range, int_list, load_settings
+from hpipe.spec import METHODS, OBJECTIVES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,9 +33,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="manual layer counts per device in cluster order, 0 = unused")
     p.add_argument("--slices", type=int_list, default=None,
                    help="manual token slices summing to --seq-len, e.g. 512,512,512,512")
+    add_objective_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
+
+
+def add_objective_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", default="prefill", choices=OBJECTIVES,
+                   help="what HPipe's plan minimises (default: the prefill's latency)")
+    p.add_argument("--max-new-tokens", type=in_range(int, 1), default=256,
+                   help="output tokens per request, for 'latency' and 'throughput' "
+                        "(default %(default)s)")
+    p.add_argument("--concurrency", type=in_range(int, 1), default=16,
+                   help="requests decoding at once, for 'throughput' (default %(default)s)")
 
 
 def summarise(plan, cost) -> dict:
@@ -81,15 +98,32 @@ def describe(plan, summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hpipe.plan.api import plan_method
+    from hpipe.plan.compare import compare_objectives
+    from hpipe.report.tables import objectives_table
 
     cluster, model, cost = load_settings(args)
+    manual = args.method == "manual" or args.layers or args.slices
+    objective = args.objective if args.method == "hpipe" and not manual else "prefill"
     plan = plan_method(args.method, model=model, cluster=cluster, batch=args.batch,
                        seq_len=args.seq_len, dtype=args.dtype, cost=cost, layers=args.layers,
                        slices=args.slices, grain_tokens=args.grain_tokens,
-                       allow_tp=args.allow_tp)
+                       allow_tp=args.allow_tp, objective=objective,
+                       max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
     summary = summarise(plan, cost)
+    objectives = None
+    if args.method == "hpipe" and not manual:
+        objectives = compare_objectives(
+            model=model, cluster=cluster, batch=args.batch, seq_len=args.seq_len,
+            dtype=args.dtype, cost=cost, max_new_tokens=args.max_new_tokens,
+            concurrency=args.concurrency, allow_tp=args.allow_tp,
+            grain_tokens=args.grain_tokens)
     if args.json:
-        print(json.dumps({**plan.to_dict(), "summary": summary}, indent=1))
-    else:
-        print(describe(plan, summary))
+        extra = {"objectives": objectives} if objectives is not None else {}
+        print(json.dumps({**plan.to_dict(), "summary": summary, **extra}, indent=1))
+        return 0
+    print(describe(plan, summary))
+    if objectives is not None:
+        print(f"\nHPipe's plan per objective ({args.max_new_tokens} new tokens; "
+              f"tokens/s with {args.concurrency} requests decoding):")
+        print(objectives_table(objectives))
     return 0

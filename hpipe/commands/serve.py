@@ -21,6 +21,8 @@ from pathlib import Path
 from hpipe.commands.pipeline import add_liveness_arguments, add_pipeline_arguments, build_plan
 from hpipe.commands.settings import in_range, positive
 
+PLANNED_NEW_TOKENS = 256
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the pipeline as an OpenAI-compatible API",
@@ -64,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from hpipe.serve.app import build_app
     from hpipe.serve.engine import Engine, EngineSettings
 
-    plan = build_plan(args)  # every check before a worker starts
+    # Every check before a worker starts. Planned for --max-running requests of typical
+    # chat length (a request's own max_tokens is only known when it arrives).
+    plan = build_plan(args, concurrency=args.max_running, max_new_tokens=PLANNED_NEW_TOKENS)
     name = args.served_model_name or Path(args.model).name.removesuffix(".gguf")
     fatal: list[Exception] = []
     server = None

@@ -19,7 +19,7 @@ from hpipe.commands.settings import (
     prepare_output,
 )
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError
-from hpipe.spec import METHODS
+from hpipe.spec import METHODS, OBJECTIVES
 
 METHOD_CHOICES = tuple(m for m in METHODS if m != "manual") + ("all",)
 
@@ -32,6 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=in_range(int, 0), default=0,
                    help="also time N output tokens (N - 1 decode steps after the prefill): "
                         "TTFT, time per output token, total")
+    p.add_argument("--objective", default="prefill", choices=OBJECTIVES,
+                   help="what HPipe's plan minimises; 'latency' and 'throughput' need "
+                        "--max-new-tokens")
+    p.add_argument("--concurrency", type=in_range(int, 1), default=16,
+                   help="requests decoding at once, for --objective throughput")
     p.add_argument("--plan", type=Path,
                    help="time this plan (from 'hpipe plan --json') instead of planning; it "
                         "carries its model, cluster, batch, length and dtype")
@@ -104,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(args.trace, "--trace")
     prepare_output(args.png, "--png")
     steps = max(0, args.max_new_tokens - 1)
+    if args.objective != "prefill" and not args.max_new_tokens:
+        raise PlanMismatchError(f"--objective {args.objective} plans for output tokens; give "
+                                "--max-new-tokens N")
     if args.plan is not None or args.layers or args.slices:
         cluster, model, results = _given_plan(args, steps)
     else:
@@ -112,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_methods(methods, model=model, cluster=cluster, batch=args.batch,
                                    seq_len=args.seq_len, dtype=args.dtype, cost=cost,
                                    grain_tokens=args.grain_tokens, allow_tp=args.allow_tp,
-                                   num_decode_steps=steps)
+                                   num_decode_steps=steps, objective=args.objective,
+                                   concurrency=args.concurrency)
     if args.method != "all" and results[args.method].timeline is None:
         raise InfeasiblePlanError(f"{args.method} is infeasible: {results[args.method].error}")
     drawn = [r for r in results.values() if r.timeline is not None]

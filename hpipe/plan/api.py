@@ -20,7 +20,7 @@ from hpipe.plan.evaluate import Problem
 from hpipe.plan.feasibility import largest_fitting, split_fits
 from hpipe.plan.plan import Plan
 from hpipe.plan.search import hpipe_units, plan_hpipe
-from hpipe.spec import DTYPES, METHODS, ModelSpec
+from hpipe.spec import DTYPES, METHODS, OBJECTIVES, ModelSpec
 
 # Grid points the slicing DP works on: ~256 keep it well under a second; the grain is a power
 # of two (tile-aligned, design notes: g = 8..64) of at least 16 tokens.
@@ -62,6 +62,7 @@ def plan_method(
     allow_tp: bool = True,
     objective: str = "prefill",
     max_new_tokens: int = 0,
+    concurrency: int = 1,
 ) -> Plan:
     """Plan ``method`` (one of METHODS) for ``batch`` prompts of ``seq_len`` tokens.
 
@@ -71,6 +72,9 @@ def plan_method(
     ``objective`` "latency" plans for the time to the last of ``max_new_tokens`` output tokens
     (time to first token, then ``max_new_tokens - 1`` decode steps; see [Note: planning for
     decode] in hpipe/plan/evaluate.py); every method's plan is then scored that way.
+    "throughput" (HPipe only) plans the split with the most output tokens/s while
+    ``concurrency`` requests of ``seq_len + max_new_tokens`` tokens decode, their KV caches
+    in the memory check (hpipe/plan/throughput.py).
 
     Raises PromptTooLongError past the model's context, InfeasiblePlanError when nothing fits
     (the message names the device, the shortfall and what would fit), PlanMismatchError for
@@ -93,16 +97,24 @@ def plan_method(
         raise PlanMismatchError(
             f"--layers/--slices make a manual plan; use method 'manual' (or 'hpipe' to fill "
             f"the rest with HPipe's DPs), not {method!r}")
-    if objective not in ("prefill", "latency"):
-        raise PlanMismatchError(f"objective {objective!r} is not one plan_method makes; "
-                                "'prefill' or 'latency' (throughput: plan_throughput)")
-    if objective == "latency" and max_new_tokens < 1:
-        raise PlanMismatchError("objective 'latency' needs max_new_tokens >= 1, got "
+    if objective not in OBJECTIVES:
+        raise PlanMismatchError(f"objective {objective!r} is not one of "
+                                f"{', '.join(OBJECTIVES)}")
+    if objective != "prefill" and max_new_tokens < 1:
+        raise PlanMismatchError(f"objective {objective!r} needs max_new_tokens >= 1, got "
                                 f"{max_new_tokens}")
+    if objective == "throughput" and (method != "hpipe" or concurrency < 1):
+        raise PlanMismatchError(f"objective 'throughput' plans method 'hpipe' for "
+                                f"concurrency >= 1, not method {method!r} at {concurrency}")
     pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype=dtype,
                  cost=cost if cost is not None else cost_model(model, cluster, dtype),
                  grain_tokens=grain_tokens or default_grain_tokens(seq_len),
                  decode_steps=max_new_tokens - 1 if objective == "latency" else 0)
+    if objective == "throughput" and not overrides:
+        from hpipe.plan.throughput import plan_throughput
+
+        return plan_throughput(pb, concurrency=concurrency, max_new_tokens=max_new_tokens,
+                               allow_tp=allow_tp and pb.cost.times_tp_groups)
     if method == "manual" or overrides:
         plan = baselines.plan_manual(pb, layers=layers, slices=slices)
     elif method == "hpipe":

@@ -152,3 +152,30 @@ def brute_hpipe_s(pb: Problem, groups: tuple[tuple[int, ...], ...]) -> float:
                 for plan in plans:
                     best = min(best, pb.objective_s(plan))
     return best
+
+
+def brute_throughput_cycle_s(pb: Problem, *, concurrency: int, max_new_tokens: int) -> float:
+    """The shortest decode round (hpipe/plan/throughput.py) over every split of single devices
+    (every host order, every composition) whose stages hold the KV cache of every request;
+    inf if none does."""
+    from hpipe.plan.layers import stages_from_counts
+    from hpipe.plan.throughput import decode_cycle_s, round_shape
+
+    context, kv_tokens = pb.seq_len + max_new_tokens // 2, pb.seq_len + max_new_tokens
+    grain = min(pb.grain_tokens, pb.seq_len)
+    best, n = math.inf, pb.model.num_layers
+    for order in pb.cluster.host_orders():
+        gs = tuple((d,) for d in order)
+        for counts in compositions(n, len(gs)):
+            stages = stages_from_counts(gs, counts)
+            _, rows = round_shape(concurrency, len(stages))
+            units = ((1, grain, pb.seq_len - grain), (rows, 1, kv_tokens - 1))
+            if any(pb.cost.stage_memory_bytes(
+                    st.devices, st.layer_start, st.layer_stop, batch=concurrency,
+                    seq_len=kv_tokens, units=units, has_embedding=st.layer_start == 0,
+                    has_head=st.layer_stop == n) > pb.cluster.devices[st.device].memory_bytes
+                   for st in stages):
+                continue
+            best = min(best, decode_cycle_s(pb, stages, concurrency=concurrency,
+                                            context=context))
+    return best

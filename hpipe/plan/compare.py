@@ -14,6 +14,7 @@ from hpipe.cluster import ClusterSpec
 from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.plan import Plan, StagePlan
+from hpipe.schedule import prefill_units
 from hpipe.sim import simulate
 from hpipe.spec import ModelSpec
 from hpipe.timeline import Timeline
@@ -110,10 +111,14 @@ def evaluate_methods(
     grain_tokens: int | None = None,
     allow_tp: bool = True,
     num_decode_steps: int = 0,
+    objective: str = "prefill",
+    concurrency: int = 1,
 ) -> dict[str, MethodResult]:
     """Plan each method with the planner's front door and simulate it, with
     ``num_decode_steps`` decode steps after the prefill (``allow_tp``: whether HPipe may use
-    tensor-parallel stages).
+    tensor-parallel stages). ``objective`` is HPipe's (the baselines keep their own rules;
+    with "latency" their choices are scored by it too); its decode length is
+    ``num_decode_steps + 1`` tokens.
 
     A method the planner finds infeasible is kept as a result with ``error`` set; for Base we
     still simulate the unchecked even split so its memory row can show where it overflows.
@@ -127,9 +132,11 @@ def evaluate_methods(
     out: dict[str, MethodResult] = {}
     for method in methods:
         try:
+            own = objective if method == "hpipe" or objective == "latency" else "prefill"
             plan = plan_method(method, model=model, cluster=cluster, batch=batch,
                                seq_len=seq_len, dtype=dtype, cost=cost,
-                               grain_tokens=grain_tokens, allow_tp=allow_tp)
+                               grain_tokens=grain_tokens, allow_tp=allow_tp, objective=own,
+                               max_new_tokens=num_decode_steps + 1, concurrency=concurrency)
         except InfeasiblePlanError as e:  # argument errors (seq-len, dtype) propagate
             if method == "base":
                 unchecked = base_plan_unchecked(model, cluster, batch=batch, seq_len=seq_len,
@@ -142,3 +149,52 @@ def evaluate_methods(
             continue
         out[method] = result_from_plan(plan, cost, num_decode_steps=num_decode_steps)
     return out
+
+
+def compare_objectives(*, model: ModelSpec, cluster: ClusterSpec, batch: int, seq_len: int,
+                       dtype: str, cost: CostModel, max_new_tokens: int, concurrency: int,
+                       allow_tp: bool = True, grain_tokens: int | None = None) -> list[dict]:
+    """HPipe's plan for each objective and how each does on all of them: time to first
+    token and time per output token of one request of ``batch`` x ``seq_len`` +
+    ``max_new_tokens``, output tokens/s with ``concurrency`` such requests decoding, and the
+    fullest device under that load. One row per objective; ``error`` where it does not fit."""
+    from hpipe.plan.api import plan_method
+    from hpipe.plan.evaluate import Problem
+    from hpipe.plan.throughput import decode_tok_s
+    from hpipe.spec import OBJECTIVES
+
+    rows = []
+    kv_tokens, context = seq_len + max_new_tokens, seq_len + max_new_tokens // 2
+    for objective in OBJECTIVES:
+        try:
+            plan = plan_method("hpipe", model=model, cluster=cluster, batch=batch,
+                               seq_len=seq_len, dtype=dtype, cost=cost, allow_tp=allow_tp,
+                               grain_tokens=grain_tokens, objective=objective,
+                               max_new_tokens=max_new_tokens, concurrency=concurrency)
+        except InfeasiblePlanError as e:
+            rows.append({"objective": objective, "error": str(e)})
+            continue
+        tl = simulate(plan, cost, num_decode_steps=max(0, max_new_tokens - 1))
+        one = Problem(model=model, cluster=cluster, batch=1, seq_len=seq_len, dtype=dtype,
+                      cost=cost, grain_tokens=grain_tokens or 16)
+        fullest = 0.0
+        last = plan.num_stages - 1
+        for j, st in enumerate(plan.stages):
+            need = cost.stage_memory_bytes(
+                st.devices, st.layer_start, st.layer_stop, batch=max(batch, concurrency),
+                seq_len=kv_tokens, units=tuple(sorted({(u.rows, u.tokens, u.prefix)
+                                                       for u in prefill_units(plan)})),
+                has_embedding=j == 0, has_head=j == last)
+            cap = min(cluster.devices[d].memory_bytes for d in st.devices)
+            fullest = max(fullest, need / cap)
+        rows.append({
+            "objective": objective,
+            "layers": [[cluster.devices[d].name for d in s.devices] + [s.num_layers]
+                       for s in plan.stages],
+            "num_slices": len(plan.slices),
+            "ttft_s": tl.ttft_s, "tpot_s": tl.tpot_s, "latency_s": tl.latency_s,
+            "decode_tok_s": decode_tok_s(one, plan.stages, concurrency=concurrency,
+                                         context=context),
+            "fullest_memory_share": fullest,
+        })
+    return rows

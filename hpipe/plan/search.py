@@ -111,7 +111,7 @@ def _split_costs(pb: Problem, groups: tuple[Group, ...],
                              overlap_comm=pb.overlap_comm, groups=groups)
 
 
-def _no_split_error(pb: Problem) -> InfeasiblePlanError:
+def no_split_error(pb: Problem) -> InfeasiblePlanError:
     return InfeasiblePlanError(explain_no_split(
         pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch, seq_len=pb.seq_len,
         units=hpipe_units(pb.grain_tokens)))
@@ -133,7 +133,7 @@ def plan_hpipe_split(pb: Problem) -> list[tuple[StagePlan, ...]]:
         if split.stages() not in out:
             out.append(split.stages())
     if not out:
-        raise _no_split_error(pb)
+        raise no_split_error(pb)
     return out
 
 
@@ -346,7 +346,7 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
         dp_feasible |= tp_feasible
     if best is None:
         if not dp_feasible:
-            raise _no_split_error(pb)
+            raise no_split_error(pb)
         raise InfeasiblePlanError(
             f"hpipe: layers fit but no slicing of {pb.seq_len} tokens at a {pb.grain_tokens}-"
             f"token grain fits memory at batch {pb.batch}; fits: a smaller batch or grain_tokens")

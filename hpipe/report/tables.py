@@ -80,6 +80,29 @@ def decode_rows(results: Mapping[str, MethodResult]) -> tuple[list[str], list[li
     return headers, rows
 
 
+def objectives_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One line per objective (hpipe.plan.compare.compare_objectives): its plan's layers per
+    device and how that plan does on every objective."""
+    headers = ["objective", "layers per device", "slices", "ttft_s", "tpot_ms", "total_s",
+               "tok_s", "fullest_mem"]
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["objective"], "does not fit", "-", "-", "-", "-", "-", "-"])
+            continue
+        layers = " ".join(f"{'+'.join(names)}:{n}" for *names, n in r["layers"])
+        if len(layers) > 60:
+            layers = layers[:57] + "..."
+        out.append([r["objective"], layers, str(r["num_slices"]), _fmt(r["ttft_s"]),
+                    _fmt(r["tpot_s"] * 1e3), _fmt(r["latency_s"]), _fmt(r["decode_tok_s"]),
+                    f"{100 * r['fullest_memory_share']:.0f}%"])
+    return headers, out
+
+
+def objectives_table(rows: list[dict], *, markdown: bool = False) -> str:
+    return render(*objectives_rows(rows), markdown=markdown)
+
+
 def memory_rows(results: Mapping[str, MethodResult]) -> tuple[list[str], list[list[str]]]:
     """MB per device in cluster order; "OOM" where need exceeds capacity, "-" for no layers."""
     first = next(iter(results.values()))
