@@ -36,6 +36,8 @@ from hpipe.spec import model_preset
 # (preset, batch) pairs of the paper's main experiments, at 2048 tokens.
 MAIN_MODELS = (("llama-7b", 6), ("gpt3-2.7b", 12))
 SEQ_LEN = 2048
+# The objectives beyond the prefill: one request's whole latency, and 16 running at once.
+OBJECTIVE_SETTING = {"seq_len": 2048, "max_new_tokens": 256, "concurrency": 16}
 ABLATION_SLICES = (1, 2, 4, 8, 16, 32, 64, 128)
 SCALING_MODEL = ("llama-13b", 6)
 # The length sweep uses a 32k-context LLaMA-2-7B at batch 1: at batch 6, 32k tokens of KV cache
@@ -103,6 +105,7 @@ class PaperExperiment:
             steps.append((f"ablation {name}", lambda n=name: self._ablation(n)))
         steps.append(("bound llama-7b", lambda: self._bound("llama-7b")))
         steps.append(("hpipe with tensor parallelism", self._tensor_parallel))
+        steps.append(("objectives llama-7b", self._objectives))
         steps.append((f"scaling {SCALING_MODEL[0]}",
                        lambda: self._methods(*SCALING_MODEL, scaling=True)))
         for length in self.sweep_lengths:
@@ -222,6 +225,19 @@ class PaperExperiment:
                                  seq_len=SEQ_LEN, dtype=self.dtype, cost=self._cost(model),
                                  allow_tp=True)["hpipe"]
             self.data.setdefault("tensor_parallel", {})[name] = _result_json(r)
+
+    def _objectives(self) -> None:
+        """Beyond the paper: HPipe's plan for each objective, one LLaMA-7B request of
+        ``OBJECTIVE_SETTING`` (and that many running at once for throughput)."""
+        from hpipe.plan.compare import compare_objectives
+
+        model = model_preset("llama-7b")
+        s = OBJECTIVE_SETTING
+        rows = compare_objectives(model=model, cluster=self.cluster, batch=1,
+                                  seq_len=s["seq_len"], dtype=self.dtype,
+                                  cost=self._cost(model), max_new_tokens=s["max_new_tokens"],
+                                  concurrency=s["concurrency"], allow_tp=self.allow_tp)
+        self.data["objectives"] = {"model": "llama-7b", **s, "rows": rows}
 
     def _sweep(self, length: int) -> None:
         model = model_preset(SWEEP_MODEL)

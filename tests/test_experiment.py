@@ -58,6 +58,16 @@ def test_experiment_runs_the_papers_pure_pipeline_and_reports_tp_beside_it(paper
     assert "with TP pairs allowed" in report and "`--no-tp`" in report
 
 
+def test_the_report_plans_for_each_objective_and_says_where_decode_changes_the_plan(paper_run):
+    out, summary = paper_run
+    rows = {r["objective"]: r for r in summary["objectives"]["rows"]}
+    assert rows["latency"]["latency_s"] < rows["prefill"]["latency_s"]
+    assert rows["throughput"]["decode_tok_s"] > rows["prefill"]["decode_tok_s"]
+    report = (out / "report.md").read_text()
+    assert "## Planning for decode as well" in report
+    assert report.count("decode changes the plan to") == 2
+
+
 def test_ablation_covers_1_to_128_uniform_slices(paper_run):
     _, summary = paper_run
     abl = summary["ablation"]["llama-7b"]

@@ -262,6 +262,7 @@ def write_report(data: dict, path: str | Path) -> Path:
     L += ["", *[f"- {s}" for s in comparison_sentences(data)], ""]
     L += ["```", *headline_lines(data), "```", ""]
     L += [*tensor_parallel_lines(data), ""]
+    L += [*objective_lines(data), ""]
     L += ["## Latency and throughput (all seven methods)", ""]
     for model in MAIN:
         L += [f"### {model} (batch {data['models'][model]['batch']}, 2048 tokens)", "",
@@ -314,6 +315,42 @@ def tensor_parallel_lines(data: dict) -> list[str]:
                    f"{pure['latency_s']:.3f} s as a pure pipeline "
                    + (f"({100 * change:.1f}% less): {stages}." if change > 0
                       else "(it keeps the pure pipeline)."))
+    return out
+
+
+def objective_lines(data: dict) -> list[str]:
+    """Beyond the paper: HPipe's plan per objective, and where decode changes it."""
+    from hpipe.report.tables import objectives_table
+
+    o = data.get("objectives")
+    if not o:
+        return []
+    rows = {r["objective"]: r for r in o["rows"]}
+    out = ["## Planning for decode as well", "",
+           f"The paper plans the prefill. A request then decodes {o['max_new_tokens']} tokens, "
+           "each step reading every weight (bound by memory bandwidth, not FLOPs), and a "
+           "server runs many requests at once. HPipe's plan for each objective, "
+           f"{o['model']}, one request of {o['seq_len']} + {o['max_new_tokens']} tokens "
+           f"(tokens/s: {o['concurrency']} such requests decoding together):", "",
+           objectives_table(o["rows"], markdown=True), ""]
+    pre = rows.get("prefill")
+    if not pre or "error" in pre:
+        return out
+    for name, what in (("latency", "one request's whole latency"),
+                       ("throughput", f"{o['concurrency']} requests' output tokens/s")):
+        r = rows.get(name)
+        if not r or "error" in r:
+            continue
+        if r["layers"] == pre["layers"]:
+            out.append(f"- For {what}, the prefill's split is also the best.")
+            continue
+        split = " ".join(f"{'+'.join(names)}:{n}" for *names, n in r["layers"])
+        out.append(
+            f"- For {what}, decode changes the plan to {split}: time to first token "
+            f"{r['ttft_s']:.3f} s (prefill plan {pre['ttft_s']:.3f} s), "
+            f"{r['tpot_s'] * 1e3:.1f} ms per output token ({pre['tpot_s'] * 1e3:.1f} ms), "
+            f"{r['latency_s']:.2f} s in all ({pre['latency_s']:.2f} s), "
+            f"{r['decode_tok_s']:.0f} tokens/s ({pre['decode_tok_s']:.0f}).")
     return out
 
 
