@@ -128,7 +128,9 @@ class PaperExperiment:
     def _cost(self, model):
         from hpipe.cost import cost_model
 
-        return cost_model(model, self.cluster, self.dtype)
+        # The paper's systems ran eager attention: its score tensors are why Base runs out
+        # of memory there (hpipe/cost/memory.py, [Note: attention workspace]).
+        return cost_model(model, self.cluster, self.dtype, attention="eager")
 
     # -- steps -------------------------------------------------------------------------------
     def _methods(self, name: str, batch: int, *, scaling: bool = False) -> None:

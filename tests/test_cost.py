@@ -1,6 +1,7 @@
 """The analytic roofline and memory model: formulas, limits and the paper's memory facts."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,7 +125,8 @@ def test_vectorised_stage_times_match_the_scalar_ones(cost):
             assert np.allclose(many, one, rtol=1e-12)
 
 
-def test_memory_parts_and_slicing_shrinks_workspace(cost):
+def test_memory_parts_and_slicing_shrinks_workspace():
+    cost = AnalyticCost(LLAMA, PAPER, attention="eager")  # the paper's kernel: score tensors
     kw = dict(batch=6, seq_len=2048, has_embedding=False, has_head=False)
     whole = cost.stage_memory_bytes((P100,), 0, 6, units=((6, 2048, 0),), **kw)
     sliced = cost.stage_memory_bytes((P100,), 0, 6, units=((6, 128, 1920), (6, 256, 0)), **kw)
@@ -143,13 +145,45 @@ def test_memory_parts_and_slicing_shrinks_workspace(cost):
 
 
 def test_scores_dominate_workspace_at_full_length():
-    ws = workspace_bytes(LLAMA, rows=6, tokens=2048, prefix=0, elem_bytes=2)
+    ws = workspace_bytes(LLAMA, rows=6, tokens=2048, prefix=0, elem_bytes=2, attention="eager")
     scores = 6 * 32 * 2048 * 2048 * (2 * 2 + 4)  # fp16 scores + fp32 softmax + fp16 probs
     assert scores < ws < scores * 1.2
 
 
-def test_paper_base_memory_fits_a_p100_for_llama_7b(cost):
-    # The paper measured 11479 MB per P100 for Base (6 layers, whole sequence in one pass).
+def test_sdpa_holds_no_score_tensor_only_a_mask_after_a_prefix():
+    """The runtime's fused kernel: a slice at prefix 0 (is_causal) and a decode step hold no
+    (s, p + s) tensor at all; a slice after a prefix holds its mask, 5 bytes per pair for
+    every row and head together, where eager attention holds heads x rows x 8 bytes."""
+    kw = dict(elem_bytes=2, attention="sdpa")
+    at0 = workspace_bytes(LLAMA, rows=6, tokens=2048, prefix=0, **kw)
+    assert at0 < workspace_bytes(LLAMA, rows=6, tokens=2048, prefix=0, elem_bytes=2,
+                                 attention="eager") / 5
+    # Past a long prefix the mask sets the workspace: 5 bytes per (query, key) pair.
+    far = workspace_bytes(LLAMA, rows=1, tokens=256, prefix=40000, **kw)
+    near = workspace_bytes(LLAMA, rows=1, tokens=256, prefix=30000, **kw)
+    assert far - near == 256 * 10000 * 5
+    assert workspace_bytes(LLAMA, rows=6, tokens=1, prefix=2047, **kw) == workspace_bytes(
+        LLAMA, rows=6, tokens=1, prefix=0, **kw)
+
+
+def test_a_405b_model_at_128k_fits_32_gpus_with_the_runtimes_kernel():
+    """Llama-3.1-405B at 128k tokens on 32 GPUs of four generations (1152 GiB): its weights
+    and KV cache need about 817 GiB. With eager scores an 80 GB A100 holds 2 layers and
+    nothing fits; with SDPA's workspace a split fits."""
+    from hpipe.plan.feasibility import split_fits
+    from hpipe.plan.search import hpipe_units
+
+    model = model_preset("llama-3.1-405b")
+    cluster = load_cluster(str(Path(__file__).resolve().parents[1] / "examples/mixed32.yaml"))
+    kw = dict(model=model, cluster=cluster, batch=1, seq_len=131072, units=hpipe_units(512))
+    assert split_fits(AnalyticCost(model, cluster, attention="sdpa"), **kw)
+    assert not split_fits(AnalyticCost(model, cluster, attention="eager"), **kw)
+
+
+def test_paper_base_memory_fits_a_p100_for_llama_7b():
+    # The paper measured 11479 MB per P100 for Base (6 layers, whole sequence in one pass),
+    # running eager attention.
+    cost = AnalyticCost(LLAMA, PAPER, attention="eager")
     need = cost.stage_memory_bytes((P100,), 0, 6, batch=6, seq_len=2048,
                                    units=((6, 2048, 0),), has_embedding=True, has_head=False)
     assert 9e9 < need < 12.5e9

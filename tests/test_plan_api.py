@@ -6,6 +6,7 @@ import pytest
 
 from hpipe.cli import main
 from hpipe.cluster import load_cluster, parse_cluster
+from hpipe.cost.analytic import AnalyticCost
 from hpipe.errors import (
     InfeasiblePlanError,
     PlanMismatchError,
@@ -121,17 +122,19 @@ def test_model_that_fits_nowhere_says_why_and_what_fits():
 
 
 def test_baseline_oom_names_device_and_smaller_batch():
+    """The paper's case: Base's whole-sequence attention scores (eager) overflow a P100."""
+    gpt = model_preset("gpt3-2.7b")
+    eager = AnalyticCost(gpt, PAPER, attention="eager")
     with pytest.raises(InfeasiblePlanError,
                        match=r"base: layers \[0, 6\) need [\d.]+ GiB on 'p100-0' \(16.0 GiB, over by"
                              r".*fits: batch <= \d+, or method 'hpipe'"):
-        plan_method("base", model=model_preset("gpt3-2.7b"), cluster=PAPER, batch=16,
-                    seq_len=2048)
+        plan_method("base", model=gpt, cluster=PAPER, batch=16, seq_len=2048, cost=eager)
     # A baseline never suggests HPipe where HPipe does not fit either.
     with pytest.raises(InfeasiblePlanError, match=r"terapipe: .*fits: nothing at this batch and "
                                                   r"length, not even method 'hpipe'"):
         plan_method("terapipe", model=model_preset("llama-70b"), cluster=PAPER, batch=6,
                     seq_len=2048)
-    table = plan_all(model=model_preset("gpt3-2.7b"), cluster=PAPER, batch=16, seq_len=2048)
+    table = plan_all(model=gpt, cluster=PAPER, batch=16, seq_len=2048, cost=eager)
     assert isinstance(table["base"], InfeasiblePlanError) and isinstance(table["hpipe"], Plan)
 
 

@@ -66,7 +66,7 @@ def _with_device(pb: Problem, *, extra: bool = False, faster: bool = False) -> P
         dev["peak_flops_fp16"] *= 4
         dev["mem_bandwidth_bytes_s"] *= 4
     cluster = parse_cluster(d)
-    base = AnalyticCost(pb.model, cluster, pb.dtype)
+    base = AnalyticCost(pb.model, cluster, pb.dtype, attention=pb.cost.base.attention)
     return dataclasses.replace(pb, cluster=cluster, cost=SkewedCost(base, pb.cost.factors))
 
 

@@ -27,6 +27,10 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
                    help="keep HPipe to pure pipelines (one device per stage); by default its "
                         "search also tries tensor-parallel pairs inside a host")
     add_profile_argument(p)
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"),
+                   help="the attention kernel whose memory counts: 'sdpa' (hpipe's runtime, "
+                        "no score tensor) or 'eager' (HF eager attention, as the paper's "
+                        "systems ran; Base then runs out of memory where the paper says)")
 
 
 def add_profile_argument(parser) -> None:
@@ -177,4 +181,5 @@ def load_settings(args):
     args.dtype = resolve_dtype(args)
     cluster = load_cluster(args.cluster)
     model = load_model_spec(args.model)
-    return cluster, model, cost_model(model, cluster, args.dtype, profile=args.profile)
+    return cluster, model, cost_model(model, cluster, args.dtype, profile=args.profile,
+                                      attention=getattr(args, "attention", "sdpa"))

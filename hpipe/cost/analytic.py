@@ -58,6 +58,9 @@ class AnalyticCost:
     model: ModelSpec
     cluster: ClusterSpec
     dtype: str = "float16"
+    # The attention kernel whose workspace memory counts (hpipe/cost/memory.py): "sdpa", what
+    # hpipe's runtime runs, or "eager", what the paper's systems ran.
+    attention: str = "sdpa"
     # Per-instance memo of the per-layer time: planners ask for the same shapes many times.
     # Excluded from eq/hash/repr; it holds only values derived from the frozen fields.
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
@@ -216,7 +219,8 @@ class AnalyticCost:
                   + kv_bytes(self.model, num_layers=n, batch=batch, seq_len=seq_len,
                              elem_bytes=e)) // tp
         work = max((workspace_bytes(self.model, rows=r, tokens=t, prefix=p, elem_bytes=e,
-                                    tp=tp, has_head=has_head) for r, t, p in units), default=0)
+                                    tp=tp, has_head=has_head, attention=self.attention)
+                    for r, t, p in units), default=0)
         # Worst member of the group: the context differs between CPU and GPU members.
         ctx = max(context_bytes(self.cluster.devices[d]) for d in devices)
         return ctx + static + (work if n > 0 or has_head or has_embedding else 0)

@@ -4,12 +4,19 @@
                  + KV cache for batch x seq_len tokens of its layers
                  + the largest unit's workspace (one layer's activations at a time)
 
-[Note: attention workspace] We model eager attention as PyTorch/HF run it for 16-bit models:
-scores in the model dtype, softmax in float32, probabilities cast back, so each element of the
-(rows, heads, s, p + s) score tensor costs 2 * elem + 4 bytes while the layer runs. Token
-slicing keeps that at s * (p + s) instead of L^2: the reason Base runs out of memory where
-HPipe does not. A fused (flash) kernel would not materialise it; this model is then a
-conservative upper bound.
+[Note: attention workspace] Two kernels, two costs:
+- "eager" (HF transformers' eager attention, what the paper's systems ran): scores in the model
+  dtype, softmax in float32, probabilities cast back, so each element of the (rows, heads, s,
+  p + s) score tensor costs 2 * elem + 4 bytes while the layer runs. Token slicing keeps that
+  at s * (p + s) instead of L^2: the reason Base runs out of memory where HPipe does not. The
+  paper's experiment (hpipe/experiment.py) models this kernel.
+- "sdpa" (what hpipe's runtime runs, hpipe/model/decoder.py, on CPU and CUDA): fused kernels
+  that never hold the score tensor. A slice after a prefix passes an explicit (s, p + s)
+  boolean mask, one per layer call and shared by every row and head, which SDPA turns into an
+  additive float mask: about 5 bytes per (query, key) pair. Measured on this CPU (torch 2.13,
+  9 heads, GQA): SDPA's own peak grew 17 MiB for s = 512, p = 8192, where the scores would be
+  153 MiB; 56 MiB for s = 2048, p = 6000 (566 MiB of scores). A slice at prefix 0 and a decode
+  step need no mask.
 """
 
 from __future__ import annotations
@@ -18,10 +25,15 @@ from hpipe.cluster import DeviceSpec
 from hpipe.spec import ModelSpec
 
 MIB = 1024**2
+ATTENTION_KERNELS = ("sdpa", "eager")
+# SDPA's mask per (query, key) pair: our bool mask (1 byte) and SDPA's float copy of it (4).
+SDPA_MASK_BYTES_PER_PAIR = 5
 
 # CUDA context + PyTorch allocator slack + cuBLAS workspace, as nvidia-smi shows for a process
-# that has run one matmul (~300-500 MiB on Pascal/Ampere); a CPU worker pays the interpreter
-# and the torch import instead (~250 MiB RSS).
+# that has run one matmul (~300-500 MiB on Pascal/Ampere). A CPU worker pays the interpreter
+# and the torch import instead: with it, predicted peaks of SmolLM2 prefills of 512-4096
+# tokens came within 3% of the measured peak RSS here (tests/test_memory_model.py; the
+# loader's own transient peak, higher, is over before the first request).
 CONTEXT_BYTES_GPU = 512 * MIB
 CONTEXT_BYTES_CPU = 256 * MIB
 
@@ -46,7 +58,7 @@ def kv_bytes(model: ModelSpec, *, num_layers: int, batch: int, seq_len: int,
 
 
 def workspace_bytes(model: ModelSpec, *, rows: int, tokens: int, prefix: int, elem_bytes: int,
-                    tp: int = 1, has_head: bool = False) -> int:
+                    tp: int = 1, has_head: bool = False, attention: str = "sdpa") -> int:
     """Peak transient memory while one layer runs on a unit of rows x tokens at ``prefix``.
 
     Layers run one at a time, so only one layer's temporaries are live. A tensor-parallel
@@ -55,7 +67,12 @@ def workspace_bytes(model: ModelSpec, *, rows: int, tokens: int, prefix: int, el
     n = rows * tokens
     hidden = 4 * n * model.hidden * elem_bytes  # residual, normed input, block output, send buffer
     qkv = n * (model.hidden + 2 * model.kv_dim) * elem_bytes // tp
-    scores = rows * model.num_heads * tokens * (prefix + tokens) * (2 * elem_bytes + 4) // tp
+    if attention == "eager":
+        scores = rows * model.num_heads * tokens * (prefix + tokens) * (2 * elem_bytes + 4) // tp
+    else:  # see [Note: attention workspace]: the mask, and the attention output
+        assert attention == "sdpa", attention
+        mask = tokens * (prefix + tokens) * SDPA_MASK_BYTES_PER_PAIR if prefix and tokens > 1 else 0
+        scores = mask + n * model.hidden * elem_bytes // tp
     mlp_width = 3 if model.family == "llama" else 2  # SwiGLU: gate, up, product; GELU: fc, act
     mlp = n * model.intermediate * mlp_width * elem_bytes // tp
     # The head computes float32 logits for each row's last token only (the next-token

@@ -157,7 +157,8 @@ def compare_objectives(*, model: ModelSpec, cluster: ClusterSpec, batch: int, se
     """HPipe's plan for each objective and how each does on all of them: time to first
     token and time per output token of one request of ``batch`` x ``seq_len`` +
     ``max_new_tokens``, output tokens/s with ``concurrency`` such requests decoding, and the
-    fullest device under that load. One row per objective; ``error`` where it does not fit."""
+    fullest device under the objective's own load (``concurrency`` requests for throughput,
+    ``batch`` rows otherwise, each at its full length). One row per objective; ``error`` where it does not fit."""
     from hpipe.plan.api import plan_method
     from hpipe.plan.evaluate import Problem
     from hpipe.plan.throughput import decode_tok_s
@@ -179,9 +180,10 @@ def compare_objectives(*, model: ModelSpec, cluster: ClusterSpec, batch: int, se
                       cost=cost, grain_tokens=grain_tokens or 16)
         fullest = 0.0
         last = plan.num_stages - 1
+        load = concurrency if objective == "throughput" else batch  # the objective's own
         for j, st in enumerate(plan.stages):
             need = cost.stage_memory_bytes(
-                st.devices, st.layer_start, st.layer_stop, batch=max(batch, concurrency),
+                st.devices, st.layer_start, st.layer_stop, batch=load,
                 seq_len=kv_tokens, units=tuple(sorted({(u.rows, u.tokens, u.prefix)
                                                        for u in prefill_units(plan)})),
                 has_embedding=j == 0, has_head=j == last)
