@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from plan_harness import random_instance
+from plan_harness import plan_kw, random_instance
 
 from hpipe.cluster import load_cluster
 from hpipe.errors import InfeasiblePlanError, PlanMismatchError
@@ -100,3 +100,28 @@ def test_hpipe_plan_shows_each_objectives_plan(capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "HPipe's plan per objective" in text and "tpot_ms" in text and "throughput" in text
+
+
+def test_hpipe_slicing_is_never_worse_than_any_equal_slicing():
+    """On random instances and the paper's case, HPipe's plan is no slower than k equal slices
+    on its own stages, for every k from 1 to 128 that fits memory."""
+    from hpipe.plan.search import uniform_count_slicing
+
+    cases = [random_instance(seed, max_devices=4, max_layers=7, max_grid=8)
+             for seed in range(0, 80, 4)]
+    for pb in cases:
+        try:
+            plan = plan_method("hpipe", allow_tp=False, **plan_kw(pb))
+        except InfeasiblePlanError:
+            continue
+        st = pb.slice_times(plan.stages)
+        for k in range(1, min(128, pb.seq_len) + 1):
+            sl = uniform_count_slicing(pb.seq_len, k)
+            if not all(st.fits(s, sum(sl[:i])) for i, s in enumerate(sl)):
+                continue
+            other = pb.objective_s(pb.plan("manual", plan.stages, sl))
+            assert plan.predicted_latency_s <= other * (1 + 1e-12), (pb.cluster.name, k)
+    paper = plan_method("hpipe", model=model_preset("llama-7b"), cluster=load_cluster("paper"),
+                        batch=6, seq_len=2048, allow_tp=False)
+    assert paper.predicted_latency_s <= 2.547 + 5e-4  # 21 equal slices; the DP alone: 2.554
+

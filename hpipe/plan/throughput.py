@@ -205,7 +205,7 @@ def plan_throughput(pb: Problem, *, concurrency: int, max_new_tokens: int,
     """HPipe's plan for the throughput objective: the split with the shortest decode round,
     sliced by HPipe's slicing DP for the prompt. ``predicted_latency_s`` is its prefill
     latency; the notes carry the throughput."""
-    from hpipe.plan.search import no_split_error, plan_slices_for
+    from hpipe.plan.search import no_split_error, plan_slices_for, polish_uniform
 
     splits = throughput_splits(pb, concurrency=concurrency, max_new_tokens=max_new_tokens,
                                allow_tp=allow_tp)
@@ -218,7 +218,7 @@ def plan_throughput(pb: Problem, *, concurrency: int, max_new_tokens: int,
                 f"(a round every {cycle * 1e3:.2f} ms at context {context})")
         plan = plan_slices_for(pb, stages, method="hpipe", notes=(note,))
         if plan is not None:
-            return plan
+            return polish_uniform(pb, plan)
     if splits:
         raise InfeasiblePlanError(f"hpipe: no slicing of the {pb.seq_len}-token prompt fits "
                                   "beside the KV cache of the running requests; lower "
