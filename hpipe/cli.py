@@ -79,7 +79,8 @@ def run_generate(args: argparse.Namespace) -> int:
     src = open_model(args.model)
     ids = _prompt_ids(args, src.tokenizer)
     sampler = Sampler(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = src.load_model(dtype=getattr(torch, args.dtype), device=device)
+    model_dtype = getattr(torch, args.dtype)
+    model = src.load_model(dtype=model_dtype, device=device)
     result = generate(model, [ids], max_new_tokens=args.max_new_tokens, slices=args.slices,
                       sampler=sampler, eos_token_ids=src.tokenizer.eos_token_ids)
     out = list(result.output_ids[0])
@@ -87,17 +88,22 @@ def run_generate(args: argparse.Namespace) -> int:
         text = src.tokenizer.decode(out)
     except TokenizerNotFoundError:  # a checkpoint without a tokenizer: ids only
         text = None
+    from hpipe.cost.memory import achieved_gb_s
+
+    steps = max(0, len(result.output_ids[0]) - 1)
+    gb_s = achieved_gb_s(src.spec, batch=1, prompt_tokens=result.prompt_tokens, steps=steps,
+                         decode_s=result.decode_s, elem_bytes=torch.finfo(model_dtype).bits // 8)
     if args.json:
         print(json.dumps({
             "model": str(src.path), "prompt_tokens": result.prompt_tokens, "output_ids": out,
             "text": text, "slices": list(result.slices), "prefill_s": result.prefill_s,
             "prefill_tok_s": result.prefill_tok_s, "decode_s": result.decode_s,
-            "decode_tok_s": result.decode_tok_s}))
+            "decode_tok_s": result.decode_tok_s, "decode_gb_s": gb_s}))
         return 0
     print(text if text is not None else " ".join(map(str, out)))
     print(f"[{result.prompt_tokens} prompt tokens in {len(result.slices)} slices: "
           f"{result.prefill_tok_s:.0f} tok/s prefill; {len(out)} new tokens, "
-          f"{result.decode_tok_s:.1f} tok/s decode]")
+          f"{result.decode_tok_s:.1f} tok/s decode, {gb_s:.1f} GB/s read]")
     return 0
 
 

@@ -23,6 +23,13 @@ def test_generate_json_ids_and_slices(tiny_checkpoints, capsys):
     assert whole["prompt_tokens"] == 10 and sliced["slices"] == [6, 3, 1]
     assert {"prompt_tokens", "output_ids", "text", "prefill_s", "decode_tok_s"} <= whole.keys()
     assert whole["text"] is None  # a tiny checkpoint without tokenizer.json: ids only
+    # Achieved bandwidth as gpt-fast reports it: the bytes 4 decode steps read over their time.
+    from hpipe.cost.memory import decode_read_bytes
+    from hpipe.model.source import open_model
+
+    spec = open_model(path).spec
+    per_step = decode_read_bytes(spec, batch=1, context=10 + 2, elem_bytes=4)
+    assert whole["decode_gb_s"] == pytest.approx(per_step * 4 / whole["decode_s"] / 1e9)
     assert sliced["output_ids"] == whole["output_ids"]
 
 

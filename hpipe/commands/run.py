@@ -25,9 +25,10 @@ from hpipe.commands.settings import (
     read_prompt_file,
 )
 from hpipe.cost import cost_model
+from hpipe.cost.memory import achieved_gb_s
 from hpipe.errors import HPipeError, PlanMismatchError
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
-from hpipe.spec import DTYPES, METHODS
+from hpipe.spec import DTYPES, METHODS, dtype_bytes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -216,6 +217,9 @@ def result_summary(result, plan, predicted, tokenizer) -> dict:
         "prefill_tok_s": tl.prefill_throughput_tok_s,
         "decode_tok_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
         "num_decode_steps": result.num_decode_steps,
+        "decode_gb_s": achieved_gb_s(plan.model, batch=tl.batch, prompt_tokens=tl.seq_len,
+                                     steps=result.num_decode_steps, decode_s=decode_s,
+                                     elem_bytes=dtype_bytes(plan.dtype)),
         "predicted_prefill_latency_s": predicted.prefill_latency_s,
         "predicted_latency_s": predicted.latency_s,
         # One entry per device (timeline row): a tensor-parallel stage lists each member.
@@ -409,7 +413,8 @@ def format_report(rep: dict) -> str:
                  f"{rep['predicted_prefill_latency_s']:8.3f} s predicted   "
                  f"{rep['prefill_tok_s']:8.0f} tok/s")
     lines.append(f"  first tok  {rep['ttft_s']:8.3f} s      decode {rep['decode_tok_s']:.1f} "
-                 f"tok/s over {rep['num_decode_steps']} steps      total {rep['latency_s']:.3f} s")
+                 f"tok/s ({rep['decode_gb_s']:.1f} GB/s read) over {rep['num_decode_steps']} "
+                 f"steps      total {rep['latency_s']:.3f} s")
     for st in rep["stages"]:
         tp = (f"  (TP x{st['tp_degree']}, all-reduce {st['prefill_allreduce_s']:.3f} s)"
               if st["tp_degree"] > 1 else "")

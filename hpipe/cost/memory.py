@@ -81,6 +81,25 @@ def workspace_bytes(model: ModelSpec, *, rows: int, tokens: int, prefix: int, el
     return hidden + max(qkv + scores, mlp, logits)
 
 
+def decode_read_bytes(model: ModelSpec, *, batch: int, context: int, elem_bytes: int) -> int:
+    """What one decode step reads: every layer's weights and the head once, and each row's KV
+    cache of ``context`` tokens (gpt-fast's "achieved bandwidth" numerator)."""
+    weights = model.num_layers * model.params_per_layer() + model.head_params()
+    return weights * elem_bytes + kv_bytes(model, num_layers=model.num_layers, batch=batch,
+                                           seq_len=context, elem_bytes=elem_bytes)
+
+
+def achieved_gb_s(model: ModelSpec, *, batch: int, prompt_tokens: int, steps: int,
+                  decode_s: float, elem_bytes: int) -> float:
+    """GB/s a decode of ``steps`` steps after ``prompt_tokens`` reached: the bytes its steps
+    read (at their mean context) over the time they took; 0 without decode."""
+    if steps <= 0 or decode_s <= 0:
+        return 0.0
+    per_step = decode_read_bytes(model, batch=batch, context=prompt_tokens + steps // 2,
+                                 elem_bytes=elem_bytes)
+    return per_step * steps / decode_s / 1e9
+
+
 def kv_token_budget(plan, *, workspace_tokens: int = 512) -> int:
     """KV-cache positions every stage of ``plan`` can hold beside its weights: the least, over
     stages, of (device memory - context - weights - a workspace for ``workspace_tokens``
