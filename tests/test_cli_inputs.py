@@ -46,7 +46,8 @@ def test_run_text_report_shows_the_ids_of_a_model_without_tokenizer():
            "prompt_tokens": 4, "slices": [4], "emulated": False,
            "output": {"text": [None, None], "ids": [[7, 8, 9], [3]]},
            "prefill_latency_s": 0.1, "predicted_prefill_latency_s": 0.1, "prefill_tok_s": 80.0,
-           "ttft_s": 0.1, "decode_tok_s": 10.0, "num_decode_steps": 2, "latency_s": 0.3,
+           "ttft_s": 0.1, "decode_tok_s": 10.0, "decode_gb_s": 1.2, "num_decode_steps": 2,
+           "latency_s": 0.3,
            "stages": [stage]}
     assert format_report(rep).splitlines()[:4] == ["7 8 9", "", "3", ""]
 

@@ -106,3 +106,32 @@ def test_hpipe_picks_no_tp_group_from_a_profile_that_never_timed_one():
     assert len(plan_method("hpipe", cost=trusting, **kw).stages[0].devices) == 2
     # Megatron's fixed pair is still timed with the fitted model's estimate.
     assert len(plan_method("megatron", cost=fitted, **kw).stages[0].devices) == 2
+
+
+def test_a_profiles_decode_grid_times_decode_steps():
+    """Decode samples that follow a known formula (weights read, per row, KV read per row)
+    are fitted apart from the prefill grid and give the decode step; the same profile without
+    them, or read back from a file written before them, extrapolates the prefill fit."""
+    import dataclasses
+
+    from hpipe.cost.profile_file import Profile
+
+    def layer_s(b, p):
+        return 2e-3 + 1e-5 * b + 3e-9 * b * p
+
+    pts = [(b, p) for b in (1, 4, 16) for p in (16, 512, 1023)]
+    base = make_profile()
+    devices = tuple(dataclasses.replace(
+        d, decode_layer=tuple(TimeSample(b, 1, p, layer_s(b, p)) for b, p in pts),
+        decode_head=tuple(TimeSample(b, 1, p, 4e-4 + 2e-6 * b) for b, p in pts),
+        decode_call=tuple(TimeSample(b, 1, p, 1e-4) for b, p in pts)) for d in base.devices)
+    prof = Profile.from_dict(dataclasses.replace(base, devices=devices).to_dict())
+    cost = FittedCost(prof, MODEL, local_cluster(2), "float32")
+    got = cost.decode_time_s((0,), 0, 10, batch=8, context=700, has_embedding=False,
+                             has_head=True)
+    assert got == pytest.approx(10 * layer_s(8, 700) + 1e-4 + 4e-4 + 2e-6 * 8, rel=1e-6)
+    old = FittedCost(make_profile(), MODEL, local_cluster(2), "float32")
+    assert old.fits[0].decode_layer is None
+    assert old.decode_time_s((0,), 0, 10, batch=8, context=700, has_embedding=False,
+                             has_head=True) == old.stage_time_s(
+        (0,), 0, 10, batch=8, tokens=1, prefix=700, has_embedding=False, has_head=True)

@@ -73,12 +73,20 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     prof = read_profile(out)
     assert prof.device_names == ("cpu0", "cpu1") and prof.emulated
     assert len(prof.links) == 1 and prof.links[0].bandwidth_bytes_s > 0
-    assert len(prof.devices[0].layer) == len(default_grid(128, quick=True, max_batch=2).points())
+    grid = default_grid(128, quick=True, max_batch=2)
+    decode = [pt for pt in grid.points() if pt[1] == 1]
+    assert len(prof.devices[0].layer) == len(grid.points()) - len(decode)
+    # The decode grid: one-token steps at a short and the longest context, fitted apart.
+    assert {(s.rows, s.prefix) for s in prof.devices[0].decode_layer} == {(1, 16), (8, 16),
+                                                                          (1, 127), (8, 127)}
     # The file plugs into the planner's cost interface for the same model and cluster.
     cost = FittedCost(prof, open_model(tiny_path).spec, _cluster([1.0, 2.0]), "float32")
     t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
                           has_head=True)
     assert t > 0
+    step = cost.decode_time_s((1,), 0, 2, batch=8, context=100, has_embedding=False,
+                              has_head=True)
+    assert cost.fits[1].decode_layer is not None and 0 < step < t
     # The calibration run: the even split, equal slices of the profile's longest prompt, run
     # for real on the same workers; each device measured, a sane ratio to the grid fit.
     cal = prof.calibration

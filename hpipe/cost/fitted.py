@@ -45,6 +45,18 @@ HEAD_TERMS = ("1", "b", "b*s")
 EMBED_TERMS = ("1", "b*s")
 CALL_TERMS = ("1", "b*s", "s*(p+s)")  # Python per call; rotary per token; the prefix mask
 MEMORY_TERMS = ("b*s", "b*s*(p+s)")  # activations; attention scores over prefix + slice
+# A decode step of one layer: the weights read once, per-row work, each row's KV read.
+DECODE_LAYER_TERMS = ("1", "b", "b*p")
+DECODE_HEAD_TERMS = ("1", "b")  # the vocabulary matrix read once, per-row logits
+DECODE_CALL_TERMS = ("1", "b")
+
+
+def decode_layer_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b, b * p], axis=-1)
+
+
+def decode_rows_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b], axis=-1)
 
 
 def layer_features(b: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -103,6 +115,11 @@ class DeviceFit:
     call: tuple[float, ...]
     memory: tuple[float, ...]
     layer_rel_error_max: float  # worst relative residual of the layer fit over the grid
+    # From the decode grid; None when the profile has none (decode then extrapolates the
+    # prefill fit to one-token slices).
+    decode_layer: tuple[float, ...] | None = None
+    decode_head: tuple[float, ...] | None = None
+    decode_call: tuple[float, ...] | None = None
 
 
 def _samples(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -130,7 +147,15 @@ def fit_device(dev: DeviceProfile) -> DeviceFit:
                               relative=False)
     else:
         mem = np.zeros(len(MEMORY_TERMS))
+    decode = {}
+    for part, samples, features in (("decode_layer", dev.decode_layer, decode_layer_features),
+                                    ("decode_head", dev.decode_head, decode_rows_features),
+                                    ("decode_call", dev.decode_call, decode_rows_features)):
+        if samples:
+            db, ds, dp, dt = _samples(samples)
+            decode[part] = tuple(float(v) for v in fit_nonnegative(features(db, ds, dp), dt))
     return DeviceFit(
+        **decode,
         layer=tuple(float(v) for v in layer),
         embedding=tuple(float(v) for v in fit_nonnegative(embed_features(eb, es, ep), et)),
         head=tuple(float(v) for v in fit_nonnegative(head_features(hb, hs, hp), ht)),
@@ -203,11 +228,30 @@ class FittedCost:
 
     def decode_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
                       batch: int, context: int, has_embedding: bool, has_head: bool) -> float:
-        """A decode step from the grid's fit at one-token slices. The grid times slices of 16
-        tokens and more, so this extrapolates along the fit's terms (its per-call term keeps
-        the fixed cost of a step); a profile does not time decode on its own yet."""
-        return self.stage_time_s(devices, layer_start, layer_stop, batch=batch, tokens=1,
-                                 prefix=context, has_embedding=has_embedding, has_head=has_head)
+        """A decode step from the profile's decode grid (batch x context, one new token per
+        row); a profile without one extrapolates the prefill grid to one-token slices."""
+        if any(self.fits[d].decode_layer is None for d in devices):
+            return self.stage_time_s(devices, layer_start, layer_stop, batch=batch, tokens=1,
+                                     prefix=context, has_embedding=has_embedding,
+                                     has_head=has_head)
+        times = []
+        for d in devices:
+            fit = self.fits[d]
+            t = (layer_stop - layer_start) * _eval(decode_layer_features, fit.decode_layer,
+                                                   batch, 1, context)
+            t += _eval(decode_rows_features, fit.decode_call, batch, 1, context)
+            if has_embedding:
+                t += _eval(embed_features, fit.embedding, batch, 1, 0)
+            if has_head:
+                t += _eval(decode_rows_features, fit.decode_head, batch, 1, context)
+            times.append(t * self.compute_scale[d])
+        if len(devices) == 1:
+            return times[0]
+        # As stage_time_s: an ideal split of the measured time, plus two all-reduces a layer.
+        g = len(devices)
+        act_bytes = batch * self.model.hidden * dtype_bytes(self.dtype)
+        allreduce = self.transfer_time_s(devices[0], devices[1], 2 * (g - 1) / g * act_bytes)
+        return max(times) / g + 2 * (layer_stop - layer_start) * allreduce
 
     def link_fit(self, src: int, dst: int) -> tuple[float, float] | None:
         """(latency_s, bandwidth_bytes_s) measured between two devices, or None."""

@@ -73,6 +73,11 @@ class DeviceProfile:
     embedding_weight_bytes: int
     head_weight_bytes: int
     peak_memory_bytes: int  # the largest resident size seen while profiling
+    # Decode steps (one new token per row after ``prefix`` cached ones), per part as above;
+    # empty in a profile made before they were measured (the fit then extrapolates).
+    decode_layer: tuple[TimeSample, ...] = ()
+    decode_head: tuple[TimeSample, ...] = ()
+    decode_call: tuple[TimeSample, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,9 @@ class Profile:
                 "embedding_weight_bytes": d.embedding_weight_bytes,
                 "head_weight_bytes": d.head_weight_bytes,
                 "peak_memory_bytes": d.peak_memory_bytes,
+                "decode_layer": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_layer],
+                "decode_head": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_head],
+                "decode_call": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_call],
             }
 
         return {
@@ -238,6 +246,9 @@ class Profile:
                     embedding_weight_bytes=int(dv["embedding_weight_bytes"]),
                     head_weight_bytes=int(dv["head_weight_bytes"]),
                     peak_memory_bytes=int(dv["peak_memory_bytes"]),
+                    decode_layer=times(dv.get("decode_layer") or ()),
+                    decode_head=times(dv.get("decode_head") or ()),
+                    decode_call=times(dv.get("decode_call") or ()),
                 )
                 for dv in d["devices"]
             )

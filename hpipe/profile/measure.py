@@ -21,6 +21,7 @@ overshoot included, and the profile is labelled emulated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -54,10 +55,15 @@ class Grid:
     max_tokens: int
     repeats: int
     warmup: int
+    # Decode steps: (rows, context) pairs, one new token per row (empty: none measured).
+    decode_batches: tuple[int, ...] = ()
+    decode_contexts: tuple[int, ...] = ()
 
     def points(self) -> tuple[tuple[int, int, int], ...]:
         pts = [(b, s, p) for b in self.batches for s in self.tokens for p in self.prefixes
                if p + s <= self.max_tokens]
+        pts += [(b, 1, p) for b in self.decode_batches for p in self.decode_contexts
+                if p + 1 <= self.max_tokens]
         return tuple(pts)
 
 
@@ -79,11 +85,14 @@ def default_grid(max_tokens: int, *, quick: bool = False, max_batch: int = 2) ->
         tokens = sorted({16, 64, max(32, max_tokens // 4), max_tokens // 2, max_tokens})
         prefixes = (0, max_tokens // 3, (2 * max_tokens) // 3)
         batches = tuple(sorted({1, max_batch}))
-        return Grid(tuple(batches), tuple(tokens), prefixes, max_tokens, repeats=3, warmup=1)
+        return Grid(tuple(batches), tuple(tokens), prefixes, max_tokens, repeats=3, warmup=1,
+                    decode_batches=(1, 8), decode_contexts=(16, max_tokens - 1))
     tokens = sorted({16, 64, 128, max_tokens // 4, max_tokens // 2, max_tokens})
     prefixes = (0, max_tokens // 4, max_tokens // 2, (3 * max_tokens) // 4)
     batches = tuple(sorted({1, 2, max_batch}))
-    return Grid(batches, tuple(tokens), prefixes, max_tokens, repeats=5, warmup=2)
+    # Decode: one row and a server's batch of rows, at a short and the longest context.
+    return Grid(batches, tuple(tokens), prefixes, max_tokens, repeats=5, warmup=2,
+                decode_batches=(1, 4, 16), decode_contexts=(16, max_tokens // 2, max_tokens - 1))
 
 
 class _PartTimer:
@@ -188,6 +197,7 @@ def profile_device(
     gen = torch.Generator().manual_seed(0)
     points = grid.points()
     layer, embedding, head, call, memory = [], [], [], [], []
+    decode_layer, decode_head, decode_call = [], [], []
     kv_per_token = 0
     try:
         # [Note: repeats spread over time] Pass k times every point once, in a shuffled order;
@@ -220,6 +230,11 @@ def profile_device(
         for pt in points:
             b, s, p = pt
             med = {k: statistics.median(run[k] for run in runs[pt]) for k in runs[pt][0]}
+            if s == 1:  # a decode point (the prefill grid's slices are longer)
+                decode_layer.append(TimeSample(b, s, p, med["layer"]))
+                decode_head.append(TimeSample(b, s, p, med["head"]))
+                decode_call.append(TimeSample(b, s, p, med["call"]))
+                continue
             layer.append(TimeSample(b, s, p, med["layer"]))
             embedding.append(TimeSample(b, s, 0, med["embedding"]))
             head.append(TimeSample(b, s, p, med["head"]))
@@ -227,9 +242,11 @@ def profile_device(
             memory.append(MemorySample(b, s, p, work_of[pt]))
     finally:
         timer.remove()
-    return _device_profile(device, stage, spec, context_bytes=context_bytes,
+    prof = _device_profile(device, stage, spec, context_bytes=context_bytes,
                            kv_per_token=kv_per_token, samples=(layer, embedding, head, call,
                                                                memory), on_cuda=on_cuda)
+    return dataclasses.replace(prof, decode_layer=tuple(decode_layer),
+                               decode_head=tuple(decode_head), decode_call=tuple(decode_call))
 
 
 def _time_point(stage, timer, ids, cache, *, prefix: int, calls: int, device: DeviceSpec,
