@@ -172,7 +172,7 @@ def _onto_other_groups(stages: Split, pb: Problem, groups: tuple[Group, ...]) ->
     out = []
     num = len(stages)
     used = {d for st in stages for d in st.devices}
-    for order in pb.cluster.host_orders():
+    for order in pb.orders():
         pos = {d: i for i, d in enumerate(order)}
         first = [pos[st.devices[0]] for st in stages]
         last = [pos[st.devices[-1]] for st in stages]

@@ -47,6 +47,25 @@ class Problem:
     decode_steps: int = 0
     _decode_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False,
                                hash=False)
+    _orders: list = field(default_factory=list, init=False, repr=False, compare=False,
+                          hash=False)
+
+    def orders(self) -> list[tuple[int, ...]]:
+        """The device orders to plan over (hpipe/plan/orders.py, [Note: host orders]): every
+        host order for a few hosts, else the best a search over orders finds, each scored by
+        the workload DP's best bottleneck. Computed once per problem."""
+        if not self._orders:
+            from hpipe.plan.layers import best_bottleneck_s, build_split_costs
+            from hpipe.plan.orders import planning_orders
+
+            grain = min(self.grain_tokens, self.seq_len)
+            sc = build_split_costs(self.cost, model=self.model, cluster=self.cluster,
+                                   batch=self.batch, seq_len=self.seq_len, dtype=self.dtype,
+                                   units=((self.batch, grain, self.seq_len - grain),),
+                                   overlap_comm=self.overlap_comm)
+            self._orders.extend(planning_orders(
+                self.cluster, lambda order: best_bottleneck_s(sc, order)))
+        return list(self._orders)
 
     # [Note: planning for decode] With ``decode_steps`` the search minimises TTFT plus the
     # decode steps, every candidate scored the same way. After the first token nothing else

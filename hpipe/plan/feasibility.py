@@ -25,7 +25,28 @@ def split_fits(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch
                seq_len: int, units: UnitsFn) -> bool:
     stops = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
                       units=units(batch, seq_len))
-    return stops_fit(stops, model.num_layers, cluster.host_orders())
+    return stops_fit(stops, model.num_layers, memory_orders(cluster))
+
+
+def memory_orders(cluster: ClusterSpec) -> list[tuple[int, ...]]:
+    """Orders in which to ask whether the layers fit memory at all: every host order for a
+    few hosts; beyond, the file's and the hosts by memory, largest and smallest first (the
+    embedding and the head, the largest blocks, then land on the largest hosts)."""
+    from hpipe.plan.orders import EXHAUSTIVE_HOSTS, host_blocks
+
+    blocks = host_blocks(cluster)
+    if len(blocks) <= EXHAUSTIVE_HOSTS:
+        return cluster.host_orders()
+
+    def mem(block) -> int:
+        return sum(cluster.devices[i].memory_bytes for i in block[1])
+
+    out = []
+    for hosts in (blocks, sorted(blocks, key=mem, reverse=True), sorted(blocks, key=mem)):
+        order = tuple(i for _, devs in hosts for i in devs)
+        if order not in out:
+            out.append(order)
+    return out
 
 
 def largest_fitting(ok: Callable[[int], bool], hi: int) -> int:

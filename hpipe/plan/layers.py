@@ -18,7 +18,8 @@
 - (+) is ``max`` when communication overlaps compute (the runtime's non-blocking sends, and the
   simulator's default: a link is then a pipeline resource of its own), ``+`` with the paper's
   accounting (the sender is busy until its transfer ends).
-- Devices keep one host together; we solve once per host order (``cluster.host_orders()``).
+- Devices keep one host together; we solve once per host order the planner tries
+  (``Problem.orders``: every order for a few hosts, else a search, hpipe/plan/orders.py).
 - The table also keeps the number of blocks, so one pass gives the best split for every
   number of stages (``splits_by_stages``), and with + in place of max it gives the split with
   the least sum, the one-slice optimum (``solve_split_one_pass``); the search tries both.
@@ -236,6 +237,8 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
       the result is the best split into exactly K non-empty blocks.
     - "sum" (stage times and transfers added: a shortest path, the latency of one slice):
       one element, the least-sum split.
+    - "bottleneck-any": one element, the least bottleneck over any number of blocks (the
+      first, at a level-th of the cost: what scoring a host order needs).
     ``LayerSplit.bottleneck_s`` holds the objective; inf where nothing fits.
 
     D[j, b, r]: the least objective at level j (j blocks placed; one level for "sum") with
@@ -252,7 +255,8 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
     # its first device, which is order[m]); a block can only send forward.
     comm = np.array([[sc.comm_s[(order[m], order[r])] if r > m else INF for r in range(num)]
                      for m in range(num)])
-    by_stages = objective == "bottleneck"
+    by_stages = objective == "bottleneck"  # a level per block count
+    use_max = objective in ("bottleneck", "bottleneck-any")  # else the sum
     if by_stages:  # level j -> j + 1 with each block
         levels, src, dst, step = num + 1, slice(0, num), slice(1, num + 1), -1
     else:  # one level, kept by every block
@@ -270,14 +274,14 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
             comp[0, :] += ga.emb_s
             prev = D[src, :b, :]  # (j, k, m): the level before this block
             if b == n:  # the last block: no transfer (empty positions after it)
-                k, w = _best_first_layer(prev, comp + ga.head_s[None, :], ok, by_stages)
+                k, w = _best_first_layer(prev, comp + ga.head_s[None, :], ok, use_max)
                 m = w.argmin(axis=1)  # (j,): the first best position
                 wm = w[np.arange(len(lv)), m]
                 for i in np.nonzero(wm < best[dst])[0]:
                     best[lv[i] - step] = wm[i]
                     best_arg[lv[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
                 continue
-            V, k = _block_to_receivers(prev, comp, ok, comm, by_stages=by_stages,
+            V, k = _block_to_receivers(prev, comp, ok, comm, by_stages=use_max,
                                        overlap_comm=sc.overlap_comm)
             reach = (pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None]  # (m, r)
             V = np.where(reach[None], V, INF)
@@ -369,6 +373,13 @@ def solve_split(sc: SplitCosts, order: tuple[int, ...], *,
     """The workload DP along one device order, on ``groups`` (default: all of ``sc.groups``).
     Bottleneck inf = nothing fits."""
     return _best(_solve(sc, order, groups, "bottleneck"))
+
+
+def best_bottleneck_s(sc: SplitCosts, order: tuple[int, ...], *,
+                      groups: tuple[Group, ...] | None = None) -> float:
+    """The least bottleneck of any split along ``order`` (inf if none fits): ``solve_split``'s
+    value without its per-stage-count table."""
+    return _solve(sc, order, groups, "bottleneck-any")[0].bottleneck_s
 
 
 def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]], *,

@@ -119,7 +119,7 @@ def no_split_error(pb: Problem) -> InfeasiblePlanError:
 
 def _dp_splits(sc: SplitCosts, pb: Problem, groups: tuple[Group, ...]) -> list[LayerSplit]:
     """The workload DP's feasible splits on ``groups``, one per host order, best first."""
-    return [s for s in plan_layers(sc, pb.cluster.host_orders(), groups=groups)
+    return [s for s in plan_layers(sc, pb.orders(), groups=groups)
             if math.isfinite(s.bottleneck_s)]
 
 
@@ -181,7 +181,7 @@ def candidate_splits(pb: Problem, *, tp: bool) -> tuple[list[Candidate], bool]:
                                   baseline or old.baseline, terapipe or old.terapipe)
 
     dp_feasible = False
-    orders = pb.cluster.host_orders()
+    orders = pb.orders()
     # The DP leaves each block room for HPipe's finest unit, a grain slice of the whole batch;
     # when no split has that, room for GPipe's finest, one row of whole sequences, may remain.
     finest = [hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len)]
@@ -444,7 +444,7 @@ def _later_starts(pb: Problem, rest: list[Candidate], *,
     yield from (c.stages for c in rest)
     groups = stage_groups(pb.cluster, allow_tp=tp)
     sc = _split_costs(pb, groups, hpipe_units(pb.grain_tokens)(pb.batch, pb.seq_len))
-    orders = pb.cluster.host_orders()
+    orders = pb.orders()
     found: dict[tuple[StagePlan, ...], None] = {}
     for d in range(pb.cluster.num_devices):
         without = tuple(g for g in groups if d not in g)

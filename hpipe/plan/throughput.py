@@ -120,7 +120,7 @@ def throughput_splits(pb: Problem, *, concurrency: int, max_new_tokens: int,
             sc = by_rows[rows] = _decode_split_costs(pb, groups, rows=rows, context=context,
                                                      kv_tokens=kv_tokens,
                                                      concurrency=concurrency)
-        for order in pb.cluster.host_orders():
+        for order in pb.orders():
             picks = [splits_by_stages(sc, order, groups=groups)[num_stages - 1]]
             if num_stages == 1:
                 picks.append(solve_split_one_pass(sc, order, groups=groups))
