@@ -198,12 +198,12 @@ def test_a_huge_batch_is_refused_without_trying_every_micro_batch_count(method, 
     calls = 0
     real = evaluate.memory_overflows
 
-    def counted(plan, cost):
+    def counted(plan, cost, **kw):
         nonlocal calls
         calls += 1
         if calls > 5000:
             raise AssertionError("the planner is sweeping micro-batch counts one by one")
-        return real(plan, cost)
+        return real(plan, cost, **kw)
 
     for module in (rank, search):
         monkeypatch.setattr(module, "memory_overflows", counted)

@@ -104,8 +104,8 @@ def test_hpipe_plan_shows_each_objectives_plan(capsys):
 
 def test_hpipe_slicing_is_never_worse_than_any_equal_slicing():
     """On random instances and the paper's case, HPipe's plan is no slower than k equal slices
-    on its own stages, for every k from 1 to 128 that fits memory."""
-    from hpipe.plan.search import uniform_count_slicing
+    on its own stages, for every k from 1 to 128 (none under the grain) that fits memory."""
+    from hpipe.plan.search import max_equal_slices, uniform_count_slicing
 
     cases = [random_instance(seed, max_devices=4, max_layers=7, max_grid=8)
              for seed in range(0, 80, 4)]
@@ -115,7 +115,7 @@ def test_hpipe_slicing_is_never_worse_than_any_equal_slicing():
         except InfeasiblePlanError:
             continue
         st = pb.slice_times(plan.stages)
-        for k in range(1, min(128, pb.seq_len) + 1):
+        for k in range(1, max_equal_slices(pb.seq_len, pb.grain_tokens) + 1):
             sl = uniform_count_slicing(pb.seq_len, k)
             if not all(st.fits(s, sum(sl[:i])) for i, s in enumerate(sl)):
                 continue
@@ -124,4 +124,20 @@ def test_hpipe_slicing_is_never_worse_than_any_equal_slicing():
     paper = plan_method("hpipe", model=model_preset("llama-7b"), cluster=load_cluster("paper"),
                         batch=6, seq_len=2048, allow_tp=False)
     assert paper.predicted_latency_s <= 2.547 + 5e-4  # 21 equal slices; the DP alone: 2.554
+
+
+
+def test_the_latency_objective_counts_the_decodes_kv_cache():
+    """Eight LLaMA-2-7B requests of 2048 tokens fit two T4s for their prefill; with 4096 new
+    tokens each their KV caches (24 GiB) no longer do, and the latency plan says so."""
+    from hpipe.cluster import parse_cluster
+
+    t4s = parse_cluster({"name": "two-t4", "hosts": [{"name": "h", "devices": [
+        {"name": "t4-0", "type": "t4"}, {"name": "t4-1", "type": "t4"}]}]})
+    kw = dict(model=model_preset("llama-2-7b-32k"), cluster=t4s, batch=8, seq_len=2048,
+              allow_tp=False)
+    assert plan_method("hpipe", **kw).predicted_latency_s > 0
+    assert plan_method("hpipe", objective="latency", max_new_tokens=16, **kw)
+    with pytest.raises(InfeasiblePlanError):
+        plan_method("hpipe", objective="latency", max_new_tokens=4096, **kw)
 

@@ -42,7 +42,7 @@ def _devices(pb: Problem) -> tuple[Group, ...]:
 def plan_base(pb: Problem) -> Plan:
     stages = even_stages(pb, _devices(pb))
     plan = pb.plan("base", stages, (pb.seq_len,))
-    check_memory(plan, pb.cost)
+    check_memory(plan, pb.cost, kv_tokens=pb.kv_tokens)
     return pb.score(plan)
 
 
@@ -64,7 +64,7 @@ def _terapipe_slicing(pb: Problem, method: str, stages: tuple[StagePlan, ...]) -
     slices = terapipe_slices(pb, stages)
     if slices is None:
         plan = pb.plan(method, stages, (pb.seq_len,))
-        check_memory(plan, pb.cost)  # the static part overflows: name the device
+        check_memory(plan, pb.cost, kv_tokens=pb.kv_tokens)  # the static part overflows: name the device
         raise InfeasiblePlanError(f"{method}: no slicing at a {pb.grain_tokens}-token grain fits "
                                   f"memory at batch {pb.batch}; fits: a smaller batch")
     return pb.score(pb.plan(method, stages, slices))
@@ -98,10 +98,10 @@ def plan_manual(pb: Problem, *, layers: tuple[int, ...] | None,
     if slices is not None:
         check_slices(tuple(slices), pb.seq_len)
         plan = pb.plan("manual", stages, tuple(slices), notes=notes)
-        check_memory(plan, pb.cost)
+        check_memory(plan, pb.cost, kv_tokens=pb.kv_tokens)
         return pb.score(plan)
     plan = plan_slices_for(pb, stages, method="manual", notes=notes)
     if plan is None:
-        check_memory(pb.plan("manual", stages, (pb.seq_len,)), pb.cost)
+        check_memory(pb.plan("manual", stages, (pb.seq_len,)), pb.cost, kv_tokens=pb.kv_tokens)
         raise InfeasiblePlanError(f"manual: no slicing fits memory at batch {pb.batch}")
     return plan

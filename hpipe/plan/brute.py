@@ -125,15 +125,20 @@ def brute_slicing_simulated(pb: Problem, stages: tuple[StagePlan, ...]
 def brute_hpipe_s(pb: Problem, groups: tuple[tuple[int, ...], ...]) -> float:
     """The least simulated latency over everything HPipe's search may return: every split
     (every host order, every grouping into ``groups``, every composition), each with every
-    grid slicing and every equal slicing that fits memory, and with 2 .. batch micro-batches
+    grid slicing and every equal slicing HPipe tries (up to 128 slices, none under the
+    grain) that fits memory, and with 2 .. batch micro-batches
     of whole sequences; inf if nothing fits."""
     from hpipe.plan.evaluate import memory_overflows
     from hpipe.plan.layers import stages_from_counts
     from hpipe.plan.rank import uniform_slicings
 
     allowed = set(groups)
+    from hpipe.plan.search import max_equal_slices, uniform_count_slicing
+
+    equal = [uniform_count_slicing(pb.seq_len, k)
+             for k in range(1, max_equal_slices(pb.seq_len, pb.grain_tokens) + 1)]
     slicings = list(dict.fromkeys([*grid_slicings(pb.seq_len, pb.grain_tokens),
-                                   *uniform_slicings(pb.seq_len, pb.grain_tokens)]))
+                                   *uniform_slicings(pb.seq_len, pb.grain_tokens), *equal]))
     best, seen = math.inf, set()
     for order in pb.cluster.host_orders():
         for gs in groupings(tuple(order), allowed):
@@ -147,7 +152,7 @@ def brute_hpipe_s(pb: Problem, groups: tuple[tuple[int, ...], ...]) -> float:
                          if _fits_all(sl, st.fits)]
                 for m in range(2, pb.batch + 1):
                     plan = pb.plan("manual", stages, (pb.seq_len,), num_microbatches=m)
-                    if not memory_overflows(plan, pb.cost):
+                    if not memory_overflows(plan, pb.cost, kv_tokens=pb.kv_tokens):
                         plans.append(plan)
                 for plan in plans:
                     best = min(best, pb.objective_s(plan))

@@ -50,6 +50,12 @@ class Problem:
     _orders: list = field(default_factory=list, init=False, repr=False, compare=False,
                           hash=False)
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV-cache positions each sequence holds at its longest: the prompt, and with
+        ``decode_steps`` every token fed back (what the memory checks count)."""
+        return self.seq_len + self.decode_steps
+
     def orders(self) -> list[tuple[int, ...]]:
         """The device orders to plan over (hpipe/plan/orders.py, [Note: host orders]): every
         host order for a few hosts, else the best a search over orders finds, each scored by
@@ -123,7 +129,7 @@ class Problem:
     def slice_times(self, stages: tuple[StagePlan, ...], *,
                     only_stage: int | None = None) -> SliceTimes:
         return SliceTimes(stages, self.cost, self.model, self.cluster, self.dtype, self.batch,
-                          self.seq_len, self.overlap_comm, only_stage)
+                          self.kv_tokens, self.overlap_comm, only_stage)
 
 
 def stage_slice_times(stages: tuple[StagePlan, ...], cost: CostModel, *, model: ModelSpec,
@@ -154,7 +160,7 @@ class SliceTimes:
     cluster: ClusterSpec
     dtype: str
     batch: int
-    seq_len: int
+    seq_len: int  # KV-cache positions per sequence at its longest (for ``fits``)
     overlap_comm: bool = True
     only_stage: int | None = None
 
@@ -203,21 +209,25 @@ class SliceTimes:
         return self.tau(tokens, prefix) if self.fits(tokens, prefix) else math.inf
 
 
-def plan_memory_bytes(plan: Plan, cost: CostModel) -> list[tuple[int, int]]:
-    """(stage index, bytes per device of that stage) for the plan's own work units."""
+def plan_memory_bytes(plan: Plan, cost: CostModel, *, kv_tokens: int | None = None
+                      ) -> list[tuple[int, int]]:
+    """(stage index, bytes per device of that stage) for the plan's own work units, with KV
+    caches of ``kv_tokens`` positions (default: the prompt's)."""
     units = tuple(sorted({(u.rows, u.tokens, u.prefix) for u in prefill_units(plan)}))
     last = plan.num_stages - 1
     return [(j, cost.stage_memory_bytes(st.devices, st.layer_start, st.layer_stop,
-                                        batch=plan.batch, seq_len=plan.seq_len, units=units,
+                                        batch=plan.batch, seq_len=kv_tokens or plan.seq_len,
+                                        units=units,
                                         has_embedding=j == 0, has_head=j == last))
             for j, st in enumerate(plan.stages)]
 
 
-def memory_overflows(plan: Plan, cost: CostModel) -> list[str]:
+def memory_overflows(plan: Plan, cost: CostModel, *, kv_tokens: int | None = None
+                     ) -> list[str]:
     """One line per device that runs out of memory, e.g. "layers [0, 12) need 17.9 GB on
     'p100-3' (16.0 GB)"; empty when the plan fits."""
     out = []
-    for j, need in plan_memory_bytes(plan, cost):
+    for j, need in plan_memory_bytes(plan, cost, kv_tokens=kv_tokens):
         st = plan.stages[j]
         for d in st.devices:
             dev = plan.cluster.devices[d]
@@ -228,8 +238,9 @@ def memory_overflows(plan: Plan, cost: CostModel) -> list[str]:
     return out
 
 
-def check_memory(plan: Plan, cost: CostModel, *, hint: str = "") -> None:
-    over = memory_overflows(plan, cost)
+def check_memory(plan: Plan, cost: CostModel, *, hint: str = "",
+                 kv_tokens: int | None = None) -> None:
+    over = memory_overflows(plan, cost, kv_tokens=kv_tokens)
     if over:
         raise InfeasiblePlanError(
             f"{plan.method}: {'; '.join(over)} at batch {plan.batch}, seq_len {plan.seq_len}, "

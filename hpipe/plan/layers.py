@@ -107,13 +107,15 @@ class SplitCosts:
 def build_split_costs(
     cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch: int, seq_len: int,
     dtype: str, units: tuple[tuple[int, int, int], ...], overlap_comm: bool = True,
-    groups: tuple[Group, ...] | None = None,
+    groups: tuple[Group, ...] | None = None, kv_tokens: int | None = None,
 ) -> SplitCosts:
     """Per-group layer times for the whole prefill and per-group memory limits.
 
     ``units`` are the (rows, tokens, prefix) work units whose workspace must fit (the planner
     passes the smallest slice it may use for HPipe, whole sequences for GPipe-like methods).
     ``groups``: the stage groups the DP may use (default: each device alone).
+    ``kv_tokens``: the KV-cache positions memory must hold (default ``seq_len``; more when
+    decode steps follow the prompt).
     """
     groups = tuple(groups) if groups is not None else single_groups(cluster)
     n = model.num_layers
@@ -126,7 +128,8 @@ def build_split_costs(
         emb_s[g] = cost.stage_time_s(g, 0, 1, has_embedding=True, has_head=False, **kw) - one[0]
         head_s[g] = (cost.stage_time_s(g, n - 1, n, has_embedding=False, has_head=True, **kw)
                      - one[n - 1])
-    max_stop = max_stops(cost, model=model, cluster=cluster, batch=batch, seq_len=seq_len,
+    max_stop = max_stops(cost, model=model, cluster=cluster, batch=batch,
+                         seq_len=kv_tokens or seq_len,
                          units=units, groups=groups)
     act_bytes = batch * seq_len * model.hidden * dtype_bytes(dtype)
     comm_s = {(d, e): cost.transfer_time_s(d, e, act_bytes)

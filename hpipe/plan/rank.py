@@ -123,11 +123,11 @@ def estimate_split_s(pb: Problem, stages: tuple[StagePlan, ...]) -> float:
     # The finest count needs the least memory (search.best_microbatches says why): when it
     # does not fit, no count does, and trying them all costs batch^2 units.
     finest = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=pb.batch)
-    if memory_overflows(finest, pb.cost):
+    if memory_overflows(finest, pb.cost, kv_tokens=pb.kv_tokens):
         return best
     for m in microbatch_counts(pb.batch, first=2):
         plan = pb.plan("hpipe", stages, (pb.seq_len,), num_microbatches=m)
-        if not memory_overflows(plan, pb.cost):
+        if not memory_overflows(plan, pb.cost, kv_tokens=pb.kv_tokens):
             best = min(best, flow_bound_s(pb, stages, [(r, pb.seq_len, 0)
                                                        for r in plan.microbatch_rows()]))
     return best + pb.decode_s(stages, first_rows=1)

@@ -108,7 +108,8 @@ def _split_costs(pb: Problem, groups: tuple[Group, ...],
                  units: tuple[tuple[int, int, int], ...]) -> SplitCosts:
     return build_split_costs(pb.cost, model=pb.model, cluster=pb.cluster, batch=pb.batch,
                              seq_len=pb.seq_len, dtype=pb.dtype, units=units,
-                             overlap_comm=pb.overlap_comm, groups=groups)
+                             overlap_comm=pb.overlap_comm, groups=groups,
+                             kv_tokens=pb.kv_tokens)
 
 
 def no_split_error(pb: Problem) -> InfeasiblePlanError:
@@ -302,14 +303,14 @@ def best_microbatches(pb: Problem, method: str, stages: tuple[StagePlan, ...], *
     # not fit, none does: say so at once instead of trying every count (batch 100000 took
     # over 10 minutes to find that out).
     finest = pb.plan(method, stages, (pb.seq_len,), num_microbatches=max(counts))
-    if memory_overflows(finest, pb.cost):
+    if memory_overflows(finest, pb.cost, kv_tokens=pb.kv_tokens):
         if full_sweep:
-            check_memory(finest, pb.cost)  # raises, naming the device
+            check_memory(finest, pb.cost, kv_tokens=pb.kv_tokens)  # raises, naming the device
         return None
     best = None
     for m in counts:
         plan = pb.plan(method, stages, (pb.seq_len,), num_microbatches=m)
-        if memory_overflows(plan, pb.cost):
+        if memory_overflows(plan, pb.cost, kv_tokens=pb.kv_tokens):
             continue
         if cutoff_s < math.inf and plan_bound_s(pb, plan) >= cutoff_s:
             continue
@@ -356,6 +357,11 @@ def plan_hpipe(pb: Problem, *, allow_tp: bool = True) -> Plan:
 MAX_UNIFORM_SLICES = 128
 
 
+def max_equal_slices(seq_len: int, grain_tokens: int) -> int:
+    """The most equal slices HPipe tries: up to MAX_UNIFORM_SLICES, none under the grain."""
+    return max(1, min(MAX_UNIFORM_SLICES, seq_len // grain_tokens))
+
+
 def uniform_count_slicing(seq_len: int, count: int) -> tuple[int, ...]:
     """``count`` near-equal slices of ``seq_len`` tokens, the longer ones first."""
     q, r = divmod(seq_len, count)
@@ -364,14 +370,15 @@ def uniform_count_slicing(seq_len: int, count: int) -> tuple[int, ...]:
 
 def polish_uniform(pb: Problem, plan: Plan) -> Plan:
     """``plan``, or the same stages with k equal slices where that is faster, for every k in
-    1 .. MAX_UNIFORM_SLICES: the slicing DP's grid and estimate can miss a count (LLaMA-7B on
-    the paper cluster: 21 equal slices took 2.547 s, the DP's 22 slices 2.554 s). Only the
-    final split pays for this; only slicings whose bound beats the plan are simulated."""
+    1 .. MAX_UNIFORM_SLICES whose slices are at least the grain (the finest the search plans
+    for): the slicing DP's grid and estimate can miss a count (LLaMA-7B on the paper cluster:
+    21 equal slices took 2.547 s, the DP's 22 slices 2.554 s). Only the final split pays for
+    this; only slicings whose bound beats the plan are simulated."""
     if plan.num_microbatches > 1:
         return plan
     st = pb.slice_times(plan.stages)
     best = plan
-    for k in range(1, min(MAX_UNIFORM_SLICES, pb.seq_len) + 1):
+    for k in range(1, max_equal_slices(pb.seq_len, pb.grain_tokens) + 1):
         sl = uniform_count_slicing(pb.seq_len, k)
         if sl == best.slices or not _fits(st, sl):
             continue
