@@ -132,11 +132,10 @@ class Job:
             while pending and not self._fatal:
                 done, pending = concurrent.futures.wait(pending, timeout=POLL_S)
                 for f in done:
-                    f.result()
-                    doc = futures[f]
+                    tokens = f.result()
                     with self._lock:
                         self.summary.documents_done += 1
-                    progress.document_done(doc.id, f.result())
+                    progress.document_done(futures[f].id, tokens)
             if self._fatal:
                 raise self._fatal[0]
         except BaseException:
@@ -206,8 +205,6 @@ class Job:
                 prefilled.set()
 
     def _write(self, rec: dict) -> None:
-        if self._stop.is_set() and rec["status"] != "ok":
-            return
         self.answers.write(rec)
         s = self.summary
         with self._lock:
