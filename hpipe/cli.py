@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpipe.commands import analyze, experiment, plan, profile, run, serve, simulate
 from hpipe.commands.contract import run_command, usage_failed
-from hpipe.commands.settings import in_range, int_list, read_prompt_file
+from hpipe.commands.settings import add_calibration_argument, in_range, int_list, read_prompt_file
 from hpipe.errors import DeviceError, UsageError
 from hpipe.spec import DTYPES
 
@@ -118,6 +118,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder for the measured Chrome trace and PNG timeline")
     p.add_argument("--single-process", action="store_true",
                    help="run the one-process reference instead of the pipeline")
+    add_calibration_argument(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_demo)
     return p
@@ -146,6 +147,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "--prompt-file", str(DOCUMENT_PATH), "--question", QUESTION,
             "--max-new-tokens", str(args.max_new_tokens), "--compare", "base",
             "--trace", str(args.out / "trace.json"), "--png", str(args.out / "timeline.png")]
+    if args.no_calibration:
+        argv.append("--no-calibration")
     if args.json:
         argv.append("--json")
     else:

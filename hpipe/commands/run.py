@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpipe.commands.settings import (
+    add_calibration_argument,
     add_profile_argument,
     in_range,
     int_list,
@@ -26,7 +27,7 @@ from hpipe.commands.settings import (
 )
 from hpipe.cost import cost_model
 from hpipe.cost.memory import achieved_gb_s
-from hpipe.errors import HPipeError, PlanMismatchError
+from hpipe.errors import HPipeError, PlanMismatchError, WorkerFailedError
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S
 from hpipe.spec import DTYPES, METHODS, dtype_bytes
 
@@ -73,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep HPipe to a pure pipeline (one device per stage); by default its "
                         "search may also pick tensor-parallel pairs inside a host")
     add_profile_argument(p)
+    add_calibration_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trace", type=Path, help="write the measured timeline as a Chrome trace")
     p.add_argument("--png", type=Path, help="write measured-over-predicted timelines as a PNG")
@@ -275,7 +277,8 @@ class Prepared:
     source: object  # hpipe.model.source.ModelSource
     plans: list  # the plan to run, then Base's with --compare
     requests: list  # one RunRequest per plan
-    cost: object  # the fitted cost model of --profile, else the analytic one
+    cost: object  # fitted to --profile or the quick calibration, else the analytic one
+    calibration: object = None  # hpipe.profile.quick.QuickCalibration, when it planned
 
 
 def prepare(args, *, local: bool) -> Prepared:
@@ -294,7 +297,11 @@ def prepare(args, *, local: bool) -> Prepared:
     check_prompt(rows, spec, max_new_tokens=args.max_new_tokens)
     # The --plan's dtype when it has one: its predictions must price what it will run.
     dtype = args.dtype or (plan_file_dtype(args.plan) if args.plan else "float32")
-    cost = cost_model(spec, cluster, dtype, profile=args.profile)
+    calibration = None
+    if args.profile is None and local:
+        calibration = calibrate(args, spec, cluster, dtype, prompt_tokens=len(rows[0]))
+    cost = cost_model(spec, cluster, dtype,
+                      profile=calibration.profile if calibration else args.profile)
     plans = build_plans(args, spec, cluster, batch=len(rows), prompt_len=len(rows[0]), cost=cost)
     requests = [
         RunRequest(model=args.model, plan=plan, prompt_ids=tuple(map(tuple, rows)),
@@ -307,7 +314,29 @@ def prepare(args, *, local: bool) -> Prepared:
         check_request(req, spec)
     if local:  # local workers: their devices are this machine's
         check_local_devices(plans)
-    return Prepared(source=source, plans=plans, requests=requests, cost=cost)
+    return Prepared(source=source, plans=plans, requests=requests, cost=cost,
+                    calibration=calibration)
+
+
+def calibrate(args, spec, cluster, dtype: str, *, prompt_tokens: int):
+    """A quick calibration of local CPU workers (hpipe/profile/quick.py), measured or read from
+    the cache; None when turned off, not possible, or failed (then the analytic model plans)."""
+    from hpipe.profile import MIN_PROFILE_TOKENS
+    from hpipe.profile.quick import calibration_wanted, can_calibrate, quick_calibration
+
+    if (not calibration_wanted(args.no_calibration) or not can_calibrate(cluster)
+            or spec.max_seq_len < MIN_PROFILE_TOKENS):
+        return None
+    try:
+        found = quick_calibration(args.model, cluster, dtype, prompt_tokens=prompt_tokens,
+                                  max_seq_len=spec.max_seq_len,
+                                  on_notice=lambda text: print(text, file=sys.stderr, flush=True))
+    except (HPipeError, WorkerFailedError) as e:  # the run will say what is wrong, its own way
+        print(f"hpipe run: the quick calibration failed ({e}); planning from catalog figures",
+              file=sys.stderr)
+        return None
+    print(found.describe(), file=sys.stderr)
+    return found
 
 
 def run_in_sessions(args, prep: Prepared, bars) -> list:
@@ -360,7 +389,8 @@ def build_report(prep: Prepared, results: list, predicted: list) -> dict:
     summaries = [result_summary(r, p, pr, prep.source.tokenizer)
                  for r, p, pr in zip(results, prep.plans, predicted)]
     main = summaries[0]
-    report = {"model": prep.source.spec.name, "cluster": prep.plans[0].cluster.name, **main}
+    report = {"model": prep.source.spec.name, "cluster": prep.plans[0].cluster.name,
+              "cost_model": cost_model_name(prep), **main}
     if len(summaries) > 1:
         base = summaries[1]
         report["compare"] = {
@@ -372,6 +402,15 @@ def build_report(prep: Prepared, results: list, predicted: list) -> dict:
             "same_output": base["output"]["ids"] == main["output"]["ids"],
         }
     return report
+
+
+def cost_model_name(prep: Prepared) -> str:
+    """What the predictions were priced with: "quick calibration", "profile" or "analytic"."""
+    if prep.calibration is not None:
+        return "quick calibration"
+    from hpipe.cost.fitted import FittedCost
+
+    return "profile" if isinstance(prep.cost, FittedCost) else "analytic"
 
 
 def _write_artifacts(args, results, predicted) -> int:
@@ -410,7 +449,7 @@ def format_report(rep: dict) -> str:
                  f"{rep['batch']} x {rep['prompt_tokens']} prompt tokens, "
                  f"{len(rep['slices'])} slices{emu}")
     lines.append(f"  prefill    {rep['prefill_latency_s']:8.3f} s measured   "
-                 f"{rep['predicted_prefill_latency_s']:8.3f} s predicted   "
+                 f"{rep['predicted_prefill_latency_s']:8.3f} s predicted ({rep['cost_model']})   "
                  f"{rep['prefill_tok_s']:8.0f} tok/s")
     lines.append(f"  first tok  {rep['ttft_s']:8.3f} s      decode {rep['decode_tok_s']:.1f} "
                  f"tok/s ({rep['decode_gb_s']:.1f} GB/s read) over {rep['num_decode_steps']} "

@@ -42,6 +42,16 @@ def add_profile_argument(parser) -> None:
     )
 
 
+def add_calibration_argument(parser) -> None:
+    """``--no-calibration`` for run / demo (see hpipe/profile/quick.py)."""
+    parser.add_argument(
+        "--no-calibration", action="store_true",
+        help="without --profile, plan from the catalog's figures instead of a quick "
+             "calibration of this machine's workers (measured once, a few seconds, then cached; "
+             "HPIPE_CALIBRATION=off does the same)",
+    )
+
+
 def prepare_output(path: Path | None, flag: str) -> None:
     """Create the folder of an output file before the work that fills it, so a path that cannot
     be written fails now rather than after a run or a profile whose results it would lose."""

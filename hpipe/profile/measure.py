@@ -58,6 +58,8 @@ class Grid:
     # Decode steps: (rows, context) pairs, one new token per row (empty: none measured).
     decode_batches: tuple[int, ...] = ()
     decode_contexts: tuple[int, ...] = ()
+    # Blocks in the measured stage: two give a median per call; a quick calibration takes one.
+    num_blocks: int = NUM_BLOCKS
 
     def points(self) -> tuple[tuple[int, int, int], ...]:
         pts = [(b, s, p) for b in self.batches for s in self.tokens for p in self.prefixes
@@ -93,6 +95,22 @@ def default_grid(max_tokens: int, *, quick: bool = False, max_batch: int = 2) ->
     # Decode: one row and a server's batch of rows, at a short and the longest context.
     return Grid(batches, tuple(tokens), prefixes, max_tokens, repeats=5, warmup=2,
                 decode_batches=(1, 4, 16), decode_contexts=(16, max_tokens // 2, max_tokens - 1))
+
+
+def calibration_grid(max_tokens: int) -> Grid:
+    """The smallest grid the fit still holds on, for a calibration of a few seconds
+    (hpipe/profile/quick.py): one block, one row, slices from 16 tokens to the whole prompt at
+    no prefix and at half of it, and one-row decode at a short and the longest context.
+
+    Two passes, so a point's figure is the mean of two and a burst of other work on the machine
+    spoils half of it, not all (a median of two is their mean).
+    """
+    if max_tokens < MIN_PROFILE_TOKENS:
+        raise SettingError(f"a calibration grid needs max_tokens >= {MIN_PROFILE_TOKENS}, "
+                           f"got {max_tokens}")
+    tokens = tuple(sorted({16, 64, 256, max_tokens // 2, max_tokens}))
+    return Grid((1,), tokens, (0, max_tokens // 2), max_tokens, repeats=2, warmup=1,
+                decode_batches=(1,), decode_contexts=(16, max_tokens - 1), num_blocks=1)
 
 
 class _PartTimer:
@@ -190,7 +208,7 @@ def profile_device(
 
     context_bytes = (torch.cuda.memory_allocated(tdev) if on_cuda else _rss_bytes("VmRSS"))
     spec = source.spec
-    n = min(NUM_BLOCKS, spec.num_layers)
+    n = min(grid.num_blocks, spec.num_layers)
     stage = source.load_stage(0, n, has_embedding=True, has_head=True,
                               dtype=TORCH_DTYPES[dtype], device=tdev)
     timer = _PartTimer(stage, sync)

@@ -1,0 +1,150 @@
+"""A quick calibration of this machine, so that plans and predictions start from measured speeds.
+
+The analytic cost model prices a CPU from catalog figures, and on the machines we tried it was
+1.3-1.8x pessimistic: ``make demo`` predicted a 10.1 s prefill that measured 5.7 s, and a
+newcomer's first impression was that the predictions are wrong. ``hpipe profile`` fixes that
+but takes a minute or more and has to be known about. So ``hpipe run`` and ``hpipe demo`` on
+local CPU workers calibrate by themselves: the profiler's own workers time one block of the
+model over a small grid (``measure.calibration_grid``: 11 points, two passes), all workers at
+once as a pipeline keeps them (see [Note: concurrent or one at a time] in launch.py), plus one
+ping-pong per pair. It takes a few seconds for a small model.
+
+The result is an ordinary profile (``quick=True``, no calibration run) kept under the user's
+cache directory, keyed by everything it depends on: the model file (path, size, mtime), the
+cluster's devices, the dtype, the grid's length, the torch version, the CPU model and the
+number of cores. The next run with the same key reads it back.
+
+``$HPIPE_CACHE_DIR`` moves the cache (default ``$XDG_CACHE_HOME/hpipe``, else
+``~/.cache/hpipe``); ``HPIPE_CALIBRATION=off`` (or ``--no-calibration``) keeps the analytic
+model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpipe.cluster import ClusterSpec
+from hpipe.cost.profile_file import Profile, read_profile
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 1  # bump when the grid or the measurement changes: old entries go stale
+MIN_GRID_TOKENS = 1024  # a shorter prompt still gets a grid this long (plans reach past it)
+
+
+@dataclass(frozen=True)
+class QuickCalibration:
+    """A quick calibration's profile and where it is cached; ``measured_s`` None: read back."""
+
+    profile: Profile
+    path: Path
+    measured_s: float | None
+
+    def describe(self) -> str:
+        how = (f"measured in {self.measured_s:.1f} s" if self.measured_s is not None
+               else f"cached from {self.profile.date}")
+        return (f"planned from a quick calibration of this machine ({how}; {self.path}). "
+                "For a full one: hpipe profile --out FILE, then --profile FILE")
+
+
+def calibration_wanted(flag_off: bool) -> bool:
+    """False when ``--no-calibration`` or ``HPIPE_CALIBRATION=off`` (or 0/no/false)."""
+    env = os.environ.get("HPIPE_CALIBRATION", "").strip().lower()
+    return not flag_off and env not in ("off", "0", "no", "false")
+
+
+def can_calibrate(cluster: ClusterSpec) -> bool:
+    """Local CPU workers only: the calibration runs where ``hpipe run`` launches them. A GPU's
+    or another host's speed is measured by ``hpipe profile`` on that device."""
+    return all(d.torch_device == "cpu" for d in cluster.devices) and len(cluster.hosts) == 1
+
+
+def grid_tokens(prompt_tokens: int, max_seq_len: int) -> int:
+    """The grid's longest prompt: the next power of two at or above the prompt (at least
+    MIN_GRID_TOKENS, at most the model's context), so prompts of similar lengths share one."""
+    n = MIN_GRID_TOKENS
+    while n < prompt_tokens:
+        n *= 2
+    return max(min(n, max_seq_len), min(prompt_tokens, max_seq_len))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HPIPE_CACHE_DIR"):
+        return Path(os.environ["HPIPE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hpipe"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cache_key(model: str, cluster: ClusterSpec, dtype: str, max_tokens: int) -> str:
+    """What the calibration depends on, hashed (see the module's docstring)."""
+    import torch
+
+    path = Path(model)
+    if path.exists():
+        st = path.stat()
+        model_id = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    else:  # a bundled name ("smollm2"): its file is found by the loader
+        from hpipe.model.source import find_smollm2_gguf
+
+        found = find_smollm2_gguf()
+        st = found.stat()
+        model_id = [str(found), st.st_size, st.st_mtime_ns]
+    devices = [[d.name, d.torch_device, d.num_threads, d.slowdown] for d in cluster.devices]
+    what = {"version": CALIBRATION_VERSION, "model": model_id, "devices": devices,
+            "dtype": dtype, "max_tokens": max_tokens, "torch": torch.__version__,
+            "cpu": _cpu_model(), "cores": os.cpu_count()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quick_calibration(model: str, cluster: ClusterSpec, dtype: str, *, prompt_tokens: int,
+                      max_seq_len: int, on_notice=None) -> QuickCalibration:
+    """The cached calibration for this key, or a new one measured now and cached;
+    ``on_notice(text)`` hears that a measurement starts."""
+    max_tokens = grid_tokens(prompt_tokens, max_seq_len)
+    path = cache_dir() / "calibration" / f"{cache_key(model, cluster, dtype, max_tokens)}.json"
+    if path.exists():
+        try:
+            return QuickCalibration(read_profile(path), path, None)
+        except Exception as e:  # a damaged cache entry is measured again, not an error
+            log.warning("ignoring the damaged calibration %s (%s); measuring again", path, e)
+    from hpipe.profile.launch import ProfileJob, profile_local
+    from hpipe.profile.links import QUICK_SIZES_BYTES
+    from hpipe.profile.measure import calibration_grid
+
+    job = ProfileJob(model=model, cluster=cluster, dtype=dtype,
+                     grid=calibration_grid(max_tokens), link_sizes_bytes=QUICK_SIZES_BYTES,
+                     link_repeats=3, quick=True, calibrate=False)
+    if on_notice is not None:
+        on_notice(f"calibrating this machine's {cluster.num_devices} CPU worker(s) for "
+                  f"{Path(model).name} ({dtype}, prompts up to {max_tokens} tokens): a few "
+                  "seconds, once; the result is cached")
+    t0 = time.perf_counter()
+    profile = profile_local(job)
+    measured_s = time.perf_counter() - t0
+    try:  # write then rename: a concurrent run never reads half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(profile.to_json())
+        tmp.replace(path)
+    except OSError as e:  # an unwritable cache costs the next run a calibration, nothing more
+        log.warning("could not cache the calibration at %s (%s)", path, e)
+    return QuickCalibration(profile, path, measured_s)

@@ -1,0 +1,126 @@
+"""The quick calibration `hpipe run` and `hpipe demo` plan from on local CPU workers
+(hpipe/profile/quick.py): measured once, cached, read back, turned off, and never fatal."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hpipe.cluster import load_cluster, local_cluster
+from hpipe.cost.profile_file import read_profile
+from hpipe.profile import quick
+
+IDS = "5,17,33,8,9,60,2,4,11,70"
+
+
+def test_grid_tokens_round_up_to_a_power_of_two_within_the_context():
+    assert quick.grid_tokens(37, 8192) == 1024
+    assert quick.grid_tokens(3605, 8192) == 4096
+    assert quick.grid_tokens(5000, 8192) == 8192
+    assert quick.grid_tokens(9000, 8192) == 8192
+    assert quick.grid_tokens(100, 128) == 128  # a tiny model's context caps the grid
+
+
+@pytest.mark.parametrize("value,wanted", [("", True), ("on", True), ("off", False),
+                                          ("0", False), ("No", False), ("false", False)])
+def test_calibration_wanted_reads_the_environment(monkeypatch, value, wanted):
+    monkeypatch.setenv("HPIPE_CALIBRATION", value)
+    assert quick.calibration_wanted(False) is wanted
+    assert quick.calibration_wanted(True) is False  # --no-calibration always wins
+
+
+def test_only_local_cpu_clusters_are_calibrated(tmp_path):
+    assert quick.can_calibrate(local_cluster(2))
+    two_hosts = tmp_path / "c.yaml"
+    two_hosts.write_text(
+        "name: two\nhosts:\n"
+        "  - {name: a, devices: [{name: d0, type: cpu}]}\n"
+        "  - {name: b, devices: [{name: d1, type: cpu}]}\n"
+        "links:\n  - {between: [a, b], kind: 1gbe}\n")
+    assert not quick.can_calibrate(load_cluster(str(two_hosts)))
+
+
+def test_cache_key_follows_what_the_speed_depends_on(tiny_checkpoints):
+    model = str(tiny_checkpoints["llama"])
+    key = quick.cache_key(model, local_cluster(2), "float32", 128)
+    assert key == quick.cache_key(model, local_cluster(2), "float32", 128)
+    others = {quick.cache_key(model, local_cluster(3), "float32", 128),
+              quick.cache_key(model, local_cluster(2, num_threads=2), "float32", 128),
+              quick.cache_key(model, local_cluster(2), "bfloat16", 128),
+              quick.cache_key(model, local_cluster(2), "float32", 64),
+              quick.cache_key(str(tiny_checkpoints["qwen2"]), local_cluster(2), "float32", 128)}
+    assert key not in others and len(others) == 5
+
+
+def _run(model: str, cache, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HPIPE_CALIBRATION"}
+    env["HPIPE_CACHE_DIR"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", "hpipe.cli", "run", "--model", model, "--cluster", "local:2",
+         "--prompt-ids", IDS, "--max-new-tokens", "2", "--json", *extra],
+        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_run_calibrates_once_then_reads_the_cache(tiny_checkpoints, tmp_path):
+    model = str(tiny_checkpoints["llama"])
+    first = _run(model, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "calibrating this machine's 2 CPU worker(s)" in first.stderr
+    assert "planned from a quick calibration of this machine (measured in" in first.stderr
+    report = json.loads(first.stdout)
+    assert report["cost_model"] == "quick calibration"
+    files = list((tmp_path / "calibration").glob("*.json"))
+    assert len(files) == 1
+    profile = read_profile(files[0])
+    assert profile.quick and profile.cluster_name == "local:2"
+    assert [d.name for d in profile.devices] == ["cpu0", "cpu1"] and profile.links
+    # The prediction is priced by the calibration's fit: close to what ran, on a tiny model too.
+    assert report["predicted_prefill_latency_s"] > 0
+
+    second = _run(model, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "calibrating" not in second.stderr
+    assert f"cached from {profile.date}" in second.stderr
+    assert json.loads(second.stdout)["cost_model"] == "quick calibration"
+
+    off = _run(model, tmp_path, "--no-calibration")
+    assert off.returncode == 0, off.stderr
+    assert "calibration" not in off.stderr
+    assert json.loads(off.stdout)["cost_model"] == "analytic"
+
+
+def test_a_damaged_cache_entry_is_measured_again(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path))
+    model = str(tiny_checkpoints["llama"])
+    cluster = local_cluster(1)
+    key = quick.cache_key(model, cluster, "float32", 128)
+    path = tmp_path / "calibration" / f"{key}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": "hpipe-profile", "devices": [')  # cut by a crash
+    notices = []
+    got = quick.quick_calibration(model, cluster, "float32", prompt_tokens=10, max_seq_len=128,
+                                  on_notice=notices.append)
+    assert got.measured_s is not None and notices and got.path == path
+    assert read_profile(path).devices[0].name == "cpu0"  # the entry was rewritten whole
+
+
+def test_a_failed_calibration_falls_back_to_the_catalog(monkeypatch, capsys):
+    from argparse import Namespace
+
+    from hpipe.commands import run as run_cmd
+    from hpipe.errors import WorkerFailedError
+    from hpipe.model.source import open_model
+
+    def fail(*args, **kwargs):
+        raise WorkerFailedError("profiler rank 1 (device 'cpu1') exited with code -9")
+
+    monkeypatch.setenv("HPIPE_CALIBRATION", "on")
+    monkeypatch.setattr(quick, "quick_calibration", fail)
+    spec = open_model("smollm2").spec
+    args = Namespace(no_calibration=False, model="smollm2")
+    assert run_cmd.calibrate(args, spec, local_cluster(2), "float32", prompt_tokens=40) is None
+    err = capsys.readouterr().err
+    assert "the quick calibration failed (profiler rank 1" in err
+    assert "planning from catalog figures" in err
