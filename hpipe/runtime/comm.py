@@ -11,8 +11,8 @@ both shapes. ``FLAG_STOP`` with an empty payload tells the next stage that every
 has reached end-of-sequence, so decode ends early without a separate control channel.
 
 Sends are non-blocking: ``isend`` posts the transfer and returns, so a stage computes its next
-slice while the previous one travels. Gloo offers no completion future on a send, so a small
-waiter thread per send stamps when the transfer finished (for the measured timeline).
+slice while the previous one travels. Gloo offers no completion future on a send, so one waiter
+thread per link stamps when each transfer finished (for the measured timeline).
 
 [Note: wire device] NCCL moves CUDA tensors; gloo moves CPU tensors. A pipeline with any CPU
 stage uses gloo everywhere, and a CUDA stage then stages its activations through host memory
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -83,31 +84,56 @@ class Received:
 class PendingSend:
     """One posted send: keeps its buffers alive and learns when the transfer completed."""
 
-    def __init__(self, works: list, buffers: list[torch.Tensor], *, clock, label: str) -> None:
+    def __init__(self, buffers: list[torch.Tensor], *, clock, label: str) -> None:
         self._buffers = buffers  # must outlive the transfer
         self.start_s = clock()
         self.end_s: float | None = None
         self.error: BaseException | None = None
-        self._clock = clock
+        self._done = threading.Event()
         self._label = label
-        # Gloo's send Work has no future, and wait() may be called only once, so one thread owns it.
-        self._thread = threading.Thread(target=self._wait, args=(works,), daemon=True,
-                                        name=f"send-{label}")
-        self._thread.start()
-
-    def _wait(self, works: list) -> None:
-        try:
-            for w in works:
-                w.wait()
-            self.end_s = self._clock()
-        except RuntimeError as e:  # the peer died or the link dropped
-            self.error = e
 
     def join(self) -> None:
         """Block until the transfer finished; re-raise its failure here, on the caller's thread."""
-        self._thread.join()
+        self._done.wait()
         if self.error is not None:
             raise WorkerFailedError(f"send {self._label} failed: {self.error}") from self.error
+
+
+class _SendWaiter:
+    """The thread that waits on a link's posted sends, in the order they were posted, and
+    stamps when each completed (gloo's send Work has no future, and wait() may be called only
+    once, so one thread owns them). One per link, not one per send: a decode step posts a send
+    per stage, and starting a thread for each cost about as much as the send itself."""
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def post(self, pending: PendingSend, works: list) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="send-waiter")
+            self._thread.start()
+        self._queue.put((pending, works))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            pending, works = job
+            try:
+                for w in works:
+                    w.wait()
+                pending.end_s = self._clock()
+            except RuntimeError as e:  # the peer died or the link dropped
+                pending.error = e
+            finally:
+                pending._done.set()
 
 
 class StageLink:
@@ -136,6 +162,11 @@ class StageLink:
         self.wire_device = wire_device
         self.recv_timeout = datetime.timedelta(seconds=recv_timeout_s)
         self.clock = clock
+        self._waiter = _SendWaiter(clock)
+
+    def close(self) -> None:
+        """End the send-waiter thread once the sends posted so far are done."""
+        self._waiter.close()
 
     # -- send ----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor | None, *, dst: int, unit: int,
@@ -155,8 +186,10 @@ class StageLink:
         if payload is not None and payload.numel() > 0:
             works.append(self.group.send([payload], peer, TAG))
             buffers.append(payload)
-        return PendingSend(works, buffers, clock=self.clock,
-                           label=f"rank {self.rank} -> {dst} unit {unit}")
+        pending = PendingSend(buffers, clock=self.clock,
+                              label=f"rank {self.rank} -> {dst} unit {unit}")
+        self._waiter.post(pending, works)
+        return pending
 
     # -- receive -------------------------------------------------------------------------
     def recv(self, expected: Expected) -> Received:

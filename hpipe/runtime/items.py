@@ -145,3 +145,4 @@ class ItemRunner:
     def drain(self) -> None:
         while self.sends:
             self.sends.popleft().join()
+        self.link.close()

@@ -245,7 +245,10 @@ class StageHost:
                              on_token=on_token, should_stop=should_stop,
                              on_action=on_action)
         t0 = time.perf_counter()
-        outcome = runner.run()
+        try:
+            outcome = runner.run()
+        finally:
+            link.close()
         outcome.num_stage_loads = self.num_loads
         log.info("rank %d: %s done in %.3f s", self.rank, req.label or req.plan.method,
                  time.perf_counter() - t0)
