@@ -69,42 +69,37 @@ def session_decode_s(session, ids: list[int], new_tokens: int) -> tuple[float, t
     return tl.tpot_s * tl.num_decode_steps, done.result.output_ids[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-transformers", action="store_true")
-    args = ap.parse_args()
-
+def measure(*, new_tokens: int, repeats: int, with_transformers: bool = True) -> dict:
+    """Every contender's decode seconds per run (alternated), the prompt, and the outputs."""
     from hpipe.cluster import local_cluster
-    from hpipe.cost.memory import achieved_gb_s
     from hpipe.model.source import find_smollm2_gguf, open_model
     from hpipe.session import Session
 
     src = open_model("smollm2")
-    spec = src.spec
     ids = src.tokenizer.encode(src.tokenizer.chat_prompt(PROMPT))
-    n = args.new_tokens
+    n = new_tokens
     whole = src.load_model()
     theirs = None
-    if not args.no_transformers:
+    if with_transformers:
         from model_speed import load_transformers
 
         theirs = load_transformers(find_smollm2_gguf())
 
     def with_threads(k, fn):
         def run():
+            before = torch.get_num_threads()
             torch.set_num_threads(k)
-            return fn()
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(before)
         return run
 
-    load_before = os.getloadavg()
     sessions = {
-        "hpipe local:2 (2 workers x 1 thread)": Session.open(
-            model="smollm2", cluster=local_cluster(2, num_threads=1), seq_len=len(ids),
-            allow_tp=False),
-        "hpipe local:1 (1 worker x 1 thread)": Session.open(
-            model="smollm2", cluster=local_cluster(1, num_threads=1), seq_len=len(ids)),
+        LOCAL2: Session.open(model="smollm2", cluster=local_cluster(2, num_threads=1),
+                             seq_len=len(ids), allow_tp=False),
+        LOCAL1: Session.open(model="smollm2", cluster=local_cluster(1, num_threads=1),
+                             seq_len=len(ids)),
     }
     try:
         contenders = {name: (lambda s=s: session_decode_s(s, ids, n))
@@ -119,7 +114,7 @@ def main() -> None:
             fn()
         times: dict[str, list[float]] = {name: [] for name in contenders}
         outputs = {}
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, fn in contenders.items():
                 decode_s, out = fn()
                 times[name].append(decode_s)
@@ -128,32 +123,52 @@ def main() -> None:
     finally:
         for s in sessions.values():
             s.close()
-    load_after = os.getloadavg()
+    return {"spec": src.spec, "prompt_tokens": len(ids), "new_tokens": n, "times": times,
+            "outputs": outputs}
 
-    steps = n - 1  # the first token comes from the prefill
+
+def report(m: dict) -> None:
+    from hpipe.cost.memory import achieved_gb_s
+
+    steps = m["new_tokens"] - 1  # the first token comes from the prefill
+    times = m["times"]
     tok_s = {name: steps / statistics.median(t) for name, t in times.items()}
-    print(f"SmolLM2-135M float32 decode, one stream, {len(ids)}-token prompt + {n} new tokens, "
-          f"median of {args.repeats} alternated runs; load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after")
+    repeats = len(next(iter(times.values())))
+    print(f"SmolLM2-135M float32 decode, one stream, {m['prompt_tokens']}-token prompt + "
+          f"{m['new_tokens']} new tokens, median of {repeats} alternated runs")
     print(f"{'contender':<40} {'tok/s':>7} {'GB/s':>6}   per run (tok/s)")
     for name, t in times.items():
-        gb_s = achieved_gb_s(spec, batch=1, prompt_tokens=len(ids), steps=steps,
+        gb_s = achieved_gb_s(m["spec"], batch=1, prompt_tokens=m["prompt_tokens"], steps=steps,
                              decode_s=statistics.median(t), elem_bytes=4)
         runs = ", ".join(f"{steps / x:.1f}" for x in t)
         print(f"{name:<40} {tok_s[name]:7.1f} {gb_s:6.2f}   {runs}")
-    same = len(set(outputs.values())) == 1
-    print(f"greedy tokens identical across hpipe contenders: {same}")
+    print(f"greedy tokens identical across hpipe contenders: {len(set(m['outputs'].values())) == 1}")
 
     def ratio(a: str, b: str, goal: str) -> None:
         if a in tok_s and b in tok_s:
-            print(f"{a} / {b}: {tok_s[a] / tok_s[b]:.2f}x  ({goal})")
+            print(f"  {a} / {b}: {tok_s[a] / tok_s[b]:.2f}x  ({goal})")
 
-    print()
-    ratio("hpipe local:2 (2 workers x 1 thread)", "one process, 2 threads", "goal >= 0.9x")
-    ratio("hpipe local:1 (1 worker x 1 thread)", "transformers, 1 thread", "goal >= 1.0x")
-    ratio("one process, 1 thread", "transformers, 1 thread", "the model code alone")
-    ratio("hpipe local:1 (1 worker x 1 thread)", "one process, 1 thread",
-          "the session's overhead")
+    ratio(LOCAL2, "one process, 2 threads", "goal >= 0.9x")
+    ratio(LOCAL2, "one process, 1 thread", "the same threads per compute")
+    ratio(LOCAL1, "transformers, 1 thread", "goal >= 1.0x")
+    ratio(LOCAL1, "one process, 1 thread", "the session's overhead")
+
+
+LOCAL2 = "hpipe local:2 (2 workers x 1 thread)"
+LOCAL1 = "hpipe local:1 (1 worker x 1 thread)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    m = measure(new_tokens=args.new_tokens, repeats=args.repeats,
+                with_transformers=not args.no_transformers)
+    print(f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+    report(m)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ and a single process. One run, side by side; every pipeline worker has ONE torch
 2. The same 2-stage split under ``torch.distributed.pipelining.ScheduleGPipe``, batch 4 x 1024
    tokens in 4 micro-batches, vs HPipe's runtime on the same input.
 3. HPipe measured vs the simulator's prediction from the analytic cost model (no profile).
-4. HPipe planned from a profile of these two workers (``hpipe profile --quick``, then the
-   fitted cost model), the workflow the README recommends: a split and slicing from measured
-   speeds instead of catalog figures. Alternated with the other two in the same launch.
-5. For context: the same 4096-token prompt in one process with 2 threads (``generate``).
+4. HPipe planned from the quick calibration that `hpipe run` and the demo use by default
+   (hpipe/profile/quick.py, measured here into a fresh cache), and its prediction against the
+   measurement. Alternated with the other two in the same launch.
+5. The same 4096-token prompt in one process with 2 threads (``generate``): what a user on one
+   machine tries first.
+6. Where the time goes: each stage's compute, fill, drain and stalls from the measured
+   timeline, and its CPU seconds against Base's for the same tokens.
+7. Decode, one stream (benchmarks/decode_speed.py): local:2 and local:1 against one process
+   and transformers, in tokens/s and GB/s.
 
 The two workers of a 2-core machine only run in parallel when nothing else needs the CPU, so the
 load average is printed beside the numbers.
@@ -147,24 +152,44 @@ def stage_compute_s(jobs) -> dict:
     return out
 
 
-def profiled_plan(spec, cluster, tokens: int):
-    """HPipe's plan for ``tokens`` from a quick profile of the same local workers."""
-    import sys
+def calibrated(spec, cluster, tokens: int):
+    """The quick calibration `hpipe run` and the demo plan from (hpipe/profile/quick.py),
+    measured now into a fresh cache: (its cost model, seconds it took)."""
     import tempfile
 
-    from hpipe.cost import read_profile
-    from hpipe.cost.fitted import FittedCost
-    from hpipe.plan.api import plan_method
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from pipeline_harness import profile_cluster
+    from hpipe.cost import cost_model
+    from hpipe.profile.quick import quick_calibration
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = profile_cluster("smollm2", cluster.name, Path(tmp) / "profile.json",
-                               max_tokens=tokens)
-        cost = FittedCost(read_profile(path), spec, cluster, "float32")
-    return plan_method("hpipe", model=spec, cluster=cluster, batch=1, seq_len=tokens,
-                       dtype="float32", cost=cost, allow_tp=False)
+        os.environ["HPIPE_CACHE_DIR"] = tmp
+        try:
+            cal = quick_calibration("smollm2", cluster, "float32", prompt_tokens=tokens,
+                                    max_seq_len=spec.max_seq_len)
+        finally:
+            del os.environ["HPIPE_CACHE_DIR"]
+    return cost_model(spec, cluster, "float32", profile=cal.profile), cal.measured_s
+
+
+def breakdown(tl) -> list[str]:
+    """Where each stage's prefill time went, from the measured timeline: computing, idle before
+    its first compute (fill), idle after its last (drain), idle between computes (stalls:
+    waiting for the previous stage), and sends in flight (overlapped with compute)."""
+    end = tl.prefill_latency_s
+    lines = []
+    for row, name in enumerate(tl.row_names):
+        comps = sorted((iv for iv in tl.intervals if iv.row == row and iv.kind == "compute"
+                        and iv.phase == "prefill"), key=lambda iv: iv.start_s)
+        if not comps:
+            continue
+        compute = sum(iv.end_s - iv.start_s for iv in comps)
+        fill, drain = comps[0].start_s, max(0.0, end - comps[-1].end_s)
+        stalls = max(0.0, end - compute - fill - drain)
+        sends = sum(iv.end_s - iv.start_s for iv in tl.intervals
+                    if iv.row == row and iv.kind == "send" and iv.phase == "prefill")
+        lines.append(f"    {name}: compute {compute:6.2f} s ({100 * compute / end:3.0f}%, "
+                     f"{1e3 * compute / len(comps):6.1f} ms x {len(comps)}), fill {fill:5.2f}, "
+                     f"drain {drain:5.2f}, stalls {stalls:5.2f}; sends in flight {sends:5.2f} s")
+    return lines
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -173,8 +198,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--no-profile", action="store_true",
-                    help="skip the profiled HPipe plan (saves the ~1-2 min profile)")
+    ap.add_argument("--no-calibration", action="store_true",
+                    help="skip the HPipe plan from the quick calibration")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode comparison")
     ap.add_argument("--repeats", type=int, default=5,
                     help="HPipe and Base 4096-token runs, alternated; medians are compared "
                          "(one run on this shared VM varies by +-20%%, and a slow spell of the "
@@ -208,9 +234,11 @@ def main() -> None:
         compared.append(("hpipe-tp-4096", hp_tp))
     else:
         hp_tp = None
-    hp_prof = None
-    if not args.no_profile:
-        hp_prof = profiled_plan(spec, cluster, args.tokens)
+    hp_prof = cal_cost = None
+    if not args.no_calibration:
+        cal_cost, cal_s = calibrated(spec, cluster, args.tokens)
+        hp_prof = plan_method("hpipe", model=spec, cluster=cluster, batch=1, seq_len=args.tokens,
+                              dtype="float32", cost=cal_cost, allow_tp=False)
         compared.append(("hpipe-profiled-4096", hp_prof))
     hp_batch = plan("hpipe", args.batch, args.batch_tokens)
     # The first request of a launch pays gloo's connection set-up and first-touch allocations;
@@ -264,7 +292,7 @@ def main() -> None:
     rows = [
         ("HPipe, 2 workers x 1 thread", f"1 x {args.tokens}", hp_long, hp),
         ("Base, 2 workers x 1 thread", f"1 x {args.tokens}", base_long, base),
-        *([("HPipe from a profile, 2 x 1 thread", f"1 x {args.tokens}", hp_prof, hp_p)]
+        *([("HPipe, quick calibration, 2 x 1", f"1 x {args.tokens}", hp_prof, hp_p)]
           if hp_prof is not None else []),
         *([("HPipe's TP-pair pick, 2 x 1 thread", f"1 x {args.tokens}", hp_tp, hp_t)]
           if hp_tp is not None else []),
@@ -297,12 +325,30 @@ def main() -> None:
         print(f"HPipe's TP-pair pick / Base:            {hp_t / base:.2f}x   per repeat: "
               + ", ".join(f"{h / b:.2f}x" for h, b in zip(tp_runs, base_runs)))
     if hp_p is not None:
-        print(f"HPipe from a profile / Base ({args.tokens} tokens): {hp_p / base:.2f}x   per repeat: "
+        from hpipe.sim import simulate
+
+        print(f"HPipe from the quick calibration / Base: {hp_p / base:.2f}x   per repeat: "
               + ", ".join(f"{h / b:.2f}x" for h, b in zip(prof_runs, base_runs)))
+        base_pred = simulate(base_long, cal_cost).prefill_latency_s
+        print(f"quick calibration ({cal_s:.1f} s): measured / predicted prefill, HPipe "
+              f"{hp_p / hp_prof.predicted_latency_s:.2f}x, Base {base / base_pred:.2f}x "
+              "(goal within 15%: 0.87-1.15)")
     print(f"HPipe / torch ScheduleGPipe ({args.batch} x {args.batch_tokens}):    "
           f"{hpb / torch_gpipe_s:.2f}x")
     print(f"HPipe measured / simulated (analytic cost): {hp / hp_long.predicted_latency_s:.2f}x")
-    print(f"HPipe 2 workers / one process 2 threads:    {hp / single.prefill_s:.2f}x")
+    print(f"HPipe 2 workers / one process 2 threads:    {hp / single.prefill_s:.2f}x   "
+          "(goal < 1)")
+    cpu = {name: statistics.median(sum(results[f"{name}-{rep}"].prefill_cpu_s)
+                                   for rep in range(args.repeats))
+           for name in ("hpipe-4096", "base-4096")}
+    print(f"HPipe / Base stage CPU seconds:             {cpu['hpipe-4096'] / cpu['base-4096']:.2f}x   "
+          f"({cpu['hpipe-4096']:.1f} vs {cpu['base-4096']:.1f} s, medians; goal <= 1.05x)")
+    print("where the prefill time goes (the median-latency repeat of each):")
+    for name, runs in (("hpipe-4096", hp_runs), ("base-4096", base_runs)):
+        rep = sorted(range(args.repeats), key=lambda k: runs[k])[args.repeats // 2]
+        print(f"  {name} (repeat {rep}, {runs[rep]:.2f} s):")
+        for line in breakdown(results[f"{name}-{rep}"].timeline):
+            print(line)
     # [Note: noisy runs] Every repeat of a method does the same work, so its CPU seconds should
     # repeat too. On this shared VM they do not: in one launch, with nothing else running, one
     # stage's computes went 2x slower for several seconds (0.56 -> 1.27 CPU s for the same
@@ -328,6 +374,11 @@ def main() -> None:
           f"(up to {slow_down:.2f}x slower)")
     print(f"best HPipe / Base this machine allows (both stages fully overlapped, no bubble, no "
           f"transfers): {allowed:.2f}x; HPipe reaches {hp / base:.2f}x")
+    if not args.no_decode:
+        from decode_speed import measure, report
+
+        print()
+        report(measure(new_tokens=64, repeats=args.repeats))
 
 
 if __name__ == "__main__":

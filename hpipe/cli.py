@@ -37,6 +37,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                    help="wrap the prompt in the model's chat template (default: if it has one)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=in_range(int, 1), default=None,
+                   help="torch threads on a CPU (default: torch's, one per core); compare "
+                        "'hpipe run --cluster local:N' with --threads N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_generate)
     return p
@@ -76,6 +79,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from hpipe.model.tokenizer import TokenizerNotFoundError
 
     device = _torch_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     src = open_model(args.model)
     ids = _prompt_ids(args, src.tokenizer)
     sampler = Sampler(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -97,6 +102,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "model": str(src.path), "prompt_tokens": result.prompt_tokens, "output_ids": out,
             "text": text, "slices": list(result.slices), "prefill_s": result.prefill_s,
+            # run's name for the same figure, so the two compare key for key
+            "prefill_latency_s": result.prefill_s, "threads": torch.get_num_threads(),
             "prefill_tok_s": result.prefill_tok_s, "decode_s": result.decode_s,
             "decode_tok_s": result.decode_tok_s, "decode_gb_s": gb_s}))
         return 0

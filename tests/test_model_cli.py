@@ -21,6 +21,7 @@ def test_generate_json_ids_and_slices(tiny_checkpoints, capsys):
     sliced = _json_run(capsys, "--model", path, "--prompt-ids", ids, "--max-new-tokens", "5",
                        "--slices", "6,3,1")
     assert whole["prompt_tokens"] == 10 and sliced["slices"] == [6, 3, 1]
+    assert whole["prefill_latency_s"] == whole["prefill_s"]  # `hpipe run --json`'s key too
     assert {"prompt_tokens", "output_ids", "text", "prefill_s", "decode_tok_s"} <= whole.keys()
     assert whole["text"] is None  # a tiny checkpoint without tokenizer.json: ids only
     # Achieved bandwidth as gpt-fast reports it: the bytes 4 decode steps read over their time.
@@ -80,3 +81,20 @@ def test_run_refuses_chat_and_question_without_text(smollm2):
         args = build_parser().parse_args(["run", "--model", "smollm2", "--prompt-ids", "1,2", *flag])
         with pytest.raises(PromptShapeError, match=f"{flag[0]} needs text"):
             prompt_rows(args, smollm2.tokenizer)
+
+
+def test_generate_threads_sets_torch_threads(tiny_checkpoints, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        out = _json_run(capsys, "--model", str(tiny_checkpoints["llama"]), "--prompt-ids",
+                        "5,6,7", "--max-new-tokens", "2", "--threads", "2")
+        assert out["threads"] == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_generate_refuses_zero_threads(capsys):
+    assert main(["generate", "--prompt", "hi", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
