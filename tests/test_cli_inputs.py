@@ -42,7 +42,8 @@ def test_run_text_report_shows_the_ids_of_a_model_without_tokenizer():
 
     stage = {"device": "cpu0", "layers": [0, 4], "busy_prefill_s": 0.1, "busy_decode_s": 0.1,
              "peak_memory_bytes": 2**20, "tp_degree": 1, "prefill_allreduce_s": 0.0}
-    rep = {"model": "tiny", "cluster": "local:1", "method": "hpipe", "batch": 2,
+    rep = {"model": "tiny", "cluster": "local:1", "cost_model": "analytic", "method": "hpipe",
+           "batch": 2,
            "prompt_tokens": 4, "slices": [4], "emulated": False,
            "output": {"text": [None, None], "ids": [[7, 8, 9], [3]]},
            "prefill_latency_s": 0.1, "predicted_prefill_latency_s": 0.1, "prefill_tok_s": 80.0,

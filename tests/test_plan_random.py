@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from plan_harness import (
     baselines,
@@ -155,6 +156,35 @@ def test_flow_bound_is_below_the_simulator_and_exact_for_equal_micro_batches():
                     pb.objective_s(plan), rel=1e-9), f"seed {seed}, {m} mb"
                 exact += 1
     assert below > 100 and exact > 60, (below, exact)
+
+
+def test_flow_bound_numpy_path_equals_one_call_per_unit():
+    """The flow bound's numpy path (the analytic model's ``stage_times_many_s`` with a prefix
+    per unit) gives the same unit x resource times as one ``stage_time_s`` call per cell,
+    tensor-parallel groups and overlapped transfers included."""
+    from hpipe.plan.rank import _unit_times, _unit_times_many
+
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.plan.evaluate import Problem
+
+    checked = 0
+    for seed in range(0, 120, 3):
+        skewed = random_instance(seed, max_grid=5)  # its SkewedCost has no numpy path
+        pb = Problem(model=skewed.model, cluster=skewed.cluster, batch=skewed.batch,
+                     seq_len=skewed.seq_len, dtype="float16", grain_tokens=16,
+                     cost=AnalyticCost(skewed.model, skewed.cluster, "float16"),
+                     overlap_comm=skewed.overlap_comm)
+        split = plan_layers(split_costs(pb, allow_tp=True), pb.cluster.host_orders())[0]
+        if math.isinf(split.bottleneck_s):
+            continue
+        stages = split.stages()
+        for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
+            prefixes = [sum(sl[:i]) for i in range(len(sl))]
+            units = [(pb.batch, s, p) for s, p in zip(sl, prefixes)]
+            many = _unit_times_many(pb, stages, units, pb.cost.stage_times_many_s)
+            np.testing.assert_allclose(many, _unit_times(pb, stages, units), rtol=1e-12)
+            checked += 1
+    assert checked > 50, checked
 
 
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])

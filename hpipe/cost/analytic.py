@@ -148,9 +148,10 @@ class AnalyticCost:
         return compute
 
     def stage_times_many_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
-                           *, batch: int, tokens: np.ndarray, prefix: int, has_embedding: bool,
-                           has_head: bool) -> np.ndarray:
-        """``stage_time_s`` for many slice lengths at one prefix at once (same formulas, numpy).
+                           *, batch: int, tokens: np.ndarray, prefix: int | np.ndarray,
+                           has_embedding: bool, has_head: bool) -> np.ndarray:
+        """``stage_time_s`` for many slice lengths at once (same formulas, numpy), at one prefix
+        or one prefix per length.
 
         An optional fast path the slicing DP uses when a cost model offers it: the tau grid
         is O(Q^2) cells, too many for one Python call each on long prompts.

@@ -60,6 +60,18 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
 
     (the machine bound of flow-shop scheduling). Exact when every unit takes the same time on
     each resource (equal micro-batches; equal slices up to the prefix's growth)."""
+    many = getattr(pb.cost, "stage_times_many_s", None)
+    if many is not None and len({rows for rows, _, _ in units}) == 1:
+        a = _unit_times_many(pb, stages, units, many)
+    else:
+        a = _unit_times(pb, stages, units)
+    head = np.concatenate([[0.0], np.cumsum(a[0])[:-1]])  # the first unit reaching r
+    tail = np.concatenate([np.cumsum(a[-1][::-1])[::-1][1:], [0.0]])  # the last leaving r
+    return float(np.max(head + a.sum(axis=0) + tail))
+
+
+def _unit_times(pb: Problem, stages, units) -> np.ndarray:
+    """(units, resources): each unit's time on each stage (and link), one call per cell."""
     last = len(stages) - 1
     x = []
     for rows, tokens, prefix in units:
@@ -73,10 +85,26 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
                 st.device, stages[j + 1].device, act)
             row += [comp, comm] if pb.overlap_comm else [comp + comm]
         x.append(row)
-    a = np.asarray(x)  # (units, resources)
-    head = np.concatenate([[0.0], np.cumsum(a[0])[:-1]])  # the first unit reaching r
-    tail = np.concatenate([np.cumsum(a[-1][::-1])[::-1][1:], [0.0]])  # the last leaving r
-    return float(np.max(head + a.sum(axis=0) + tail))
+    return np.asarray(x)
+
+
+def _unit_times_many(pb: Problem, stages, units, many) -> np.ndarray:
+    """``_unit_times`` through the cost model's numpy path (the same formulas elementwise,
+    with a prefix per unit): one call per stage instead of one per unit and stage. The flow
+    bound ranks every candidate split, and at 128k tokens its units run into the hundreds."""
+    last = len(stages) - 1
+    rows = units[0][0]
+    tokens = np.array([t for _, t, _ in units], dtype=float)
+    prefix = np.array([p for _, _, p in units], dtype=float)
+    act = rows * tokens * pb.model.hidden * dtype_bytes(pb.dtype)
+    cols = []
+    for j, st in enumerate(stages):
+        comp = many(st.devices, st.layer_start, st.layer_stop, batch=rows, tokens=tokens,
+                    prefix=prefix, has_embedding=j == 0, has_head=j == last)
+        comm = (np.zeros_like(comp) if j == last else
+                pb.cost.transfer_time_s(st.device, stages[j + 1].device, act))
+        cols += [comp, comm] if pb.overlap_comm else [comp + comm]
+    return np.stack(cols, axis=1)
 
 
 def plan_bound_s(pb: Problem, plan: Plan) -> float:
