@@ -37,6 +37,37 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
+class SliceRate:
+    """How long a prefill slice takes on the last stage, as a function of its prefix.
+
+    [Note: slice cost grows with the prefix] A slice of s tokens after p cached ones does, per
+    layer, about s x (2 P + 4 h (p + s / 2)) FLOPs: the matmuls over its P weights, and
+    attention over every earlier key (the analytic cost model's formula). On SmolLM2 the
+    attention term is twice the matmuls at p = 6000. A cap learned as plain tokens per second
+    lagged behind that growth, and late slices of a long prompt took several decode steps:
+    the running streams' longest gap was 4.5x their median. So the rate learned is seconds
+    per unit of that work, and the cap at a prefix is the slice whose work fits the time.
+    """
+
+    def __init__(self, *, params_per_layer: float, hidden: float) -> None:
+        self.matmul, self.attention = 2.0 * params_per_layer, 4.0 * hidden
+        self.s_per_work: float | None = None  # learned from the last stage's slices
+
+    def work(self, tokens: float, prefix: float) -> float:
+        return tokens * (self.matmul + self.attention * (prefix + tokens / 2.0))
+
+    def learn(self, tokens: int, prefix: int, seconds: float) -> None:
+        self.s_per_work = _ewma(self.s_per_work, seconds / self.work(tokens, prefix))
+
+    def tokens_within(self, seconds: float, prefix: int) -> float:
+        """The longest slice at ``prefix`` whose work takes at most ``seconds``: the positive
+        root of (a / 2) s^2 + (m + a p) s = seconds / rate, a = attention, m = matmul."""
+        assert self.s_per_work is not None
+        budget = seconds / self.s_per_work
+        a, lin = self.attention, self.matmul + self.attention * prefix
+        return (-lin + (lin * lin + 2.0 * a * budget) ** 0.5) / a
+
+
 @dataclass
 class _Req:
     stream: object  # hpipe.session.Stream
@@ -62,7 +93,8 @@ class InterleavedRuns:
                                  prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
         self.rows_s: float | None = None  # a decode step's compute, measured
-        self.prefill_tok_s: float | None = None  # prompt tokens per second, measured
+        spec = session.plan.model
+        self.slice_rate = SliceRate(params_per_layer=spec.params_per_layer(), hidden=spec.hidden)
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
 
@@ -181,11 +213,16 @@ class InterleavedRuns:
         if item.decode and rows_s > 0:
             self.rows_s = _ewma(self.rows_s, rows_s)
         if item.prefill is not None and piece_s > 0:
-            self.prefill_tok_s = _ewma(self.prefill_tok_s, len(item.prefill.ids) / piece_s)
-        if self.rows_s is not None and self.prefill_tok_s is not None and not self.whole_prefill:
-            tokens = SLICE_FACTOR * self.rows_s * self.prefill_tok_s
-            cap = int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
-            self.sched.slice_cap = lambda prefix, cap=cap: cap
+            self.slice_rate.learn(len(item.prefill.ids), item.prefill.prefix, piece_s)
+        if (self.rows_s is not None and self.slice_rate.s_per_work is not None
+                and not self.whole_prefill):
+            step_s, rate = SLICE_FACTOR * self.rows_s, self.slice_rate
+
+            def cap(prefix: int) -> int:  # see [Note: slice cost grows with the prefix]
+                tokens = rate.tokens_within(step_s, prefix)
+                return int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
+
+            self.sched.slice_cap = cap
 
     def _end(self, rid: int, final) -> None:
         req = self.reqs.pop(rid, None)

@@ -365,3 +365,23 @@ def test_questions_on_a_kept_document_answer_as_the_whole_prompt(session, smollm
     after = session.prefix_stats()
     assert after["hit_tokens"] - before["hit_tokens"] == sum(c for _, c in outs)
     assert after["held_tokens"] >= outs[0][0]
+
+
+def test_slice_rate_caps_slices_shorter_as_the_prefix_grows():
+    """The serving driver's slice cap (hpipe/session_items.py): the work of a slice grows
+    with its prefix (attention over the cached keys), so the slice that fits one decode step
+    shrinks as a long prompt advances; the cap is the exact root of the learned cost."""
+    from hpipe.session_items import SliceRate
+
+    rate = SliceRate(params_per_layer=3.54e6, hidden=576)  # SmolLM2's shapes
+    rate.learn(256, 0, 0.5)  # a 256-token first slice took 0.5 s on the last stage
+    for prefix in (0, 1000, 6000):
+        tokens = rate.tokens_within(0.1, prefix)
+        assert rate.s_per_work * rate.work(tokens, prefix) == pytest.approx(0.1, rel=1e-9)
+    caps = [rate.tokens_within(0.1, p) for p in (0, 2000, 4000, 6000)]
+    assert caps == sorted(caps, reverse=True) and caps[-1] < caps[0] / 2.5
+    assert rate.tokens_within(0.1, 0) == pytest.approx(51.2, rel=0.05)  # 256 x 0.1 / 0.5
+    # A later, slower slice moves the rate (an average, not the last sample alone).
+    before = rate.s_per_work
+    rate.learn(32, 6000, 0.4)
+    assert rate.s_per_work > before

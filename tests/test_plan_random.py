@@ -162,10 +162,9 @@ def test_flow_bound_numpy_path_equals_one_call_per_unit():
     """The flow bound's numpy path (the analytic model's ``stage_times_many_s`` with a prefix
     per unit) gives the same unit x resource times as one ``stage_time_s`` call per cell,
     tensor-parallel groups and overlapped transfers included."""
-    from hpipe.plan.rank import _unit_times, _unit_times_many
-
     from hpipe.cost.analytic import AnalyticCost
     from hpipe.plan.evaluate import Problem
+    from hpipe.plan.rank import _unit_times, _unit_times_many
 
     checked = 0
     for seed in range(0, 120, 3):
