@@ -140,16 +140,25 @@ async def interference(url: str, *, streams: int, long_text: str, stream_tokens:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     t0, t1 = long_log.started_s, long_log.first_token_s or long_log.done_s
-    before, during = [], []
+    before, during, where = [], [], []
     for lg in logs:
         for a, b in zip(lg.token_times, lg.token_times[1:]):
-            (before if b <= t0 else during if a < t1 and b >= t0 else []).append(b - a)
+            if b <= t0:
+                before.append(b - a)
+            elif a < t1 and b >= t0:
+                during.append(b - a)
+                where.append((b - a, (a - t0) / (t1 - t0)))
     for lg in logs:  # a stream that never resumed: its gap runs to the end of the prefill
         if lg.token_times and lg.token_times[-1] <= t1:
             during.append(t1 - lg.token_times[-1])
+            where.append((t1 - lg.token_times[-1], (lg.token_times[-1] - t0) / (t1 - t0)))
     median_gap = statistics.median(before)
+    # Where the longest gaps began, as a share of the long prompt's prefill (0 = its arrival,
+    # 1 = its first token): early gaps come from admission, late ones from long prefixes.
+    worst = [f"{g:.2f}s@{at:.2f}" for g, at in sorted(where, reverse=True)[:4]]
     return {"median_gap_s": median_gap, "longest_gap_during_s": max(during),
-            "gap_ratio": max(during) / median_gap, "long_ttft_s": t1 - t0}
+            "gap_ratio": max(during) / median_gap, "long_ttft_s": t1 - t0,
+            "worst_gaps": worst}
 
 
 async def throughput(url: str, *, concurrency: int, tokens: int, solo_requests: int) -> dict:
@@ -206,7 +215,7 @@ def main() -> int:
         finally:
             server.stop()
         results[name] = {**inter, **thr}
-        print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}",
+        print(f"{name}: {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items()})}",
               file=sys.stderr, flush=True)
     print(f"\nSmolLM2 served on this machine; {args.streams} streams vs one "
           f"{args.long_tokens}-token prompt; {args.concurrency} concurrent x {args.tokens} tokens "
