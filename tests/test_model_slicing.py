@@ -26,6 +26,8 @@ SLICINGS = [
     (1, 4, 25),  # uneven, shorter first
     (1,) * 30,  # one token at a time: prefill degenerates to decode
     (29, 1),
+    (24, 6),  # a slice after a prefix 4x its length: split attention (decoder.py's note)
+    (20, 2, 2, 6),
 ]
 
 
@@ -91,3 +93,26 @@ def test_stages_in_sequence_equal_whole_model(tiny_checkpoints, variant, cuts):
     b = generate(whole, ids, max_new_tokens=6, slices=(20, 10), eos_token_ids=())
     assert a.output_ids == b.output_ids
     assert torch.equal(a.prefill_logits, b.prefill_logits)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_attention_after_a_prefix_equals_the_masked_kernel(heads, kv_heads, dtype):
+    """The prefix/slice split of attention (see [Note: a slice after a long prefix] in
+    decoder.py) gives the masked kernel's result, GQA or not, within rounding."""
+    import torch.nn.functional as F
+
+    from hpipe.model.decoder import SPLIT_PREFIX_RATIO, _attend
+
+    gen = torch.Generator().manual_seed(0)
+    for prefix, tokens in ((SPLIT_PREFIX_RATIO * 16, 16), (300, 7), (1000, 64)):
+        q = torch.randn(2, heads, tokens, 64, generator=gen).to(dtype)
+        k = torch.randn(2, kv_heads, prefix + tokens, 64, generator=gen).to(dtype)
+        v = torch.randn(2, kv_heads, prefix + tokens, 64, generator=gen).to(dtype)
+        mask = torch.arange(prefix + tokens)[None, :] <= torch.arange(prefix, prefix + tokens)[:, None]
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              enable_gqa=heads != kv_heads)
+        got = _attend(q, k, v, mask)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

@@ -139,6 +139,10 @@ class Attention(nn.Module):
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask: torch.Tensor | None) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, KV, S, D), H a multiple of KV."""
+    prefix = k.shape[2] - q.shape[2]
+    if mask is not None and _FLASH_CPU is not None and q.device.type == "cpu" and (
+            prefix >= SPLIT_PREFIX_RATIO * q.shape[2]):
+        return _attend_after_prefix(q, k, v, prefix)
     gqa = {}
     if k.shape[1] != q.shape[1]:
         if _SDPA_GQA:
@@ -152,6 +156,38 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Otherwise an explicit (T, prefix + T) mask offsets the causal diagonal by the prefix.
     is_causal = mask is None and q.shape[2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+
+
+# [Note: a slice after a long prefix] A slice of T tokens after P cached ones attends with an
+# explicit (T, P + T) mask, which SDPA's CPU kernels apply to every block of scores. Only the
+# last T x T block needs it: every query sees every cached key. So past a prefix of
+# SPLIT_PREFIX_RATIO x T, attention runs as two fused kernels that return their log-sum-exp,
+# one unmasked over the prefix (the query heads of one KV head side by side on the query axis,
+# so no K/V copy) and one causal over the slice's own keys, merged exactly by their
+# log-sum-exps. Measured per SmolLM2 layer, one thread: 1.08-1.09x faster at prefix 3840-3900
+# (slices of 64-256), 1.04x at 1024 after 256, and 0.76x at 256 after 256, hence the ratio.
+SPLIT_PREFIX_RATIO = 4
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         prefix: int) -> torch.Tensor:
+    """``_attend`` for a slice after ``prefix`` cached keys (see the note above)."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    g = H // KV
+    grouped = q.reshape(B, KV, g * T, D)  # query head h = KV head h // g, g of them in a row
+    o1, l1 = _FLASH_CPU(grouped, k[:, :, :prefix], v[:, :, :prefix], 0.0, False)[:2]
+    k2, v2 = k[:, :, prefix:], v[:, :, prefix:]
+    if g > 1:  # T keys only: a small copy
+        k2, v2 = k2.repeat_interleave(g, dim=1), v2.repeat_interleave(g, dim=1)
+    o2, l2 = _FLASH_CPU(q, k2, v2, 0.0, True)[:2]  # T x T: causal is the right alignment
+    l1 = l1.reshape(B, H, T, 1)
+    l2 = l2.reshape(B, H, T, 1)
+    top = torch.maximum(l1, l2)
+    w1, w2 = (l1 - top).exp(), (l2 - top).exp()
+    out = (o1.reshape(B, H, T, D).float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out.to(q.dtype)
 
 
 class MLP(nn.Module):
