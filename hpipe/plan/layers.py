@@ -270,6 +270,11 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
     best = np.full(levels, INF)  # best[level]: the whole model placed
     best_arg: list[tuple[int, int, int] | None] = [None] * levels
     lv = np.arange(levels)[src]
+    # sends[a][m, r]: the transfer from a group of along[a] at m to position r; inf where r
+    # cannot receive (inside or before the group, or no such group at m). Independent of b:
+    # made once, not per layer (the order search solves this DP hundreds of times).
+    sends = [np.where((pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None], comm, INF)
+             for ga in along]
     for b in range(1, n + 1):
         for ai, ga in enumerate(along):
             ok = ga.max_stop[:, :b].T >= b  # (b, m): block [k, b) fits the group at m
@@ -284,13 +289,11 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
                     best[lv[i] - step] = wm[i]
                     best_arg[lv[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
                 continue
-            V, k = _block_to_receivers(prev, comp, ok, comm, by_stages=use_max,
+            V, k = _block_to_receivers(prev, comp, ok, sends[ai], by_stages=use_max,
                                        overlap_comm=sc.overlap_comm)
-            reach = (pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None]  # (m, r)
-            V = np.where(reach[None], V, INF)
             m = V.argmin(axis=1)  # (j, r): the first best sender
-            v = np.take_along_axis(V, m[:, None, :], axis=1)[:, 0, :]
-            kk = np.take_along_axis(k, m[:, None, :], axis=1)[:, 0, :]
+            jj, rr = np.arange(V.shape[0])[:, None], pos[None, :]
+            v, kk = V[jj, m, rr], k[jj, m, rr]  # (j, r), at the best sender
             better = v < D[dst, b, :]
             D[dst, b, :] = np.where(better, v, D[dst, b, :])
             for c, val in enumerate((kk, m, np.broadcast_to(ai, m.shape))):
@@ -306,7 +309,7 @@ def _best_first_layer(prev: np.ndarray, comp: np.ndarray, ok: np.ndarray, by_sta
     W = np.where(ok[None], np.maximum(prev, comp[None]) if by_stages else prev + comp[None],
                  INF)
     k = W.argmin(axis=1)  # (j, m)
-    return k, np.take_along_axis(W, k[:, None, :], axis=1)[:, 0, :]
+    return k, W[np.arange(W.shape[0])[:, None], k, np.arange(W.shape[2])[None, :]]
 
 
 def _block_to_receivers(prev: np.ndarray, comp: np.ndarray, ok: np.ndarray, comm: np.ndarray,
