@@ -228,3 +228,21 @@ def test_large_batches_sweep_only_the_counts_where_micro_batch_rows_change(monke
     full = plan_method("gpipe", model=smol, cluster=PAPER, batch=100, seq_len=512)
     assert reduced.predicted_latency_s == full.predicted_latency_s
     assert reduced.num_microbatches == full.num_microbatches
+
+
+def test_the_slicing_dp_grows_slices_where_growing_wins():
+    """The slicing DP searches every grid slicing, not only shrinking or equal ones: with a
+    per-token cost that falls along the prompt and a fixed cost per slice, its best slicing
+    grows, with lengths that are not powers of two; and it beats every equal slicing."""
+    from hpipe.plan.slices import estimate_s, plan_slicing
+
+    def tau(tokens: int, prefix: int) -> float:
+        return tokens * (2.0 - 1.9 * prefix / 512) + 20.0
+
+    res = plan_slicing(tau, seq_len=512, grain_tokens=16, num_stages=4, epsilon=0)
+    sl = res.slices
+    assert sum(sl) == 512
+    assert list(sl) == sorted(sl) and sl[-1] > sl[0]  # growing
+    assert any(s & (s - 1) for s in sl)  # a length that is not a power of two
+    equal = [tuple([512 // k] * k) for k in (1, 2, 4, 8, 16, 32)]
+    assert all(estimate_s(sl, tau, 4) < estimate_s(e, tau, 4) for e in equal)

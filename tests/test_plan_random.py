@@ -186,6 +186,42 @@ def test_flow_bound_numpy_path_equals_one_call_per_unit():
     assert checked > 50, checked
 
 
+def test_fits_fast_path_answers_as_stage_memory_does():
+    """``SliceTimes.fits`` through the analytic model's ``stage_memory_parts`` (the fixed
+    bytes per stage, one workspace per kind of stage) says "fits" exactly when every stage's
+    ``stage_memory_bytes`` is within its devices' memory, on tight random instances."""
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.plan.evaluate import Problem
+
+    yes = no = 0
+    for seed in range(0, 160, 3):
+        skewed = random_instance(seed, max_grid=5)
+        pb = Problem(model=skewed.model, cluster=skewed.cluster, batch=skewed.batch,
+                     seq_len=skewed.seq_len, dtype="float16", grain_tokens=16,
+                     cost=AnalyticCost(skewed.model, skewed.cluster, "float16",
+                                       attention="eager"),
+                     overlap_comm=skewed.overlap_comm)
+        split = plan_layers(split_costs(pb, allow_tp=True), pb.cluster.host_orders())[0]
+        if math.isinf(split.bottleneck_s):
+            continue
+        st = pb.slice_times(split.stages())
+        assert st._rooms is not None  # the fast path is taken
+        for tokens in (1, 16, 33, pb.seq_len):
+            for prefix in (0, 16, pb.seq_len - tokens):
+                if prefix < 0:
+                    continue
+                slow = all(
+                    pb.cost.stage_memory_bytes(
+                        g.devices, g.layer_start, g.layer_stop, batch=pb.batch,
+                        seq_len=pb.kv_tokens, units=((pb.batch, tokens, prefix),),
+                        has_embedding=j == 0, has_head=j == len(st.stages) - 1)
+                    <= min(pb.cluster.devices[d].memory_bytes for d in g.devices)
+                    for j, g in enumerate(st.stages))
+                assert st.fits(tokens, prefix) == slow, (seed, tokens, prefix)
+                yes, no = yes + slow, no + (not slow)
+    assert yes > 50 and no > 10, (yes, no)
+
+
 @pytest.mark.parametrize("allow_tp", [False, True], ids=["devices", "tp-groups"])
 def test_infeasible_instances_raise_in_the_planner_too(allow_tp):
     """HPipe raises, saying what would fit, when nothing it may use fits: no split over its

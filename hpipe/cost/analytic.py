@@ -209,6 +209,31 @@ class AnalyticCost:
             link = self._memo[("link", src, dst)] = self.cluster.link(src, dst)
         return link.latency_s + num_bytes / link.bandwidth_bytes_s
 
+    def stage_memory_parts(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
+                           *, batch: int, seq_len: int, has_embedding: bool, has_head: bool
+                           ) -> tuple[int, tuple | None]:
+        """``stage_memory_bytes`` in two parts: the bytes that do not depend on the unit
+        (context, weights, KV cache) and a key for the unit's workspace (None: the stage holds
+        nothing to work on), which ``unit_workspace_bytes`` prices. An optional fast path: the
+        slicing DP asks "does this slice fit" thousands of times, and the workspace is the same
+        on every stage with the same key."""
+        tp = len(devices)
+        n = layer_stop - layer_start
+        e = self.elem_bytes
+        static = (weight_bytes(self.model, num_layers=n, has_embedding=has_embedding,
+                               has_head=has_head, elem_bytes=e)
+                  + kv_bytes(self.model, num_layers=n, batch=batch, seq_len=seq_len,
+                             elem_bytes=e)) // tp
+        ctx = max(context_bytes(self.cluster.devices[d]) for d in devices)
+        key = (tp, has_head) if n > 0 or has_head or has_embedding else None
+        return ctx + static, key
+
+    def unit_workspace_bytes(self, key: tuple, rows: int, tokens: int, prefix: int) -> int:
+        tp, has_head = key
+        return workspace_bytes(self.model, rows=rows, tokens=tokens, prefix=prefix,
+                               elem_bytes=self.elem_bytes, tp=tp, has_head=has_head,
+                               attention=self.attention)
+
     def stage_memory_bytes(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
                            *, batch: int, seq_len: int, units: tuple[tuple[int, int, int], ...],
                            has_embedding: bool, has_head: bool) -> int:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -165,6 +166,18 @@ class SliceTimes:
     only_stage: int | None = None
 
     def fits(self, tokens: int, prefix: int) -> bool:
+        if self._rooms is not None:  # the cost model's fast path: one workspace per key
+            work: dict = {}
+            for room, key in self._rooms:
+                if key is None:  # nothing to work on: what it holds must fit all the same
+                    if room < 0:
+                        return False
+                    continue
+                if key not in work:
+                    work[key] = self.cost.unit_workspace_bytes(key, self.batch, tokens, prefix)
+                if work[key] > room:
+                    return False
+            return True
         last = len(self.stages) - 1
         for j, st in enumerate(self.stages):
             need = self.cost.stage_memory_bytes(
@@ -174,6 +187,23 @@ class SliceTimes:
             if need > min(self.cluster.devices[d].memory_bytes for d in st.devices):
                 return False
         return True
+
+    @functools.cached_property
+    def _rooms(self) -> list[tuple[int, tuple | None]] | None:
+        """Per stage: the bytes left for a unit's workspace next to what does not depend on
+        it, and the workspace's key (``stage_memory_parts``); None without that fast path.
+        need <= capacity  <=>  workspace <= capacity - fixed, so ``fits`` answers the same."""
+        parts = getattr(self.cost, "stage_memory_parts", None)
+        if parts is None:
+            return None
+        last = len(self.stages) - 1
+        out = []
+        for j, st in enumerate(self.stages):
+            fixed, key = parts(st.devices, st.layer_start, st.layer_stop, batch=self.batch,
+                               seq_len=self.seq_len, has_embedding=j == 0, has_head=j == last)
+            cap = min(self.cluster.devices[d].memory_bytes for d in st.devices)
+            out.append((cap - fixed, key))
+        return out
 
     def tau(self, tokens: int, prefix: int) -> float:
         t = stage_slice_times(self.stages, self.cost, model=self.model, dtype=self.dtype,
@@ -259,6 +289,9 @@ class MemoCost:
         many = getattr(cost, "stage_times_many_s", None)
         if many is not None:  # the numpy fast path of SliceTimes.tau_row, unremembered
             self.stage_times_many_s = many
+        if getattr(cost, "stage_memory_parts", None) is not None:  # SliceTimes.fits's
+            self.stage_memory_parts = cost.stage_memory_parts
+            self.unit_workspace_bytes = cost.unit_workspace_bytes
         self._time: dict = {}
         self._transfer: dict = {}
         self._memory: dict = {}
