@@ -3,12 +3,6 @@
 The same ``build_schedule`` lists that the simulator times are executed here, action by action,
 so the measured ``Timeline`` lines up with the predicted one unit by unit. A stage runs on one
 rank, or on a tensor-parallel group of ranks that all execute the stage's list (see
-[Note: tokens before reports] The sampling rank posts each token's send to stage 0 before it
-tells the supervisor about the token (``on_token``, ``progress``): the send gates the next
-decode step of the whole pipeline, the report only a client's stream, which gets it a fraction
-of a millisecond later. Measured on two CPU workers, the sampling rank spent ~0.9 ms from the end
-of its compute to posting the token, of ~2.6 ms of hops and overheads per decode step.
-
 [Note: roles in a tensor-parallel stage]).
 
 [Note: one KV cache per micro-batch]
@@ -32,6 +26,12 @@ travels between stages, so after each sampled token the leader shares the token 
 its members, who feed it to their next decode step. Each member records its compute intervals
 on its own timeline row, as the simulator gives each device of a TP stage its own row; the
 all-reduces happen inside the compute interval.
+
+[Note: tokens before reports] The sampling rank posts each token's send to stage 0 before it
+tells the supervisor about the token (``on_token``, ``progress``): the send gates the next
+decode step of the whole pipeline, the report only a client's stream, which gets it a fraction
+of a millisecond later. Measured on two CPU workers, the sampling rank spent ~0.9 ms from the end
+of its compute to posting the token, of ~2.6 ms of hops and overheads per decode step.
 """
 
 from __future__ import annotations
