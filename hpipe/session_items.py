@@ -49,12 +49,14 @@ class SliceRate:
     per unit of that work, and the cap at a prefix is the slice whose work fits the time.
     """
 
-    def __init__(self, *, params_per_layer: float, hidden: float) -> None:
-        self.matmul, self.attention = 2.0 * params_per_layer, 4.0 * hidden
+    def __init__(self, model) -> None:
+        self.model = model  # a ModelSpec: its layer_flops is the work
+        # The same FLOPs as coefficients of s, for the root in tokens_within.
+        self.matmul, self.attention = 2.0 * model.params_per_layer(), 4.0 * model.hidden
         self.s_per_work: float | None = None  # learned from the last stage's slices
 
     def work(self, tokens: float, prefix: float) -> float:
-        return tokens * (self.matmul + self.attention * (prefix + tokens / 2.0))
+        return self.model.layer_flops(batch=1, tokens=tokens, prefix=prefix)
 
     def learn(self, tokens: int, prefix: int, seconds: float) -> None:
         self.s_per_work = _ewma(self.s_per_work, seconds / self.work(tokens, prefix))
@@ -93,8 +95,7 @@ class InterleavedRuns:
                                  prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
         self.rows_s: float | None = None  # a decode step's compute, measured
-        spec = session.plan.model
-        self.slice_rate = SliceRate(params_per_layer=spec.params_per_layer(), hidden=spec.hidden)
+        self.slice_rate = SliceRate(session.plan.model)
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
 

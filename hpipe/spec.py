@@ -96,6 +96,14 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_flops(self, *, batch: int, tokens: int, prefix: int) -> float:
+        """FLOPs of one block on ``batch`` rows of ``tokens`` after ``prefix`` cached ones:
+        the matmuls over its weights plus causal attention over the earlier keys
+        (algorithms.md section 2; the analytic cost model, the bound and the serving slice
+        cap all price work with it)."""
+        return (2.0 * batch * tokens * self.params_per_layer()
+                + 4.0 * batch * self.hidden * tokens * (prefix + tokens / 2.0))
+
     def params_per_layer(self) -> int:
         """Weights of one transformer block (norm weights included, biases approximated)."""
         h, kv = self.hidden, self.kv_dim

@@ -372,8 +372,9 @@ def test_slice_rate_caps_slices_shorter_as_the_prefix_grows():
     with its prefix (attention over the cached keys), so the slice that fits one decode step
     shrinks as a long prompt advances; the cap is the exact root of the learned cost."""
     from hpipe.session_items import SliceRate
+    from hpipe.spec import model_preset
 
-    rate = SliceRate(params_per_layer=3.54e6, hidden=576)  # SmolLM2's shapes
+    rate = SliceRate(model_preset("smollm2-135m"))
     rate.learn(256, 0, 0.5)  # a 256-token first slice took 0.5 s on the last stage
     for prefix in (0, 1000, 6000):
         tokens = rate.tokens_within(0.1, prefix)

@@ -84,8 +84,7 @@ class AnalyticCost:
                 float(m.kv_bytes_per_token_per_layer(e)), float(e))
 
     def layer_flops(self, *, batch: int, tokens: int, prefix: int) -> float:
-        params, hidden, _, _ = self._shape
-        return 2.0 * batch * tokens * params + 4.0 * batch * hidden * tokens * (prefix + tokens / 2.0)
+        return self.model.layer_flops(batch=batch, tokens=tokens, prefix=prefix)
 
     def _layer_time_s(self, dev_index: int, tp: int, batch: int, tokens: int,
                       prefix: int) -> float:
@@ -224,6 +223,7 @@ class AnalyticCost:
                                has_head=has_head, elem_bytes=e)
                   + kv_bytes(self.model, num_layers=n, batch=batch, seq_len=seq_len,
                              elem_bytes=e)) // tp
+        # Worst member of the group: the context differs between CPU and GPU members.
         ctx = max(context_bytes(self.cluster.devices[d]) for d in devices)
         key = (tp, has_head) if n > 0 or has_head or has_embedding else None
         return ctx + static, key
@@ -237,19 +237,13 @@ class AnalyticCost:
     def stage_memory_bytes(self, devices: tuple[int, ...], layer_start: int, layer_stop: int,
                            *, batch: int, seq_len: int, units: tuple[tuple[int, int, int], ...],
                            has_embedding: bool, has_head: bool) -> int:
-        tp = len(devices)
-        n = layer_stop - layer_start
-        e = self.elem_bytes
-        static = (weight_bytes(self.model, num_layers=n, has_embedding=has_embedding,
-                               has_head=has_head, elem_bytes=e)
-                  + kv_bytes(self.model, num_layers=n, batch=batch, seq_len=seq_len,
-                             elem_bytes=e)) // tp
-        work = max((workspace_bytes(self.model, rows=r, tokens=t, prefix=p, elem_bytes=e,
-                                    tp=tp, has_head=has_head, attention=self.attention)
-                    for r, t, p in units), default=0)
-        # Worst member of the group: the context differs between CPU and GPU members.
-        ctx = max(context_bytes(self.cluster.devices[d]) for d in devices)
-        return ctx + static + (work if n > 0 or has_head or has_embedding else 0)
+        fixed, key = self.stage_memory_parts(devices, layer_start, layer_stop, batch=batch,
+                                             seq_len=seq_len, has_embedding=has_embedding,
+                                             has_head=has_head)
+        if key is None:
+            return fixed
+        return fixed + max((self.unit_workspace_bytes(key, r, t, p) for r, t, p in units),
+                           default=0)
 
 
 __all__ = ["AnalyticCost", "EFF_MAX", "HALF_ROWS_CPU", "HALF_ROWS_GPU", "MEM_EFF"]

@@ -30,12 +30,6 @@ from hpipe.spec import ModelSpec
 from hpipe.timeline import Timeline
 
 
-def layer_flops(model: ModelSpec, *, batch: int, tokens: int, prefix: int) -> float:
-    """algorithms.md section 2 (and the analytic model): matmuls plus causal attention."""
-    return (2.0 * batch * tokens * model.params_per_layer()
-            + 4.0 * batch * model.hidden * tokens * (prefix + tokens / 2.0))
-
-
 @dataclass(frozen=True)
 class LatencyBound:
     total_flops: float
@@ -49,7 +43,7 @@ class LatencyBound:
 
 def latency_lower_bound(model: ModelSpec, cluster: ClusterSpec, cost: CostModel, *,
                         batch: int, seq_len: int) -> LatencyBound:
-    per_layer = layer_flops(model, batch=batch, tokens=seq_len, prefix=0)
+    per_layer = model.layer_flops(batch=batch, tokens=seq_len, prefix=0)
     rates = []
     for j in range(cluster.num_devices):
         t = cost.stage_time_s((j,), 0, 1, batch=batch, tokens=seq_len, prefix=0,
@@ -82,7 +76,7 @@ def gap_breakdown(plan: Plan, timeline: Timeline, bound: LatencyBound) -> GapBre
     for st in plan.stages:
         name = plan.cluster.devices[st.device].name
         flops_by_dev[name] = st.num_layers * sum(
-            layer_flops(model, batch=u.rows, tokens=u.tokens, prefix=u.prefix) for u in units)
+            model.layer_flops(batch=u.rows, tokens=u.tokens, prefix=u.prefix) for u in units)
     busy = dict.fromkeys(bound.device_names, 0.0)
     busy.update(zip(timeline.row_names, timeline.busy_s()))
     T = timeline.prefill_latency_s
