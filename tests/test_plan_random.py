@@ -180,7 +180,7 @@ def test_flow_bound_numpy_path_equals_one_call_per_unit():
         for sl in grid_slicings(pb.seq_len, pb.grain_tokens):
             prefixes = [sum(sl[:i]) for i in range(len(sl))]
             units = [(pb.batch, s, p) for s, p in zip(sl, prefixes)]
-            many = _unit_times_many(pb, stages, units, pb.cost.stage_times_many_s)
+            many = _unit_times_many(pb, stages, units)
             np.testing.assert_allclose(many, _unit_times(pb, stages, units), rtol=1e-12)
             checked += 1
     assert checked > 50, checked

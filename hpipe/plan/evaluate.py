@@ -133,6 +133,27 @@ class Problem:
                           self.kv_tokens, self.overlap_comm, only_stage)
 
 
+def stage_unit_times(stages: tuple[StagePlan, ...], cost: CostModel, *, model: ModelSpec,
+                     dtype: str, rows: int, tokens: np.ndarray, prefix: int | np.ndarray
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per stage j: (compute, transfer after it) of many units of ``rows`` x ``tokens`` at
+    ``prefix`` (one, or one per unit), through the cost model's numpy path
+    (``stage_times_many_s``; its ``transfer_time_s`` then takes an array of byte counts too).
+    The slicing DP's tau rows and the flow bound's unit table both read it."""
+    tokens = np.asarray(tokens, dtype=float)
+    act = rows * tokens * model.hidden * dtype_bytes(dtype)
+    last = len(stages) - 1
+    out = []
+    for j, st in enumerate(stages):
+        comp = cost.stage_times_many_s(st.devices, st.layer_start, st.layer_stop, batch=rows,
+                                       tokens=tokens, prefix=prefix, has_embedding=j == 0,
+                                       has_head=j == last)
+        comm = (np.zeros_like(comp) if j == last else
+                np.asarray(cost.transfer_time_s(st.device, stages[j + 1].device, act)))
+        out.append((comp, comm))
+    return out
+
+
 def stage_slice_times(stages: tuple[StagePlan, ...], cost: CostModel, *, model: ModelSpec,
                       dtype: str, rows: int, tokens: int, prefix: int,
                       overlap_comm: bool = True) -> list[float]:
@@ -215,22 +236,12 @@ class SliceTimes:
         """``tau`` for many slice lengths at one prefix: numpy when the cost model offers
         ``stage_times_many_s`` (the analytic one does; its ``transfer_time_s`` then takes an
         array of byte counts too), one call per cell otherwise."""
-        many = getattr(self.cost, "stage_times_many_s", None)
-        if many is None:
+        if getattr(self.cost, "stage_times_many_s", None) is None:
             return np.array([self.tau(int(t), prefix) for t in tokens])
-        tokens = np.asarray(tokens)
-        act = self.batch * tokens * self.model.hidden * dtype_bytes(self.dtype)
-        last = len(self.stages) - 1
-        per_stage = []
-        for j, st in enumerate(self.stages):
-            comp = many(st.devices, st.layer_start, st.layer_stop, batch=self.batch,
-                        tokens=tokens, prefix=prefix, has_embedding=j == 0, has_head=j == last)
-            if j == last:
-                comm = np.zeros_like(comp)
-            else:
-                src, dst = st.device, self.stages[j + 1].device
-                comm = np.asarray(self.cost.transfer_time_s(src, dst, act.astype(float)))
-            per_stage.append(np.maximum(comp, comm) if self.overlap_comm else comp + comm)
+        per_stage = [np.maximum(comp, comm) if self.overlap_comm else comp + comm
+                     for comp, comm in stage_unit_times(
+                         self.stages, self.cost, model=self.model, dtype=self.dtype,
+                         rows=self.batch, tokens=np.asarray(tokens), prefix=prefix)]
         if self.only_stage is not None:
             return per_stage[self.only_stage]
         return np.max(per_stage, axis=0)

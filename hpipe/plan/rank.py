@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from hpipe.plan.evaluate import Problem, memory_overflows
+from hpipe.plan.evaluate import Problem, memory_overflows, stage_unit_times
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.schedule import prefill_units
 from hpipe.spec import dtype_bytes
@@ -60,9 +60,9 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
 
     (the machine bound of flow-shop scheduling). Exact when every unit takes the same time on
     each resource (equal micro-batches; equal slices up to the prefix's growth)."""
-    many = getattr(pb.cost, "stage_times_many_s", None)
-    if many is not None and len({rows for rows, _, _ in units}) == 1:
-        a = _unit_times_many(pb, stages, units, many)
+    if (getattr(pb.cost, "stage_times_many_s", None) is not None
+            and len({rows for rows, _, _ in units}) == 1):
+        a = _unit_times_many(pb, stages, units)
     else:
         a = _unit_times(pb, stages, units)
     head = np.concatenate([[0.0], np.cumsum(a[0])[:-1]])  # the first unit reaching r
@@ -88,21 +88,15 @@ def _unit_times(pb: Problem, stages, units) -> np.ndarray:
     return np.asarray(x)
 
 
-def _unit_times_many(pb: Problem, stages, units, many) -> np.ndarray:
-    """``_unit_times`` through the cost model's numpy path (the same formulas elementwise,
-    with a prefix per unit): one call per stage instead of one per unit and stage. The flow
-    bound ranks every candidate split, and at 128k tokens its units run into the hundreds."""
-    last = len(stages) - 1
-    rows = units[0][0]
-    tokens = np.array([t for _, t, _ in units], dtype=float)
-    prefix = np.array([p for _, _, p in units], dtype=float)
-    act = rows * tokens * pb.model.hidden * dtype_bytes(pb.dtype)
+def _unit_times_many(pb: Problem, stages, units) -> np.ndarray:
+    """``_unit_times`` through the cost model's numpy path (``evaluate.stage_unit_times``, a
+    prefix per unit): one call per stage instead of one per unit and stage. The flow bound
+    ranks every candidate split, and at 128k tokens its units run into the hundreds."""
+    times = stage_unit_times(stages, pb.cost, model=pb.model, dtype=pb.dtype, rows=units[0][0],
+                             tokens=np.array([t for _, t, _ in units], dtype=float),
+                             prefix=np.array([p for _, _, p in units], dtype=float))
     cols = []
-    for j, st in enumerate(stages):
-        comp = many(st.devices, st.layer_start, st.layer_stop, batch=rows, tokens=tokens,
-                    prefix=prefix, has_embedding=j == 0, has_head=j == last)
-        comm = (np.zeros_like(comp) if j == last else
-                pb.cost.transfer_time_s(st.device, stages[j + 1].device, act))
+    for comp, comm in times:
         cols += [comp, comm] if pb.overlap_comm else [comp + comm]
     return np.stack(cols, axis=1)
 
