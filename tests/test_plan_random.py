@@ -219,6 +219,17 @@ def test_fits_fast_path_answers_as_stage_memory_does():
                     for j, g in enumerate(st.stages))
                 assert st.fits(tokens, prefix) == slow, (seed, tokens, prefix)
                 yes, no = yes + slow, no + (not slow)
+        # The workload DP's memory limits (layers.max_stops) take the same fast path.
+        from hpipe.plan.layers import max_stops
+
+        class OnlyBytes:  # the cost model without its fast path
+            stage_memory_bytes = pb.cost.stage_memory_bytes
+
+        kw = dict(model=pb.model, cluster=pb.cluster, batch=pb.batch, seq_len=pb.kv_tokens,
+                  units=((pb.batch, 16, 0), (pb.batch, 16, pb.seq_len - 16)))
+        fast, plain = max_stops(pb.cost, **kw), max_stops(OnlyBytes(), **kw)
+        assert fast.keys() == plain.keys()
+        assert all((fast[g] == plain[g]).all() for g in fast), seed
     assert yes > 50 and no > 10, (yes, no)
 
 

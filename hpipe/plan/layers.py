@@ -143,11 +143,20 @@ def max_stops(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch:
     """max_stop[g][a]: the largest b such that layers [a, b) fit every device of group g (a if
     none does); ``groups`` defaults to each device alone."""
     n = model.num_layers
+    parts = getattr(cost, "stage_memory_parts", None)
+    work: dict = {}  # workspace key -> the largest unit's workspace (the fast path below)
     out = {}
     for g in (groups if groups is not None else single_groups(cluster)):
         cap = min(cluster.devices[d].memory_bytes for d in g)
 
         def fits(a: int, b: int, g=g, cap=cap) -> bool:
+            if parts is not None:  # the fixed bytes, plus one workspace per kind of stage
+                fixed, key = parts(g, a, b, batch=batch, seq_len=seq_len,
+                                   has_embedding=a == 0, has_head=b == n)
+                if key is not None and key not in work:
+                    work[key] = max((cost.unit_workspace_bytes(key, *u) for u in units),
+                                    default=0)
+                return fixed + (work[key] if key is not None else 0) <= cap
             return cost.stage_memory_bytes(
                 g, a, b, batch=batch, seq_len=seq_len, units=units,
                 has_embedding=a == 0, has_head=b == n) <= cap
