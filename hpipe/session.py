@@ -32,8 +32,20 @@ share the pipeline at once, prefill slices taking turns with decode steps
 Interleaved sessions also keep the KV caches of prefilled prompts, and a request whose prompt
 starts like a kept one prefills only the rest (hpipe/prefix_cache.py).
 
-What this does not do yet: run across hosts under torchrun (``hpipe run`` still runs a fixed
-list of requests there).
+Across hosts: under torchrun, rank 0's process opens sessions on the job
+(``Session.open(..., job=TorchrunJob.join(env))``) and holds its own stage in a thread; every
+other rank runs ``serve_job(job, model)``, which serves each session rank 0 opens until rank 0
+ends the job (hpipe/runtime/job.py). The API, the modes and the liveness rules are the same; a
+session that breaks there breaks the job (its process group lost a member): start torchrun
+again.
+
+    job = TorchrunJob.join(torchrun_env())
+    if job.rank != 0:
+        serve_job(job, model)               # until rank 0 calls job.end()
+    else:
+        with Session.open(model=model, cluster=cluster_file, job=job) as session:
+            ...
+        job.end()
 """
 
 from __future__ import annotations
@@ -107,6 +119,7 @@ class Session:
         self._pool = None
         self._dispatcher: threading.Thread | None = None
         self._items = None  # InterleavedRuns in interleaved mode (hpipe/session_items.py)
+        self._job = None  # the TorchrunJob this session runs on, if any
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -115,7 +128,8 @@ class Session:
              dtype: str = "float32", cost=None, allow_tp: bool = True,
              liveness_s: float = DEFAULT_LIVENESS_S, connect_timeout_s: float = 60.0,
              wait: bool = True, interleave: bool = False, whole_prefill: bool = False,
-             prefix_reuse: bool = True, on_failure: Callable[[Exception], None] | None = None) -> Session:
+             prefix_reuse: bool = True, on_failure: Callable[[Exception], None] | None = None,
+             job=None) -> Session:
         """Plan (unless ``plan`` is given), start the workers and, with ``wait``, return once
         every stage has loaded its weights (raising if a worker failed meanwhile).
 
@@ -130,6 +144,9 @@ class Session:
         comparisons). ``prefix_reuse`` (interleaved only): a prompt that starts like one
         prefilled before takes that prefix's KV cache instead of prefilling it again
         (hpipe/prefix_cache.py).
+
+        ``job``: a ``TorchrunJob`` this process is rank 0 of; the session's ranks are then the
+        job's processes on every host (see the module docstring), not local workers.
 
         Open it from a thread that outlives it (the main thread, or one kept for it): Linux
         ends the workers when the thread that spawned them ends (see hpipe/runtime/pool.py).
@@ -151,10 +168,12 @@ class Session:
                                seq_len=seq_len or min(spec.max_seq_len, 4096), dtype=dtype,
                                cost=cost, allow_tp=allow_tp)
         check_plan(plan, spec, model=model)
-        check_local_devices([plan])
+        if job is None:  # across hosts, each rank finds out about its own device
+            check_local_devices([plan])
         session = cls(model=model, plan=plan, spec=spec, tokenizer=source.tokenizer,
                       liveness_s=liveness_s, connect_timeout_s=connect_timeout_s,
                       on_failure=on_failure)
+        session._job = job
         if interleave:
             from hpipe.cost.memory import kv_token_budget
             from hpipe.session_items import InterleavedRuns
@@ -163,8 +182,8 @@ class Session:
                                              kv_token_budget=kv_token_budget(plan),
                                              whole_prefill=whole_prefill,
                                              prefix_reuse=prefix_reuse)
-        session._start()
         try:
+            session._start()
             if wait:
                 session.wait_ready()
         except BaseException:  # a failed load, Ctrl-C or SIGTERM while loading: end the workers
@@ -183,6 +202,15 @@ class Session:
         )
 
         plan = self.plan
+        if self._job is not None:
+            from hpipe.runtime.job_pool import JobPool
+
+            self._pool = JobPool(self._job, plan, self.model, self.spec,
+                                 on_message=self._on_message, on_failure=self._on_failure,
+                                 liveness_s=self.liveness_s)
+            self._pool.start()
+            self._start_dispatch()
+            return
         backend = pick_backend([plan])
         warn_if_oversubscribed([plan.cluster])
         world = len(rank_devices(plan))
@@ -195,6 +223,9 @@ class Session:
             on_failure=self._on_failure, describe_rank=lambda r: describe_rank(plan, r),
             liveness_s=self.liveness_s, process_name="hpipe-session-rank")
         self._pool.start(watch_in_thread=True)
+        self._start_dispatch()
+
+    def _start_dispatch(self) -> None:
         if self._items is not None:
             self._items.start()
             return
@@ -217,13 +248,28 @@ class Session:
 
     @property
     def pids(self) -> list[int]:
-        """The worker processes' ids, by rank."""
+        """The worker processes' ids, by rank (under torchrun: every rank of the job, on
+        whatever host it runs)."""
         return self._pool.pids if self._pool is not None else []
 
+    @property
+    def device_ranks(self) -> dict[str, int]:
+        """Which rank holds each device the plan uses (by device name): locally the timeline
+        row; under torchrun whatever rank the job gave the process on that device's host."""
+        if self._pool is None:
+            return {}
+        rank_of_device = self._pool.rank_of_device or {
+            d: r for r, d in enumerate(self.plan.row_devices)}
+        return {self.plan.cluster.devices[d].name: rank_of_device[d]
+                for d in self.plan.row_devices}
+
     def busy_seconds(self) -> dict[int, float]:
-        """An interleaved session's compute seconds per rank so far, as the ranks report them
-        (about once a second); empty otherwise."""
-        return dict(self._items.busy_s) if self._items is not None else {}
+        """An interleaved session's compute seconds per timeline row (a device) so far, as the
+        ranks report them (about once a second); empty otherwise."""
+        if self._items is None:
+            return {}
+        rows = self._pool.row_of_rank
+        return {rows[r]: s for r, s in self._items.busy_s.items()}
 
     def prefix_stats(self) -> dict[str, int]:
         """An interleaved session's prefix reuse so far: prompt tokens of admitted requests
@@ -244,7 +290,8 @@ class Session:
 
     @property
     def world_size(self) -> int:
-        return len(self.pids)
+        """The ranks that hold a part of the plan (each reports once per request)."""
+        return len(self._pool.serving_ranks) if self._pool is not None else 0
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
@@ -403,7 +450,8 @@ class Session:
         sched = build_schedule(run.plan, num_decode_steps=max(0, run.max_new_tokens - 1),
                                slices=run.slices)
         positions = self._pool.positions()
-        at = {s: positions[ranks[0]] for s, ranks in enumerate(stage_ranks(run.plan))}
+        ranks_of = stage_ranks(run.plan, self._pool.rank_of_device)
+        at = {s: positions[ranks[0]] for s, ranks in enumerate(ranks_of)}
         return ("where each stage was when it failed (its action in brackets; R receive, "
                 "C compute, S send, then the unit):\n" + sched.grid(at, around=4))
 

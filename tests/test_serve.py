@@ -233,9 +233,9 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
                 time.sleep(0.05)
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            # 0.1-0.5 s a token here: the first runs for seconds, past a keep-alive (0.5 s)
+            # 0.3-0.8 s a token here: the first runs for seconds, past a keep-alive (0.5 s)
             first = pool.submit(httpx.post, f"{s.url}/v1/completions",
-                                json={**body, "max_tokens": 40}, timeout=120)
+                                json={**body, "max_tokens": 12}, timeout=120)
             until("hpipe:num_requests_running", 1)
             second = pool.submit(stream_lines)
             until("hpipe:num_requests_waiting", 1)  # the queue (1) is full

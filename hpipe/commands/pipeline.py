@@ -36,8 +36,10 @@ def add_liveness_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a worker waits to join the process group")
 
 
-def build_plan(args, *, concurrency: int, max_new_tokens: int):
-    """The plan to serve: --plan, or the method planned on --cluster for --seq-len tokens."""
+def build_plan(args, *, concurrency: int, max_new_tokens: int, local: bool = True):
+    """The plan to serve: --plan, or the method planned on --cluster for --seq-len tokens.
+    ``local``: the devices are this machine's (not a torchrun job's, whose ranks each check
+    their own)."""
     import dataclasses
 
     from hpipe.cluster import load_cluster
@@ -69,5 +71,6 @@ def build_plan(args, *, concurrency: int, max_new_tokens: int):
                            allow_tp=args.allow_tp, objective=objective,
                            max_new_tokens=max_new_tokens, concurrency=concurrency)
     check_plan(plan, spec, model=args.model)
-    check_local_devices([plan])
+    if local:
+        check_local_devices([plan])
     return plan

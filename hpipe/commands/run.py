@@ -5,7 +5,8 @@
 
 Everything a user can get wrong (model path, cluster, prompt length, a plan for another model or
 dtype, slices that do not add up) is refused here, before any worker process starts. Under
-``torchrun`` this process is one rank (see hpipe/runtime/launch.py) and only rank 0 prints.
+``torchrun`` this process is one rank of a job across hosts (hpipe/runtime/job.py): rank 0
+plans, opens the sessions and prints; every other rank serves them.
 """
 
 from __future__ import annotations
@@ -339,14 +340,15 @@ def calibrate(args, spec, cluster, dtype: str, *, prompt_tokens: int):
     return found
 
 
-def run_in_sessions(args, prep: Prepared, bars) -> list:
-    """Each plan on its own session (a session holds one plan's stages): open, submit, close."""
+def run_in_sessions(args, prep: Prepared, bars, *, job=None) -> list:
+    """Each plan on its own session (a session holds one plan's stages): open, submit, close.
+    ``job``: the torchrun job this process is rank 0 of (None: local workers)."""
     from hpipe.session import Progress, Request, Session
 
     results = []
     for plan, req in zip(prep.plans, prep.requests):
         with Session.open(model=args.model, plan=plan, connect_timeout_s=args.connect_timeout,
-                          liveness_s=args.liveness) as session:
+                          liveness_s=args.liveness, job=job) as session:
             stream = session.submit(Request(
                 prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens,
                 temperature=req.temperature, top_p=req.top_p, seed=req.seed, label=req.label))
@@ -358,21 +360,31 @@ def run_in_sessions(args, prep: Prepared, bars) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpipe.runtime.launch import run_as_torchrun_rank, torchrun_env
+    from hpipe.runtime.launch import torchrun_env
 
     env = torchrun_env()
-    prep = prepare(args, local=env is None)  # every check before any worker starts
-    bars = _Bars(enabled=sys.stderr.isatty() and (env is None or env["RANK"] == "0"))
+    job = None
+    if env is not None:  # this process is one rank of a job across hosts
+        from hpipe.runtime.job import TorchrunJob
+        from hpipe.runtime.job_worker import serve_job
+
+        job = TorchrunJob.join(env, connect_timeout_s=args.connect_timeout,
+                               liveness_s=args.liveness)
+        if job.rank != 0:
+            serve_job(job, args.model)  # until rank 0 has run every session
+            return 0
+    bars = _Bars(enabled=sys.stderr.isatty())
     try:  # a failure, Ctrl-C or SIGTERM leaves the session's block: every worker has ended
-        if env is not None:  # this process is one rank; every rank runs the same list
-            results = run_as_torchrun_rank(prep.requests, env=env,
-                                           connect_timeout_s=args.connect_timeout)
-            if results is None:
-                return 0  # not rank 0: rank 0 reports
-        else:
-            results = run_in_sessions(args, prep, bars)
+        prep = prepare(args, local=env is None)  # every check before any worker starts
+        results = run_in_sessions(args, prep, bars, job=job)
+    except BaseException as e:
+        if job is not None:
+            job.end(error=e)  # the other ranks exit saying why
+        raise
     finally:
         bars.close()
+    if job is not None:
+        job.end()
     predicted = [predicted_timeline(r, p, prep.cost) for r, p in zip(results, prep.plans)]
     report = build_report(prep, results, predicted)
     # The report first: if a file cannot be written after all, the figures are already out.

@@ -9,6 +9,10 @@ GET /health is 503 while the weights load or the pipeline is broken, 200 when re
 naming the rank, and the pipeline is reopened (--no-restart: the server exits with the reason).
 Ctrl-C or SIGTERM stop accepting, give running requests --grace seconds, end every worker and
 exit 0.
+
+Across hosts, start it under torchrun on every host with the same arguments (see
+hpipe/runtime/job.py): rank 0 serves HTTP and holds its stage, the other ranks hold theirs. A
+failed worker there ends the server (exit 1): the job cannot be reopened from inside.
 """
 
 from __future__ import annotations
@@ -61,6 +65,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hpipe.runtime.launch import torchrun_env
+
+    env = torchrun_env()
+    if env is None:
+        return serve(args)
+    from hpipe.runtime.job import TorchrunJob
+    from hpipe.runtime.job_worker import serve_job
+
+    job = TorchrunJob.join(env, connect_timeout_s=args.connect_timeout, liveness_s=args.liveness)
+    if job.rank != 0:
+        serve_job(job, args.model)  # until rank 0's server stops
+        return 0
+    try:
+        code = serve(args, job=job)
+    except BaseException as e:
+        job.end(error=e)  # the other ranks exit saying why
+        raise
+    job.end()
+    return code
+
+
+def serve(args: argparse.Namespace, *, job=None) -> int:
+    """Serve until stopped; ``job``: the torchrun job this process is rank 0 of."""
     import uvicorn
 
     from hpipe.serve.app import build_app
@@ -68,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Every check before a worker starts. Planned for --max-running requests of typical
     # chat length (a request's own max_tokens is only known when it arrives).
-    plan = build_plan(args, concurrency=args.max_running, max_new_tokens=PLANNED_NEW_TOKENS)
+    plan = build_plan(args, concurrency=args.max_running, max_new_tokens=PLANNED_NEW_TOKENS,
+                      local=job is None)
     name = args.served_model_name or Path(args.model).name.removesuffix(".gguf")
     fatal: list[Exception] = []
     server = None
@@ -86,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine(EngineSettings(model=args.model, served_name=name,
                                    max_running=args.max_running,
-                                   max_waiting=args.max_waiting, restart=args.restart,
+                                   max_waiting=args.max_waiting,
+                                   # a job that lost a rank cannot be reopened from inside
+                                   restart=args.restart and job is None,
                                    liveness_s=args.liveness, whole_prefill=args.whole_prefill,
                                    prefix_reuse=args.prefix_cache,
                                    connect_timeout_s=args.connect_timeout),
-                    plan, on_fatal=on_fatal, on_ready=on_ready)
+                    plan, on_fatal=on_fatal, on_ready=on_ready, job=job)
     app = build_app(engine, api_key=args.api_key, keepalive_s=args.keepalive)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace, lifespan="off")

@@ -6,6 +6,7 @@
   sampling;
 - ``rank``: one process's life (join the group, hold its stage, run requests);
 - ``pool``: local worker processes under a supervisor; ``liveness``: their heartbeats;
+- ``job``, ``job_pool``, ``job_worker``: a torchrun job across hosts that hosts sessions;
 - ``launch``: what is checked before workers start, one-shot launches, torchrun.
 
 The names below load on first use: a spawned worker imports ``hpipe.runtime.pool`` to start

@@ -64,7 +64,7 @@ CODE_DTYPES = {code: dt for dt, code in DTYPE_CODES.items()}
 class Expected:
     """What the plan says the next message from ``src`` carries."""
 
-    src: int
+    src: int  # the sending stage (its leader's rank: StageLink._rank)
     unit: int
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -203,7 +203,7 @@ class StageLink:
         if code not in CODE_DTYPES or not 0 <= ndim <= MAX_DIMS or any(d < 0 for d in dims):
             raise ShapeMismatchError(
                 f"rank {self.rank} got a malformed header {header.tolist()} from rank "
-                f"{expected.src} while expecting {expected.describe()}: the two ranks do not run "
+                f"{peer} while expecting {expected.describe()}: the two ranks do not run "
                 "the same protocol version or plan")
         shape, dtype = tuple(dims[:ndim]), CODE_DTYPES[code]
         payload = torch.empty(shape, dtype=dtype, device=self.wire_device)
@@ -213,7 +213,7 @@ class StageLink:
         if (unit, shape, dtype) != (expected.unit, tuple(expected.shape), expected.dtype):
             got = f"unit {unit} {shape} {str(dtype).removeprefix('torch.')}"
             raise ShapeMismatchError(
-                f"rank {self.rank} expected {expected.describe()} from rank {expected.src} "
+                f"rank {self.rank} expected {expected.describe()} from rank {peer} "
                 f"but got {got}: the sender runs another plan, model or dtype; give every rank "
                 "the same plan")
         return Received(payload.to(self.compute_device), stop=False)
@@ -227,7 +227,7 @@ class StageLink:
         except RuntimeError as e:
             raise WorkerFailedError(
                 f"rank {self.rank} waiting for the {what} of {expected.describe()} from rank "
-                f"{expected.src} failed: {e}") from e
+                f"{self._rank(expected.src)} (stage {expected.src}) failed: {e}") from e
 
 
 def _header(unit: int, flags: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -134,6 +134,18 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    # A local pool's rank r holds timeline row r (see rank.rank_devices); a torchrun job's
+    # ranks are numbered by its rendezvous instead (hpipe/runtime/job_pool.py).
+    rank_of_device = None
+
+    @property
+    def serving_ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.settings.world_size))
+
+    @property
+    def row_of_rank(self) -> dict[int, int]:
+        return {r: r for r in range(self.settings.world_size)}
+
     def positions(self) -> list[int]:
         """The action index each rank is executing now (-1: none); see Schedule.grid."""
         return list(self._beats.positions)

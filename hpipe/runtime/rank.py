@@ -7,11 +7,12 @@ plan without tensor parallelism has rank r run stage r. Under torchrun, ``rank_o
 
 Two ways to drive a rank share every piece below:
 
-- ``serve_rank``: the rank of a running Session (``hpipe.session``). It loads its stage once,
-  makes the tensor-parallel groups once, then takes commands (run, cancel, close) as messages
-  from its supervisor until it is closed, streaming tokens as they are sampled.
+- ``serve_rank``: the rank of a running Session (``hpipe.session``), a local worker's or a
+  torchrun job's (hpipe/runtime/job_worker.py). It loads its stage once, makes the
+  tensor-parallel groups once, then takes commands (run, cancel, close) as messages from its
+  supervisor until it is closed, streaming tokens as they are sampled.
 - ``run_requests``: a fixed list of requests, all ranks in the same order, results gathered to
-  rank 0 (torchrun, and the profiler's calibration run). A stage is reloaded only when a
+  rank 0 (the profiler's calibration run, and ``hpipe.netns.launch_netns``). A stage is reloaded only when a
   request's layout differs from the previous one's.
 
 [Note: a shared clock] Each request starts with a barrier on the control group; every rank takes
@@ -262,7 +263,7 @@ def start_clock(ctrl_group: dist.ProcessGroup) -> Callable[[], float]:
     return lambda: time.perf_counter() - t0
 
 
-# -- a fixed list of requests (torchrun, calibration) -----------------------------------------
+# -- a fixed list of requests (calibration, launch_netns) -----------------------------------------
 def run_requests(
     requests: list[RunRequest], *, rank: int, world_size: int, data_group: dist.ProcessGroup,
     ctrl_group: dist.ProcessGroup, backend: str, progress: Progress | None = None,

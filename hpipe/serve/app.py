@@ -58,6 +58,7 @@ def build_app(engine: Engine, *, api_key: str | None = None,
 
     @app.get("/metrics")
     async def metrics():
+        engine.record_busy()  # the busy time the ranks reported since the last request ended
         return Response(engine.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -45,8 +45,9 @@ class Engine:
 
     def __init__(self, settings: EngineSettings, plan, *,
                  on_fatal: Callable[[Exception], None] | None = None,
-                 on_ready: Callable[[list[int]], None] | None = None) -> None:
+                 on_ready: Callable[[list[int]], None] | None = None, job=None) -> None:
         self.settings = settings
+        self.job = job  # the TorchrunJob the sessions run on (None: local workers)
         self.plan = plan
         self.on_fatal = on_fatal
         self.on_ready = on_ready
@@ -91,7 +92,8 @@ class Engine:
             session = Session.open(model=s.model, plan=self.plan, liveness_s=s.liveness_s,
                                    connect_timeout_s=s.connect_timeout_s, interleave=True,
                                    whole_prefill=s.whole_prefill,
-                                   prefix_reuse=s.prefix_reuse, on_failure=self._on_failure)
+                                   prefix_reuse=s.prefix_reuse, on_failure=self._on_failure,
+                                   job=self.job)
         except Exception as e:  # nothing to serve: the server says why and stops
             log.error("the pipeline did not start: %s", e)
             with self._lock:
@@ -143,12 +145,12 @@ class Engine:
         m = self.metrics
         uptime = max(1e-9, time.monotonic() - self._opened_at)
         plan = self.plan
-        for rank, seconds in session.busy_seconds().items():
-            stage, device = plan.row_stages[rank], plan.row_names[rank]
+        for row, seconds in session.busy_seconds().items():
+            stage, device = plan.row_stages[row], plan.row_names[row]
             m.of(m.busy, stage=str(stage), device=device).set(min(1.0, seconds / uptime))
             counter = m.of(m.busy_seconds, stage=str(stage), device=device)
-            counter.inc(max(0.0, seconds - self._busy_seen.get(rank, 0.0)))
-            self._busy_seen[rank] = max(seconds, self._busy_seen.get(rank, 0.0))
+            counter.inc(max(0.0, seconds - self._busy_seen.get(row, 0.0)))
+            self._busy_seen[row] = max(seconds, self._busy_seen.get(row, 0.0))
         held = session.prefix_stats().get("held_tokens")
         if held is not None:
             m.of(m.prefix_held).set(held)
