@@ -95,3 +95,38 @@ def test_two_host_pipeline_over_shaped_link_matches_one_process(tmp_path):
     model = source.load_model()
     for case, result in zip(cases, results):
         assert_equivalent(result, reference(case, model, source.spec))
+
+
+def test_hpipe_run_across_namespaced_hosts_uses_a_session_job(tmp_path, capfd):
+    """`hpipe run` under torchrun in two namespaces (its job's store and groups over the shaped
+    veths): one process's tokens, for HPipe's plan and Base's."""
+    require_netns()
+    from runtime_harness import Case, prompt_for, reference
+
+    from hpipe.cluster import parse_cluster
+    from hpipe.model.source import open_model
+    from hpipe.netns import run_torchrun_netns
+    from hpipe.profile.random_model import write_random_checkpoint
+    from hpipe.spec import ModelSpec
+
+    spec = ModelSpec(name="tiny", family="llama", num_layers=4, hidden=64, num_heads=4,
+                     num_kv_heads=2, intermediate=112, vocab_size=96, max_seq_len=128)
+    path = write_random_checkpoint(spec, tmp_path / "tiny", std=0.2)
+    cluster_file = tmp_path / "two.json"
+    cluster_file.write_text(json.dumps({
+        "name": "two-hosts", "links": [{"between": ["h0", "h1"], "kind": "custom",
+                                        "bandwidth_gbps": 0.1}],
+        "hosts": [{"name": "h0", "devices": [{"name": "cpu0", "type": "cpu"}]},
+                  {"name": "h1", "devices": [{"name": "cpu1", "type": "cpu"}]}]}))
+    case = Case("netns-session", "llama", layers=(1, 3), slices=(24, 16), max_new_tokens=5)
+    ids = prompt_for(case, spec)[0]
+    run_torchrun_netns(parse_cluster(json.loads(cluster_file.read_text())),
+                       ["-m", "hpipe.cli", "run", "--model", str(path), "--cluster",
+                        str(cluster_file), "--prompt-ids", ",".join(map(str, ids)),
+                        "--max-new-tokens", "5", "--layers", "1,3", "--slices", "24,16",
+                        "--compare", "base", "--no-calibration", "--json"],
+                       rates_mbit=100, quiet=False)
+    report = json.loads(capfd.readouterr().out)
+    want = reference(case, open_model(path).load_model(), spec)
+    assert report["output"]["ids"] == [list(want.output_ids[0])]
+    assert report["compare"]["same_output"]
