@@ -263,3 +263,26 @@ def test_hpipe_serve_across_hosts_answers_like_one_process(smollm2, smollm2_mode
         assert wait_all(hosts, timeout_s=60) == [0, 0], [h.text()[1][-2000:] for h in hosts]
     finally:
         stop_all(hosts)
+
+
+def test_a_rank_that_cannot_reach_the_job_says_so_on_its_own_host(tiny_checkpoints, tmp_path):
+    """A process of a job whose rank 0 never comes (nothing listens at MASTER_ADDR:PORT): it
+    gives up after --connect-timeout with one line naming the address, and exit 1."""
+    import subprocess
+    import sys
+
+    from hpipe.runtime.launch import free_port
+
+    port = free_port()
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HPIPE_HOST": "h1"}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    p = subprocess.run([sys.executable, "-m", "hpipe.cli", "run", "--model",
+                        str(tiny_checkpoints["llama"]), "--cluster", "local:2", "--prompt-ids",
+                        "3,4,5", "--connect-timeout", "2"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    # torch's own C++ log of the failed connect comes first; ours is the last line
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("hpipe run: failed: rank 1 could not meet the other 1 ranks through "
+                           f"the store at 127.0.0.1:{port} within 2 s"), last

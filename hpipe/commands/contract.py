@@ -10,8 +10,10 @@
 | a bug of ours | 1 | one line, and ``--debug`` for the traceback |
 
 No traceback reaches the user unless ``--debug`` is given. With ``--json``, a failure also
-prints one JSON object on stdout: ``{"error": {"type", "message", "rank"?}}``. Under torchrun
-only rank 0 speaks; the other ranks exit with the same code.
+prints one JSON object on stdout: ``{"error": {"type", "message", "rank"?}}``. Under torchrun,
+``run`` and ``serve`` are a job whose rank 0 reports the job's errors and whose other ranks
+report only their own (joining, a store that went away), on their hosts' terminals; in
+``profile`` every rank meets the same errors, so only rank 0 speaks.
 
 SIGTERM is turned into an exception (``Terminated``) in the main thread, so it unwinds the same
 ``with`` blocks Ctrl-C does: a Session closes and ends its workers, partial outputs already
@@ -92,7 +94,7 @@ def usage_failed(error: Exception, *, command: str | None, json_wanted: bool) ->
 
 
 def _failed(args, name: str, error: BaseException, code: int, line: str) -> int:
-    if not _speaks():
+    if not _speaks(getattr(args, "command", None)):
         return code
     if getattr(args, "debug", False):
         traceback.print_exception(error, file=sys.stderr)
@@ -106,6 +108,8 @@ def _failed(args, name: str, error: BaseException, code: int, line: str) -> int:
     return code
 
 
-def _speaks() -> bool:
-    """Under torchrun only rank 0 reports."""
+def _speaks(command: str | None) -> bool:
+    """Whether this process reports its failure (see the module docstring on torchrun)."""
+    if command in ("run", "serve"):  # a job's other ranks have errors of their own
+        return True
     return os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ
