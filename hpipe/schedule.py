@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from hpipe.plan.plan import Plan
 
@@ -57,8 +58,11 @@ class ActionKind(str, Enum):
         raise ValueError(f"unknown action kind {text!r}; one of R, C, S")
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
+    """One step of a stage's list. A NamedTuple rather than a frozen dataclass: the planner
+    builds a schedule per candidate plan, tens of thousands of actions each on big clusters,
+    and a frozen dataclass is several times slower to construct."""
+
     kind: ActionKind
     stage: int
     unit: int

@@ -10,6 +10,8 @@ F[i][j] = max(F[i-1][j], F[i][j-1]) + t_c + t_t.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hpipe.cost.base import CostModel
 from hpipe.plan.plan import Plan
 from hpipe.schedule import TOKEN, ActionKind, Schedule, build_schedule
@@ -28,7 +30,7 @@ def simulate(
     overlap_comm: bool = True,
 ) -> Timeline:
     sched = schedule or build_schedule(plan, num_decode_steps=num_decode_steps)
-    intervals = _time_actions(plan, cost, sched, overlap_comm=overlap_comm)
+    intervals, _ = _time_actions(plan, cost, sched, overlap_comm=overlap_comm)
     devs = [plan.cluster.devices[d] for d in plan.row_devices]
     return Timeline(
         source="simulated",
@@ -44,14 +46,39 @@ def simulate(
     )
 
 
-def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm: bool
-                  ) -> list[Interval]:
-    """Walk every stage's action list in dependency order, timing each action."""
+@dataclass(frozen=True)
+class Latency:
+    """What the planner scores: ``Timeline.prefill_latency_s`` and ``Timeline.ttft_s`` of the
+    same simulation, without building the timeline."""
+
+    prefill_s: float
+    ttft_s: float
+
+
+def simulate_latency(plan: Plan, cost: CostModel, *, schedule: Schedule | None = None,
+                     overlap_comm: bool = True) -> Latency:
+    """``simulate(plan, cost)``'s prefill latency and time to first token, exactly, without its
+    intervals: the planner simulates every candidate it cannot prune, and on big clusters
+    recording tens of thousands of intervals per candidate was a quarter of the time."""
+    sched = schedule or build_schedule(plan)
+    return _time_actions(plan, cost, sched, overlap_comm=overlap_comm, record=False)[1]
+
+
+def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm: bool,
+                  record: bool = True) -> tuple[list[Interval], Latency]:
+    """Walk every stage's action list in dependency order, timing each action: each action's
+    interval (none without ``record``), and the prefill's Latency."""
     n = sched.num_stages
     units = sched.units
     last = n - 1
     rows_of = [plan.stage_rows(s) for s in range(n)]  # see [Note: timeline rows]
-    elem = dtype_bytes(plan.dtype)
+    hidden_bytes = plan.model.hidden * dtype_bytes(plan.dtype)
+    # Per stage, what its computes and sends pass to the cost model (hoisted: the planner walks
+    # tens of thousands of actions per candidate on big clusters).
+    where = [(st.devices, st.layer_start, st.layer_stop, s == 0, s == last)
+             for s, st in enumerate(plan.stages)]
+    device = [st.device for st in plan.stages]
+    recv, compute = ActionKind.RECV, ActionKind.COMPUTE
 
     stage_free = [0.0] * n  # when the stage can start its next compute
     inbox = [0.0] * n  # latest arrival among the recvs done since the last compute
@@ -60,49 +87,54 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
     link_free: dict[tuple[int, int], float] = {}
     ptr = [0] * n
     intervals: list[Interval] = []
+    prefill_end = ttft = 0.0  # as Timeline.prefill_latency_s and ttft_s would say
     remaining = sum(len(a) for a in sched.actions)
     while remaining:
         progressed = False
         for s in range(n):
             acts = sched.actions[s]
-            while ptr[s] < len(acts):
-                a = acts[ptr[s]]
+            i, num_acts = ptr[s], len(acts)
+            while i < num_acts:
+                a = acts[i]
                 u = units[a.unit]
-                if a.kind == ActionKind.RECV:
+                kind = a.kind
+                if kind is recv:
                     key = (a.unit, s, a.payload)
                     if key not in arrival:
                         break  # its sender has not got there yet
                     inbox[s] = max(inbox[s], arrival[key])
-                elif a.kind == ActionKind.COMPUTE:
-                    st = plan.stages[s]
+                elif kind is compute:
+                    devices, layer_start, layer_stop, has_embedding, has_head = where[s]
                     start = max(stage_free[s], inbox[s])
                     if u.phase == "decode":  # read-bound: see cost.analytic
                         dur = cost.decode_time_s(
-                            st.devices, st.layer_start, st.layer_stop, batch=u.rows,
-                            context=u.prefix, has_embedding=s == 0, has_head=s == last)
+                            devices, layer_start, layer_stop, batch=u.rows, context=u.prefix,
+                            has_embedding=has_embedding, has_head=has_head)
                     else:
                         dur = cost.stage_time_s(
-                            st.devices, st.layer_start, st.layer_stop, batch=u.rows,
-                            tokens=u.tokens, prefix=u.prefix, has_embedding=s == 0,
-                            has_head=s == last,
-                        )
+                            devices, layer_start, layer_stop, batch=u.rows, tokens=u.tokens,
+                            prefix=u.prefix, has_embedding=has_embedding, has_head=has_head)
                     end = start + dur
-                    for r in rows_of[s]:
-                        intervals.append(Interval(r, "compute", u.index, u.phase, u.microbatch,
-                                                  u.slice_index, u.tokens, start, end))
+                    if record:
+                        for r in rows_of[s]:
+                            intervals.append(Interval(r, "compute", u.index, u.phase,
+                                                      u.microbatch, u.slice_index, u.tokens,
+                                                      start, end))
+                    if u.phase == "prefill":
+                        prefill_end = max(prefill_end, end)
+                        if s == last:
+                            ttft = max(ttft, end)
                     stage_free[s] = last_compute_end[s] = end
                     inbox[s] = 0.0
                 else:  # send
-                    assert a.kind == ActionKind.SEND, a
+                    assert kind == ActionKind.SEND, a
                     num_bytes = (u.rows * TOKEN_BYTES if a.payload == TOKEN
-                                 else u.rows * u.tokens * plan.model.hidden * elem)
+                                 else u.rows * u.tokens * hidden_bytes)
                     link = (s, a.peer)
                     start = max(last_compute_end[s], link_free.get(link, 0.0))
                     if not overlap_comm:
                         start = max(start, stage_free[s])
-                    dur = cost.transfer_time_s(plan.stages[s].device, plan.stages[a.peer].device,
-                                               num_bytes)
-                    end = start + dur
+                    end = start + cost.transfer_time_s(device[s], device[a.peer], num_bytes)
                     link_free[link] = end
                     arrival[(a.unit, a.peer, a.payload)] = end
                     if not overlap_comm:
@@ -110,13 +142,18 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
                     # A token going back to stage 0 belongs to decode, even the one sampled
                     # from the prefill's last logits.
                     phase = "decode" if a.payload == TOKEN else u.phase
-                    intervals.append(Interval(rows_of[s][0], "send", u.index, phase,
-                                              u.microbatch, u.slice_index, u.tokens, start, end))
-                ptr[s] += 1
+                    if record:
+                        intervals.append(Interval(rows_of[s][0], "send", u.index, phase,
+                                                  u.microbatch, u.slice_index, u.tokens, start,
+                                                  end))
+                    if phase == "prefill":
+                        prefill_end = max(prefill_end, end)
+                i += 1
                 remaining -= 1
                 progressed = True
+            ptr[s] = i
         assert progressed, f"schedule deadlocks:\n{sched.grid()}"
-    return intervals
+    return intervals, Latency(prefill_end, ttft)
 
 
 def _peak_memory_bytes(plan: Plan, cost: CostModel, units) -> tuple[float, ...]:

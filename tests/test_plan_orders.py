@@ -53,6 +53,32 @@ def test_the_order_search_finds_the_best_order_on_small_clusters(num_hosts):
     assert not misses, misses
 
 
+@pytest.mark.parametrize("overlap_comm", [True, False], ids=["overlap", "serial"])
+def test_the_order_score_equals_the_workload_dp(overlap_comm):
+    """``best_bottleneck_s`` (values only, the order search's score) is the workload DP's least
+    bottleneck, exactly: random clusters and orders, single devices and TP pairs, long and
+    short prompts (where memory leaves devices out), with and without overlapped sends."""
+    from hpipe.plan.groups import stage_groups
+
+    rng = random.Random(5)
+    model = ModelSpec(name="m", family="llama", num_layers=10, hidden=4096, num_heads=32,
+                      num_kv_heads=8, intermediate=14336, vocab_size=32000, max_seq_len=65536)
+    checked = 0
+    for seed in range(8):
+        cluster = random_cluster(seed, rng.randint(2, 4))
+        cost = AnalyticCost(model, cluster, "float16")
+        for allow_tp in (False, True):
+            seq = rng.choice([512, 4096, 65536])
+            sc = build_split_costs(cost, model=model, cluster=cluster, batch=1, seq_len=seq,
+                                   dtype="float16", units=((1, 64, seq - 64),),
+                                   overlap_comm=overlap_comm,
+                                   groups=stage_groups(cluster, allow_tp=allow_tp))
+            for order in rng.sample(cluster.host_orders(), min(3, len(cluster.host_orders()))):
+                assert best_bottleneck_s(sc, order) == solve_split(sc, order).bottleneck_s
+                checked += 1
+    assert checked >= 30
+
+
 def test_many_hosts_plan_without_enumerating_their_orders():
     """Twelve hosts (12! = 479 million orders): the plan comes back in seconds."""
     from hpipe.plan.api import plan_method

@@ -132,3 +132,34 @@ def test_the_failure_grid_marks_where_each_stage_was():
     assert stage0 == "stage 0: ... S3 R3 [C4] S4 R4 ..."
     assert stage1 == "stage 1: ... R1 C1 [R2] C2 R3 ..."
     assert "[" not in sched.grid()
+
+
+def test_the_planners_latency_equals_the_timelines():
+    """``simulate_latency`` (what the planner scores, without intervals) gives exactly the
+    simulated timeline's prefill latency and time to first token: sliced and micro-batched
+    prefills, decode steps after them, TP stages, and sends that do not overlap."""
+    import random
+
+    from hpipe.cluster import load_cluster
+    from hpipe.cost.analytic import AnalyticCost
+    from hpipe.plan.api import plan_method
+    from hpipe.sim import simulate_latency
+    from hpipe.spec import model_preset
+
+    rng = random.Random(3)
+    checked = 0
+    for model_name in ("llama-7b", "gpt3-2.7b"):
+        model = model_preset(model_name)
+        cluster = load_cluster("paper")
+        cost = AnalyticCost(model, cluster, "float16")
+        for method in ("hpipe", "gpipe", "terapipe", "megatron", "base"):
+            plan = plan_method(method, model=model, cluster=cluster, batch=rng.choice([1, 4]),
+                               seq_len=rng.choice([512, 2048]), cost=cost)
+            for overlap in (True, False):
+                for steps in (0, 3):
+                    tl = simulate(plan, cost, num_decode_steps=steps, overlap_comm=overlap)
+                    lat = simulate_latency(plan, cost, overlap_comm=overlap,
+                                           schedule=build_schedule(plan, num_decode_steps=steps))
+                    assert (lat.prefill_s, lat.ttft_s) == (tl.prefill_latency_s, tl.ttft_s)
+                    checked += 1
+    assert checked == 40

@@ -23,7 +23,7 @@ from hpipe.cost.base import CostModel
 from hpipe.errors import InfeasiblePlanError
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.schedule import prefill_units
-from hpipe.sim import simulate
+from hpipe.sim import simulate_latency
 from hpipe.spec import ModelSpec, dtype_bytes
 
 GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
@@ -111,10 +111,10 @@ class Problem:
     def objective_s(self, plan: Plan) -> float:
         """What the planner minimises for ``plan``: its simulated prefill latency, or (with
         ``decode_steps``) its time to first token plus the decode steps."""
-        tl = simulate(plan, self.cost)
+        lat = simulate_latency(plan, self.cost)
         if not self.decode_steps:
-            return tl.prefill_latency_s
-        return tl.ttft_s + self.decode_s(plan.stages, first_rows=plan.microbatch_rows()[-1])
+            return lat.prefill_s
+        return lat.ttft_s + self.decode_s(plan.stages, first_rows=plan.microbatch_rows()[-1])
 
     def score(self, plan: Plan) -> Plan:
         """The plan with ``predicted_latency_s`` set to its objective."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -93,6 +94,22 @@ class SplitCosts:
     max_stop: dict
     comm_s: dict
     overlap_comm: bool
+
+    @cached_property
+    def _comm_all(self) -> np.ndarray:
+        """comm_s as a device x device array (inf on the diagonal)."""
+        num = 1 + max(max(pair) for pair in self.comm_s) if self.comm_s else 1
+        out = np.full((num, num), INF)
+        for (d, e), t in self.comm_s.items():
+            out[d, e] = t
+        return out
+
+    def comm_along(self, order: tuple[int, ...]) -> np.ndarray:
+        """[m, r]: the activation from position m's device to position r's along ``order``;
+        inf unless r > m (a block only sends forward)."""
+        pos = np.arange(len(order))
+        ix = np.asarray(order)
+        return np.where(pos[None, :] > pos[:, None], self._comm_all[np.ix_(ix, ix)], INF)
 
     def block_s(self, group: Group, a: int, b: int) -> float:
         t = self.prefix_s[group][b] - self.prefix_s[group][a]
@@ -265,8 +282,7 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
     pos = np.arange(num)
     # comm[m, r]: the activation from position m's device to position r's (a group sends from
     # its first device, which is order[m]); a block can only send forward.
-    comm = np.array([[sc.comm_s[(order[m], order[r])] if r > m else INF for r in range(num)]
-                     for m in range(num)])
+    comm = sc.comm_along(order)
     by_stages = objective == "bottleneck"  # a level per block count
     use_max = objective in ("bottleneck", "bottleneck-any")  # else the sum
     if by_stages:  # level j -> j + 1 with each block
@@ -393,8 +409,42 @@ def solve_split(sc: SplitCosts, order: tuple[int, ...], *,
 def best_bottleneck_s(sc: SplitCosts, order: tuple[int, ...], *,
                       groups: tuple[Group, ...] | None = None) -> float:
     """The least bottleneck of any split along ``order`` (inf if none fits): ``solve_split``'s
-    value without its per-stage-count table."""
-    return _solve(sc, order, groups, "bottleneck-any")[0].bottleneck_s
+    value without its per-stage-count table.
+
+    The same recurrence as ``_solve``'s "bottleneck-any", keeping values only: no first-layer
+    or sender bookkeeping, so a few numpy calls per layer instead of a score. The host-order
+    search calls it hundreds of times on big clusters, where those calls were most of its time;
+    ``tests/test_plan_orders.py`` holds it equal to ``_solve``'s value."""
+    n, num = sc.num_layers, len(order)
+    along = _groups_along(sc, order, groups)
+    pos = np.arange(num)
+    comm = sc.comm_along(order)
+    sends = [np.where((pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None], comm, INF)
+             for ga in along]
+    prefix_t = [np.ascontiguousarray(ga.prefix_s.T) for ga in along]  # (n + 1, m)
+    stop_t = [np.ascontiguousarray(ga.max_stop.T) for ga in along]
+    D = np.full((n + 1, num), INF)  # D[b, r]: layers [0, b) placed, the next block at r
+    D[0, :] = 0.0
+    best = INF
+    for b in range(1, n + 1):
+        for ai, ga in enumerate(along):
+            ok = stop_t[ai][:b] >= b  # (k, m)
+            comp = prefix_t[ai][b][None, :] - prefix_t[ai][:b]  # (k, m)
+            comp[0, :] += ga.emb_s
+            prev = D[:b, :]
+            if b == n:
+                last = np.where(ok, np.maximum(prev, comp + ga.head_s[None, :]), INF)
+                best = min(best, float(last.min()))
+                continue
+            if sc.overlap_comm:
+                w = np.where(ok, np.maximum(prev, comp), INF).min(axis=0)  # (m,)
+                v = np.maximum(w[:, None], sends[ai]).min(axis=0)  # (r,)
+            else:
+                t = comp[:, :, None] + sends[ai][None]
+                v = np.where(ok[:, :, None], np.maximum(prev[:, :, None], t), INF
+                             ).min(axis=(0, 1))
+            np.minimum(D[b], v, out=D[b])
+    return best
 
 
 def plan_layers(sc: SplitCosts, orders: list[tuple[int, ...]], *,
