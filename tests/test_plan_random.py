@@ -227,9 +227,14 @@ def test_fits_fast_path_answers_as_stage_memory_does():
 
         kw = dict(model=pb.model, cluster=pb.cluster, batch=pb.batch, seq_len=pb.kv_tokens,
                   units=((pb.batch, 16, 0), (pb.batch, 16, pb.seq_len - 16)))
-        fast, plain = max_stops(pb.cost, **kw), max_stops(OnlyBytes(), **kw)
-        assert fast.keys() == plain.keys()
-        assert all((fast[g] == plain[g]).all() for g in fast), seed
+        # Groups of one memory class share one search (AnalyticCost.memory_class).
+        from hpipe.plan.groups import stage_groups
+
+        for groups in (None, stage_groups(pb.cluster, allow_tp=True)):
+            fast = max_stops(pb.cost, groups=groups, **kw)
+            plain = max_stops(OnlyBytes(), groups=groups, **kw)
+            assert fast.keys() == plain.keys()
+            assert all((fast[g] == plain[g]).all() for g in fast), seed
     assert yes > 50 and no > 10, (yes, no)
 
 

@@ -228,6 +228,12 @@ class AnalyticCost:
         key = (tp, has_head) if n > 0 or has_head or has_embedding else None
         return ctx + static, key
 
+    def memory_class(self, devices: tuple[int, ...]) -> tuple:
+        """Groups with the same class have the same ``stage_memory_parts`` for every block:
+        it reads the group only through its size and its largest context. The workload DP's
+        memory limits are then worked out once per class, not once per device."""
+        return len(devices), max(context_bytes(self.cluster.devices[d]) for d in devices)
+
     def unit_workspace_bytes(self, key: tuple, rows: int, tokens: int, prefix: int) -> int:
         tp, has_head = key
         return workspace_bytes(self.model, rows=rows, tokens=tokens, prefix=prefix,

@@ -303,6 +303,7 @@ class MemoCost:
         if getattr(cost, "stage_memory_parts", None) is not None:  # SliceTimes.fits's
             self.stage_memory_parts = cost.stage_memory_parts
             self.unit_workspace_bytes = cost.unit_workspace_bytes
+            self.memory_class = cost.memory_class
         self._time: dict = {}
         self._transfer: dict = {}
         self._memory: dict = {}

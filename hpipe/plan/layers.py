@@ -161,10 +161,16 @@ def max_stops(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch:
     none does); ``groups`` defaults to each device alone."""
     n = model.num_layers
     parts = getattr(cost, "stage_memory_parts", None)
+    memory_class = getattr(cost, "memory_class", None) if parts is not None else None
     work: dict = {}  # workspace key -> the largest unit's workspace (the fast path below)
     out = {}
+    done: dict = {}  # (memory class, capacity) -> stops: equal groups are searched once
     for g in (groups if groups is not None else single_groups(cluster)):
         cap = min(cluster.devices[d].memory_bytes for d in g)
+        same = (memory_class(g), cap) if memory_class is not None else None
+        if same in done:
+            out[g] = done[same]
+            continue
 
         def fits(a: int, b: int, g=g, cap=cap) -> bool:
             if parts is not None:  # the fixed bytes, plus one workspace per kind of stage
@@ -190,6 +196,8 @@ def max_stops(cost: CostModel, *, model: ModelSpec, cluster: ClusterSpec, batch:
                     hi = mid - 1
             stops.append(lo)
         out[g] = np.asarray(stops)
+        if same is not None:
+            done[same] = out[g]
     return out
 
 
@@ -301,28 +309,33 @@ def _solve(sc: SplitCosts, order: tuple[int, ...], groups: tuple[Group, ...] | N
     sends = [np.where((pos[None, :] >= pos[:, None] + ga.size) & ga.valid[:, None], comm, INF)
              for ga in along]
     for b in range(1, n + 1):
+        if by_stages:  # j blocks need j layers: levels >= b are still all inf, skip them
+            reach = min(num, b)
+            src_b, dst_b, lv_b = slice(0, reach), slice(1, reach + 1), lv[:reach]
+        else:
+            src_b, dst_b, lv_b = src, dst, lv
         for ai, ga in enumerate(along):
             ok = ga.max_stop[:, :b].T >= b  # (b, m): block [k, b) fits the group at m
             comp = ga.prefix_s[:, b][None, :] - ga.prefix_s[:, :b].T  # (b, m)
             comp[0, :] += ga.emb_s
-            prev = D[src, :b, :]  # (j, k, m): the level before this block
+            prev = D[src_b, :b, :]  # (j, k, m): the level before this block
             if b == n:  # the last block: no transfer (empty positions after it)
                 k, w = _best_first_layer(prev, comp + ga.head_s[None, :], ok, use_max)
                 m = w.argmin(axis=1)  # (j,): the first best position
-                wm = w[np.arange(len(lv)), m]
-                for i in np.nonzero(wm < best[dst])[0]:
-                    best[lv[i] - step] = wm[i]
-                    best_arg[lv[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
+                wm = w[np.arange(len(lv_b)), m]
+                for i in np.nonzero(wm < best[dst_b])[0]:
+                    best[lv_b[i] - step] = wm[i]
+                    best_arg[lv_b[i] - step] = (int(k[i, m[i]]), int(m[i]), ai)
                 continue
             V, k = _block_to_receivers(prev, comp, ok, sends[ai], by_stages=use_max,
                                        overlap_comm=sc.overlap_comm)
             m = V.argmin(axis=1)  # (j, r): the first best sender
             jj, rr = np.arange(V.shape[0])[:, None], pos[None, :]
             v, kk = V[jj, m, rr], k[jj, m, rr]  # (j, r), at the best sender
-            better = v < D[dst, b, :]
-            D[dst, b, :] = np.where(better, v, D[dst, b, :])
+            better = v < D[dst_b, b, :]
+            D[dst_b, b, :] = np.where(better, v, D[dst_b, b, :])
             for c, val in enumerate((kk, m, np.broadcast_to(ai, m.shape))):
-                arg[dst, b, :, c] = np.where(better, val, arg[dst, b, :, c])
+                arg[dst_b, b, :, c] = np.where(better, val, arg[dst_b, b, :, c])
     out = range(1, levels) if by_stages else range(levels)
     return [_split_from(arg, j, step, best_arg[j], along, order, n, float(best[j])) for j in out]
 
