@@ -286,3 +286,36 @@ def test_a_rank_that_cannot_reach_the_job_says_so_on_its_own_host(tiny_checkpoin
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("hpipe run: failed: rank 1 could not meet the other 1 ranks through "
                            f"the store at 127.0.0.1:{port} within 2 s"), last
+
+
+def test_hpipe_analyze_across_hosts_answers_like_one_process(smollm2, smollm2_model, tmp_path):
+    """`hpipe analyze` under torchrun: rank 0 reads the folder and writes the answers file, the
+    stages run on both hosts, and each answer is one process's greedy answer."""
+    from hpipe.model.prompts import document_question
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = {"a.txt": "Ada Lovelace wrote the first program for Babbage's engine in London.",
+             "b.txt": "The Eiffel Tower was finished in 1889 for the world's fair in Paris."}
+    for name, body in texts.items():
+        (docs / name).write_text(body)
+    question = "Which city is named?"
+    out = tmp_path / "answers.jsonl"
+    cluster = _cluster(tmp_path / "c.yaml", {"h0": ["cpu0"], "h1": ["cpu1"]})
+    args = ["analyze", str(docs), "--question", question, "--out", str(out), "--model",
+            "smollm2", "--cluster", str(cluster), "--no-tp", "--seq-len", "512",
+            "--max-new-tokens", "8", "--json", "--no-progress"]
+    hosts = torchrun([Host("h0", 1), Host("h1", 1)], ["-m", "hpipe.cli", *args], tmp_path)
+    try:
+        assert wait_all(hosts) == [0, 0], [h.text()[1][-2000:] for h in hosts]
+    finally:
+        stop_all(hosts)
+    assert json.loads(hosts[0].out.read_text())["answered"] == 2
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    tok = smollm2.tokenizer
+    for name, body in texts.items():
+        ids = tok.encode(tok.chat_messages([{"role": "user",
+                                             "content": document_question(body, question)}]))
+        want = tok.decode(generate(smollm2_model, [ids], max_new_tokens=8,
+                                   eos_token_ids=tok.eos_token_ids).output_ids[0]).strip()
+        assert rows[name]["status"] == "ok" and rows[name]["answer"] == want, rows[name]

@@ -76,6 +76,31 @@ def _check_mode(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hpipe.runtime.launch import torchrun_env
+
+    env = torchrun_env()
+    if env is None or args.server is not None:
+        return analyze(args)
+    # Across hosts (see hpipe/runtime/job.py): rank 0 reads the inputs, drives the session
+    # and writes the answers file on its host; the other ranks hold their stages.
+    from hpipe.runtime.job import TorchrunJob
+    from hpipe.runtime.job_worker import serve_job
+
+    job = TorchrunJob.join(env, connect_timeout_s=args.connect_timeout, liveness_s=args.liveness)
+    if job.rank != 0:
+        serve_job(job, args.model)
+        return 0
+    try:
+        code = analyze(args, job=job)
+    except BaseException as e:
+        job.end(error=e)
+        raise
+    job.end()
+    return code
+
+
+def analyze(args: argparse.Namespace, *, job=None) -> int:
+    """The job on this machine's workers, a server's, or (``job``) a torchrun job's."""
     from hpipe.analyze.answers import AnswerFile
     from hpipe.analyze.backends import Settings
     from hpipe.analyze.inputs import pairs_of, read_inputs, read_questions
@@ -89,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = pairs_of(inputs, read_questions(args.question, args.questions))
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
-    plan = (build_plan(args, concurrency=args.in_flight, max_new_tokens=args.max_new_tokens)
-            if args.server is None else None)
+    plan = (build_plan(args, concurrency=args.in_flight, max_new_tokens=args.max_new_tokens,
+                       local=job is None) if args.server is None else None)
     answers = AnswerFile.open(args.out, overwrite=args.overwrite)
     backend = None
     if args.server is not None:  # reach it (URL, key, model) before saying anything
@@ -111,17 +136,17 @@ def run(args: argparse.Namespace) -> int:
         say(f"analyze: dropped a cut last line of {args.out} (the job was killed mid-write)")
     if answers.done:
         say(f"analyze: {args.out} holds {len(answers.done)} answers; resuming")
-    job = Job(pairs, answers, in_flight=args.in_flight,
-              progress="off" if args.no_progress else
-              "bar" if sys.stderr.isatty() else "lines")
+    work = Job(pairs, answers, in_flight=args.in_flight,
+               progress="off" if args.no_progress else
+               "bar" if sys.stderr.isatty() else "lines")
     try:
-        if job.needs_model and backend is None:
-            backend = _open_backend(args, plan, settings, say)
-        if job.todo and (args.no_progress or not sys.stderr.isatty()):
-            say(f"analyze: {len(job.todo)} documents to go, "
-                f"{sum(len(q) for _, q in job.todo)} questions")
+        if work.needs_model and backend is None:
+            backend = _open_backend(args, plan, settings, say, job=job)
+        if work.todo and (args.no_progress or not sys.stderr.isatty()):
+            say(f"analyze: {len(work.todo)} documents to go, "
+                f"{sum(len(q) for _, q in work.todo)} questions")
         try:
-            summary = job.run(backend)
+            summary = work.run(backend)
         except KeyboardInterrupt:
             print(f"analyze: stopped; {len(answers.done)} answers are in {args.out}; run "
                   "the same command again to resume", file=sys.stderr, flush=True)
@@ -138,14 +163,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_backend(args, plan, settings, say):
+def _open_backend(args, plan, settings, say, *, job=None):
     from hpipe.analyze.backends import SessionBackend
     from hpipe.session import Session
 
     say(f"analyze: starting {plan.num_stages} stage(s) of {args.model} on {plan.cluster.name}")
     return SessionBackend(Session.open(model=args.model, plan=plan, interleave=True,
                                        liveness_s=args.liveness,
-                                       connect_timeout_s=args.connect_timeout), settings)
+                                       connect_timeout_s=args.connect_timeout, job=job),
+                          settings)
 
 
 def format_summary(s: dict) -> str:

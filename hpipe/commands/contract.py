@@ -11,7 +11,7 @@
 
 No traceback reaches the user unless ``--debug`` is given. With ``--json``, a failure also
 prints one JSON object on stdout: ``{"error": {"type", "message", "rank"?}}``. Under torchrun,
-``run`` and ``serve`` are a job whose rank 0 reports the job's errors and whose other ranks
+``run``, ``serve`` and ``analyze`` are a job whose rank 0 reports the job's errors and whose other ranks
 report only their own (joining, a store that went away), on their hosts' terminals; in
 ``profile`` every rank meets the same errors, so only rank 0 speaks.
 
@@ -110,6 +110,6 @@ def _failed(args, name: str, error: BaseException, code: int, line: str) -> int:
 
 def _speaks(command: str | None) -> bool:
     """Whether this process reports its failure (see the module docstring on torchrun)."""
-    if command in ("run", "serve"):  # a job's other ranks have errors of their own
+    if command in ("run", "serve", "analyze"):  # a job's other ranks have errors of their own
         return True
     return os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ

@@ -45,7 +45,7 @@ from typing import Any
 
 from hpipe import errors
 from hpipe.errors import WorkerFailedError
-from hpipe.runtime.liveness import HEARTBEAT_S
+from hpipe.runtime.liveness import DEFAULT_LIVENESS_S, HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ class SessionSetup:
     backend: str
     rank_of_device: dict[int, int]
     serving: tuple[int, ...]  # the ranks the plan uses, in rank order
-    liveness_s: float
 
 
 def model_shape(spec) -> tuple:
@@ -159,7 +158,7 @@ class TorchrunJob:
     # -- joining -------------------------------------------------------------------------
     @classmethod
     def join(cls, env: dict[str, str], *, connect_timeout_s: float = 300.0,
-             liveness_s: float = 15.0) -> TorchrunJob:
+             liveness_s: float = DEFAULT_LIVENESS_S) -> TorchrunJob:
         """Connect to the job's store, say who this rank is, learn who the others are.
 
         ``env`` is ``hpipe.runtime.launch.torchrun_env()``. Waits at most ``connect_timeout_s``

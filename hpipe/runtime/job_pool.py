@@ -84,7 +84,7 @@ class JobPool:
         self.setup = SessionSetup(plan=plan, model_shape=model_shape(spec),
                                   backend=pick_backend([plan]),
                                   rank_of_device=self.rank_of_device,
-                                  serving=self.serving_ranks, liveness_s=job.liveness_s)
+                                  serving=self.serving_ranks)
         self._remote = [r for r in range(job.world_size) if r != 0]
         self._inbox: queue.Queue = queue.Queue()
         self._local_cmds: queue.Queue = queue.Queue()
