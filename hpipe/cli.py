@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -204,5 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
+def _exit(code: int) -> None:
+    """Leave with ``code``. A torchrun rank (``python -m hpipe.cli`` under torchrun) skips the
+    interpreter's finalisation once its output is flushed: tearing down torch's distributed
+    threads there has aborted a rank whose work was done (SIGABRT, "terminate called without
+    an active exception"), about once in a full test suite under load, and torchrun then
+    reports the job failed."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ
+                                               and "MASTER_ADDR" in os.environ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

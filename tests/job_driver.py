@@ -10,6 +10,7 @@ of ids), max_new_tokens, sessions: [{layers, groups?, slices, idle_s?}], and opt
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -93,4 +94,7 @@ def serve(session: Session, cfg: dict, s: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(json.loads(Path(sys.argv[1]).read_text())))
+    code = main(json.loads(Path(sys.argv[1]).read_text()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as a torchrun rank of hpipe.cli does (see hpipe/cli.py's _exit)
