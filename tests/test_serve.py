@@ -211,10 +211,10 @@ def test_metrics_use_vllm_names(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
-    write_slow_cluster(tmp_path / "slow.yaml", 30)
+    write_slow_cluster(tmp_path / "slow.yaml", 60)
     s = Server(["--model", str(tiny_checkpoints["llama"]), "--cluster", str(tmp_path / "slow.yaml"),
                 "--served-model-name", "tiny", "--max-running", "1", "--max-waiting", "1",
-                "--seq-len", "8", "--keepalive", "0.5"])
+                "--seq-len", "8", "--keepalive", "0.2"])
     try:
         s.wait_ready()
         # Greedy, past any end of sequence: every request runs its max_tokens.
@@ -233,7 +233,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_checkpoints, tmp_path):
                 time.sleep(0.05)
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            # 0.15-0.4 s a token here: the first runs for seconds, past a keep-alive (0.5 s)
+            # 0.1-0.5 s a token here: the first runs for seconds, past many keep-alives (0.2 s)
             first = pool.submit(httpx.post, f"{s.url}/v1/completions",
                                 json={**body, "max_tokens": 12}, timeout=120)
             until("hpipe:num_requests_running", 1)
