@@ -206,16 +206,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit(code: int) -> None:
-    """Leave with ``code``. A torchrun rank (``python -m hpipe.cli`` under torchrun) skips the
-    interpreter's finalisation once its output is flushed: tearing down torch's distributed
-    threads there has aborted a rank whose work was done (SIGABRT, "terminate called without
-    an active exception"), about once in a full test suite under load, and torchrun then
-    reports the job failed."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ
-                                               and "MASTER_ADDR" in os.environ):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    """Leave with ``code``; a torchrun rank through ``launch.leave_rank`` (see its reason)."""
+    from hpipe.runtime.launch import leave_rank, torchrun_env
+
+    if torchrun_env() is not None or "TORCHELASTIC_RUN_ID" in os.environ:
+        leave_rank(code)
     sys.exit(code)
 
 

@@ -127,3 +127,13 @@ class WorkerFailedError(RuntimeError):
     def __init__(self, message: str, *, rank: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+
+
+def reported_error(type_name: str, message: str, *, rank: int | None = None) -> Exception:
+    """A worker's reported failure, rebuilt on the supervisor's side: the hpipe error of that
+    type name (a typed error stays typed across the process boundary), else a
+    WorkerFailedError that blames ``rank``."""
+    cls = globals().get(type_name)
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls is not WorkerFailedError:
+        return cls(message)
+    return WorkerFailedError(message, rank=rank)

@@ -330,8 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if sys.argv[1:2] == ["--rank-of"]:  # a torchrun rank: see hpipe/cli.py's _exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if sys.argv[1:2] == ["--rank-of"]:  # a torchrun rank
+        from hpipe.runtime.launch import leave_rank
+
+        leave_rank(code)
     sys.exit(code)

@@ -32,20 +32,11 @@ share the pipeline at once, prefill slices taking turns with decode steps
 Interleaved sessions also keep the KV caches of prefilled prompts, and a request whose prompt
 starts like a kept one prefills only the rest (hpipe/prefix_cache.py).
 
-Across hosts: under torchrun, rank 0's process opens sessions on the job
-(``Session.open(..., job=TorchrunJob.join(env))``) and holds its own stage in a thread; every
-other rank runs ``serve_job(job, model)``, which serves each session rank 0 opens until rank 0
-ends the job (hpipe/runtime/job.py). The API, the modes and the liveness rules are the same; a
-session that breaks there breaks the job (its process group lost a member): start torchrun
-again.
-
-    job = TorchrunJob.join(torchrun_env())
-    if job.rank != 0:
-        serve_job(job, model)               # until rank 0 calls job.end()
-    else:
-        with Session.open(model=model, cluster=cluster_file, job=job) as session:
-            ...
-        job.end()
+Across hosts, under torchrun, rank 0 opens sessions on the job (``Session.open(...,
+job=TorchrunJob.join(env))``) and holds its own stage in a thread, while every other rank runs
+``serve_job(job, model)`` until rank 0 ends the job (hpipe/runtime/job.py; the README has the
+example). The API, the modes and the liveness rules are the same; a session that breaks there
+breaks the job (its process group lost a member).
 """
 
 from __future__ import annotations

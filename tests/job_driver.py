@@ -10,7 +10,6 @@ of ids), max_new_tokens, sessions: [{layers, groups?, slices, idle_s?}], and opt
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from hpipe.cluster import load_cluster
 from hpipe.model.source import open_model
 from hpipe.runtime.job import TorchrunJob
 from hpipe.runtime.job_worker import serve_job
-from hpipe.runtime.launch import torchrun_env
+from hpipe.runtime.launch import leave_rank, torchrun_env
 from hpipe.session import Request, Session, Tokens
 
 
@@ -94,7 +93,4 @@ def serve(session: Session, cfg: dict, s: dict) -> dict:
 
 
 if __name__ == "__main__":
-    code = main(json.loads(Path(sys.argv[1]).read_text()))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # as a torchrun rank of hpipe.cli does (see hpipe/cli.py's _exit)
+    leave_rank(main(json.loads(Path(sys.argv[1]).read_text())))  # as hpipe.cli's ranks do

@@ -28,8 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from hpipe import errors
-from hpipe.errors import ClusterError, WorkerFailedError
+from hpipe.errors import ClusterError, WorkerFailedError, reported_error
 from hpipe.runtime.job import STORE_WAIT_S, SessionSetup, TorchrunJob, model_shape, read_beat
 from hpipe.runtime.liveness import HEARTBEAT_S, Silent, describe_silence, process_state
 from hpipe.runtime.pool import GRACE_S, POLL_S, RankContext
@@ -156,7 +155,7 @@ class JobPool:
                     waiting.discard(r)
                     ack = job.store.take(key)
                     if ack[0] == "error":
-                        error = _typed(ack[1], f"{self.describe(r)}: {ack[2]}", rank=r)
+                        error = reported_error(ack[1], f"{self.describe(r)}: {ack[2]}", rank=r)
                         job.broken = error
                         raise error
             if waiting and time.monotonic() > deadline:
@@ -287,7 +286,7 @@ class JobPool:
         silent past the liveness limit; then the first reported error, last words last."""
         where = self.describe
         for rank, tname, message, tb in self._failures:
-            error = _typed(tname, f"{where(rank)}: {message}", rank=rank)
+            error = reported_error(tname, f"{where(rank)}: {message}", rank=rank)
             if not isinstance(error, WorkerFailedError):
                 log.debug("worker traceback:\n%s", tb)
                 return error
@@ -358,10 +357,3 @@ class JobPool:
                 log.debug("could not tell the ranks to abort: %s", e)
         self._local_cmds.put(("close",))
 
-
-def _typed(type_name: str, message: str, *, rank: int) -> Exception:
-    """The hpipe error type a rank reported, by name (``WorkerFailedError`` for any other)."""
-    cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception) and cls is not WorkerFailedError:
-        return cls(message)
-    return WorkerFailedError(message, rank=rank)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import queue
 import signal
 import socket
@@ -31,6 +30,7 @@ import traceback
 from hpipe.errors import PlanMismatchError
 from hpipe.runtime.job import STORE_WAIT_S, SessionSetup, TorchrunJob, model_shape, read_beat
 from hpipe.runtime.job_pool import TERMINATED
+from hpipe.runtime.launch import leave_rank
 from hpipe.runtime.liveness import HEARTBEAT_S
 from hpipe.runtime.pool import RankContext
 
@@ -57,7 +57,7 @@ class _Reports:
 def _exit(code: int, text: str) -> None:
     """Leave now, from any thread, with one line on stderr."""
     print(f"hpipe: {text}", file=sys.stderr, flush=True)
-    os._exit(code)
+    leave_rank(code)
 
 
 def serve_job(job: TorchrunJob, model: str) -> None:

@@ -45,8 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hpipe import errors
-from hpipe.errors import WorkerFailedError
+from hpipe.errors import WorkerFailedError, reported_error
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S, Heartbeats, describe_silence
 
 log = logging.getLogger(__name__)
@@ -218,10 +217,10 @@ class WorkerPool:
         errors are the symptom."""
         where = self.describe
         for rank, tname, message, tb in self._failures:
-            cls = getattr(errors, tname, None)
-            if isinstance(cls, type) and issubclass(cls, Exception) and cls is not WorkerFailedError:
+            error = reported_error(tname, f"{where(rank)}: {message}", rank=rank)
+            if not isinstance(error, WorkerFailedError):
                 log.debug("worker traceback:\n%s", tb)
-                return cls(f"{where(rank)}: {message}")
+                return error
         reported = {f[0] for f in self._failures}
         for rank, p in enumerate(self._procs):
             code = p.exitcode
