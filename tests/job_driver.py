@@ -86,6 +86,8 @@ def serve(session: Session, cfg: dict, s: dict) -> dict:
                     Path(cfg["signal_file"]).write_text(json.dumps(
                         {"device_ranks": session.device_ranks, "pids": session.pids}))
         done = stream.result()
+        # stop_at_eos is off: every request must run its max_new_tokens, on every rank
+        assert done.finish_reasons == ("length",), done.finish_reasons
         outputs.append(done.result.output_ids[0])
         loads.append(done.result.num_stage_loads)
     info.update(outputs=outputs, loads=loads, pids_after=session.pids)

@@ -96,9 +96,7 @@ def run_driver(hosts: list[Host], config: dict, tmp: Path, **kw) -> list[Host]:
 
 def driver_result(hosts: list[Host]) -> dict:
     """What rank 0's driver printed (its last stdout line), from whichever host ran it."""
-    for h in hosts:
-        lines = h.out.read_text().strip().splitlines()
-        if lines:
-            return json.loads(lines[-1])
-    raise AssertionError("no rank printed a result:\n" + "\n".join(
-        f"--- {h.name} stderr:\n{h.err.read_text()[-3000:]}" for h in hosts))
+    printed = [h.out.read_text().strip().splitlines() for h in hosts]
+    assert sum(bool(lines) for lines in printed) == 1, "exactly one rank prints:\n" + "\n".join(
+        f"--- {h.name} stderr:\n{h.err.read_text()[-3000:]}" for h in hosts)
+    return json.loads(next(lines for lines in printed if lines)[-1])

@@ -94,6 +94,8 @@ class JobPool:
         self._closed_ranks: set[int] = set()
         self._last_beat = {r: (-1, time.monotonic()) for r in self._remote}  # count, when seen
         self._positions = [-1] * job.world_size
+        self._beats_read_at = 0.0
+        self._beat_store = None  # the watcher thread's own connection (made in that thread)
         self._closing = False
         self.failed: Exception | None = None
         self._threads: list[threading.Thread] = []
@@ -247,7 +249,7 @@ class JobPool:
 
     def _check_beats(self) -> None:
         now = time.monotonic()
-        if now - getattr(self, "_beats_read_at", 0.0) < POLL_S:
+        if now - self._beats_read_at < POLL_S:
             return
         self._beats_read_at = now
         try:
