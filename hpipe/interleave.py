@@ -16,7 +16,7 @@ sees the slices in order.
 is as long as the pipeline's fill allows, hundreds of tokens; inside an item that also carries
 decode rows, its time is what every running stream waits between two tokens. So while any
 request decodes, a slice is cut to ``slice_cap(prefix)`` tokens (the Session measures it as it
-runs: what the last stage computes in about one decode step, hpipe/session_items.py), and
+runs: what adds about one decode step to the last stage's item, hpipe/session_items.py), and
 the planned slices resume at full size when nobody waits.
 
 Memory: a request is admitted (its KV cache allocated on every stage) only while the caches of
@@ -28,7 +28,7 @@ submitted.
 Prefix reuse (hpipe/prefix_cache.py): when a request is admitted it takes the longest kept
 prefix of its prompt (``Admitted.source``, ``cached`` tokens) and is sliced and prefilled from
 there; an item whose last slice ends a prompt worth keeping says so (``Item.keep_as``), and the
-stages snapshot that request's cache under the key after computing the item.
+stages keep that request's cache under the key after computing the item.
 """
 
 from __future__ import annotations
@@ -287,10 +287,12 @@ class Interleaver:
         for key in self.prefixes.superseded(r.prompt):
             self.prefixes.remove(key)
             self.evicted.append(key)
-        self.evicted += self._evict_until(len(r.prompt))
-        if self._free_tokens() < len(r.prompt):
+        # The entry holds the request's memory (see [Note: prefix reuse]), counted beside the
+        # request's own while it runs: an over-count until it ends, never an under-count.
+        self.evicted += self._evict_until(r.room_tokens)
+        if self._free_tokens() < r.room_tokens:
             return None
-        return self.prefixes.add(r.prompt)
+        return self.prefixes.add(r.prompt, held=r.room_tokens)
 
     def take_evicted(self) -> list[int]:
         out, self.evicted = self.evicted, []

@@ -7,14 +7,16 @@ length of their common prefix, and prefill only the rest: the same document with
 question prefills the question alone. The answer is the one the whole prompt gives (the same
 numbers, computed in different slices).
 
-What is kept: a prompt's cache is snapshotted as soon as its prefill ends, if at least
+What is kept: a prompt's cache is kept as soon as its prefill ends, if at least
 ``MIN_NEW_TOKENS`` of it were new. A kept prompt that the new one extends (a conversation's
 next turn) is dropped, since the new entry answers every lookup it answered. A prompt that
 diverges inside a kept one (another question about the same document) is not kept: it would
 duplicate the document for a few tokens of question.
 
 Memory: kept entries share the scheduler's KV budget with running requests; the least recently
-used go first when a request or a snapshot needs room.
+used go first when a request or a new entry needs room. A stage keeps an entry in the memory of
+the request it came from (no copy), so an entry holds that request's room: its prompt and its
+new tokens (``held``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ MIN_NEW_TOKENS = 64  # a prompt is kept only if this many of its tokens were new
 class PrefixCache:
     def __init__(self) -> None:
         self.entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # LRU first
+        self.held: dict[int, int] = {}  # key -> KV positions its memory holds
         self._keys = itertools.count(1)
         self.queried_tokens = 0  # prompt tokens looked up, and found: for /metrics
         self.hit_tokens = 0
 
     @property
     def held_tokens(self) -> int:
-        return sum(len(t) for t in self.entries.values())
+        return sum(self.held.values())
 
     def lookup(self, prompt: tuple[int, ...]) -> tuple[int | None, int]:
         """The entry sharing the longest prefix with ``prompt`` and that length, at most
@@ -66,13 +69,17 @@ class PrefixCache:
         return [k for k, t in self.entries.items()
                 if len(t) <= len(prompt) and prompt[:len(t)] == t]
 
-    def add(self, prompt: tuple[int, ...]) -> int:
+    def add(self, prompt: tuple[int, ...], *, held: int | None = None) -> int:
+        """Keep ``prompt``; ``held``: the KV positions its memory holds (default its length)."""
         key = next(self._keys)
         self.entries[key] = tuple(prompt)
+        self.held[key] = len(prompt) if held is None else held
+        assert self.held[key] >= len(prompt), (self.held[key], len(prompt))
         return key
 
     def remove(self, key: int) -> None:
         del self.entries[key]
+        del self.held[key]
 
     def least_recent(self, *, keep: int | None = None) -> int | None:
         """The entry to evict next (never ``keep``), or None."""

@@ -23,14 +23,17 @@ from hpipe.session_events import Finished, Progress, Tokens
 
 log = logging.getLogger(__name__)
 
-# A slice may take SLICE_FACTOR x a decode step's time while others decode: the streams then
-# wait about (1 + SLICE_FACTOR) x their usual gap while a long prompt prefills. The floor trades
-# that gap against the long prompt's own first token (SmolLM2, local:2, 4 streams and a
-# 6000-token prompt: a floor of 16 tokens gave a longest gap of 4.2x the median and a first
-# token after 74 s; 64 gave 8.5x and 35 s, as fast as one whole prefill).
+# A slice may add SLICE_FACTOR x a decode step's time to the item it rides in: the streams then
+# wait about (1 + SLICE_FACTOR) x their usual gap while a long prompt prefills. Late in a long
+# prompt that is a short slice, since each of its tokens attends over the whole prefix
+# (SmolLM2, 15 layers, a 5600-token prefix: 8 tokens add 0.9 of a step, 16 add 1.8), hence the
+# floor of 8; the price is the long prompt's own first token (the README's serving figures).
+# Slices start at START_SLICE_TOKENS (32 added 0.47 of a step at no prefix) and grow from what
+# is measured (see [Note: learning a fused slice's cost]).
 SLICE_FACTOR = 1.0
-MIN_SLICE_TOKENS, MAX_SLICE_TOKENS = 32, 1024
+MIN_SLICE_TOKENS, START_SLICE_TOKENS, MAX_SLICE_TOKENS = 8, 32, 1024
 EWMA_WEIGHT = 0.2
+INFORMATIVE_SHARE = 0.25  # see [Note: learning a fused slice's cost]
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -86,15 +89,14 @@ class InterleavedRuns:
                  whole_prefill: bool = False, prefix_reuse: bool = True) -> None:
         self.session = session
         self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
-        # Until the first slice and decode step are measured (_measure), the floor.
         self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget,
                                  slicing=((lambda n: (n,)) if whole_prefill
                                           else session.plan.slices_for),
-                                 slice_cap=None if whole_prefill
-                                 else (lambda prefix: MIN_SLICE_TOKENS),
+                                 slice_cap=None if whole_prefill else self._slice_cap,
                                  prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
-        self.rows_s: float | None = None  # a decode step's compute, measured
+        self.step_s: float | None = None  # a decode-only item's compute, measured
+        self.grow_to = START_SLICE_TOKENS  # the cap's bound (see _measure)
         self.slice_rate = SliceRate(session.plan.model)
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
@@ -180,13 +182,13 @@ class InterleavedRuns:
             return True
         if msg[0] != "sampled":
             return False
-        _, index, tokens, piece_s, rows_s = msg
+        _, index, tokens, compute_s = msg
         with s._cond:
             item = self.sched.in_flight.get(index)
             if item is None:
                 return True
             piece = item.prefill
-            self._measure(item, piece_s, rows_s)
+            self._measure(item, compute_s)
             got = self.sched.on_sampled(index, tokens)
             if piece is not None and piece.rid in self.reqs:
                 req = self.reqs[piece.rid]
@@ -208,22 +210,39 @@ class InterleavedRuns:
             s._cond.notify_all()
         return True
 
-    def _measure(self, item, piece_s: float, rows_s: float) -> None:
+    def _measure(self, item, compute_s: float) -> None:
         """Learn, from the last stage's compute, a decode step's time and the prefill rate;
-        the slice cap follows them (see [Note: slices that fit a decode step])."""
-        if item.decode and rows_s > 0:
-            self.rows_s = _ewma(self.rows_s, rows_s)
-        if item.prefill is not None and piece_s > 0:
-            self.slice_rate.learn(len(item.prefill.ids), item.prefill.prefix, piece_s)
-        if (self.rows_s is not None and self.slice_rate.s_per_work is not None
-                and not self.whole_prefill):
-            step_s, rate = SLICE_FACTOR * self.rows_s, self.slice_rate
+        the slice cap follows them (see [Note: slices that fit a decode step]).
 
-            def cap(prefix: int) -> int:  # see [Note: slice cost grows with the prefix]
-                tokens = rate.tokens_within(step_s, prefix)
-                return int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
+        [Note: learning a fused slice's cost] A slice and the decode rows run in one forward,
+        which reads the weights once for both ([Note: a slice and decode rows in one forward]),
+        so what a slice costs the running streams is the item's time beyond a decode-only
+        item's. A short slice's extra is almost nothing: its tokens ride along in matmuls whose
+        time is the weight read (SmolLM2, 15 layers: 8 tokens at no prefix added 5%, 32 added
+        47%). A rate learned there would let the next slice be ten times too long, and a
+        stream wait three decode steps (measured). So the rate is learned only from slices
+        whose extra is a fair share of a step, and until then, and at most, each cap is twice
+        the last slice measured: slices grow from the floor as TCP's window does, and the
+        rate is always learned near the size it is used for.
+        """
+        piece = item.prefill
+        if piece is None:
+            if item.decode and compute_s > 0:
+                self.step_s = _ewma(self.step_s, compute_s)
+        elif self.step_s is not None:
+            extra_s = compute_s - self.step_s
+            if extra_s >= INFORMATIVE_SHARE * self.step_s:
+                self.slice_rate.learn(len(piece.ids), piece.prefix, extra_s)
+            self.grow_to = max(START_SLICE_TOKENS, 2 * len(piece.ids))
 
-            self.sched.slice_cap = cap
+    def _slice_cap(self, prefix: int) -> int:
+        """The scheduler's ``slice_cap``: the most prompt tokens an item may carry at
+        ``prefix`` while others decode (see [Note: slice cost grows with the prefix])."""
+        tokens = self.grow_to
+        if self.step_s is not None and self.slice_rate.s_per_work is not None:
+            tokens = min(tokens, self.slice_rate.tokens_within(SLICE_FACTOR * self.step_s,
+                                                               prefix))
+        return int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
 
     def _end(self, rid: int, final) -> None:
         req = self.reqs.pop(rid, None)

@@ -28,10 +28,11 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
     pipe: list = []
     fed_prefix: dict[int, int] = {}
     kept: dict[int, tuple[int, ...]] = {}  # what the stages would hold, by key
+    kept_room: dict[int, int] = {}  # the memory each holds: its request's room
     prompts = {r.rid: r.prompt for r in sched.waiting}
 
     def check_budget():
-        held = sum(len(t) for t in kept.values())
+        held = sum(kept_room[k] for k in kept)
         assert held + sum(r.room_tokens for r in sched.live.values()) <= sched.kv_token_budget
 
     for _ in range(max_items):
@@ -51,6 +52,7 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
             if item.keep_as is not None:
                 assert item.prefill.last
                 kept[item.keep_as] = prompts[item.prefill.rid]
+                kept_room[item.keep_as] = sched.live[item.prefill.rid].room_tokens
             check_budget()
             # at most one slice, and slices of one prompt in order, without gaps
             if item.prefill is not None:
@@ -386,3 +388,38 @@ def test_slice_rate_caps_slices_shorter_as_the_prefix_grows():
     before = rate.s_per_work
     rate.learn(32, 6000, 0.4)
     assert rate.s_per_work > before
+
+
+def test_slices_grow_from_what_is_measured_while_others_decode():
+    """[Note: learning a fused slice's cost]: a short slice's extra time over a decode step is
+    noise and teaches no rate, so slices grow at most twice per measurement from 32 tokens;
+    one that costs a fair share of a step sets the rate, which then caps them by the prefix."""
+    from types import SimpleNamespace
+
+    from hpipe.interleave import DecodeRow, Item, PrefillPiece
+    from hpipe.session_items import MIN_SLICE_TOKENS, START_SLICE_TOKENS, InterleavedRuns
+    from hpipe.spec import model_preset
+
+    plan = SimpleNamespace(model=model_preset("smollm2-135m"), slices_for=lambda n: (n,))
+    runs = InterleavedRuns(SimpleNamespace(plan=plan), depth=2, kv_token_budget=100_000)
+    cap = runs.sched.slice_cap
+    row = (DecodeRow(rid=9, token=5, position=40),)
+
+    def measure(tokens: int, prefix: int, seconds: float) -> None:
+        piece = PrefillPiece(rid=1, prefix=prefix, ids=(7,) * tokens, last=False)
+        runs._measure(Item(0, piece, row), seconds)
+
+    assert cap(0) == START_SLICE_TOKENS  # nothing measured yet
+    runs._measure(Item(0, None, row), 0.050)  # a decode step: 50 ms
+    measure(32, 0, 0.052)  # 2 ms more: noise, no rate
+    assert runs.slice_rate.s_per_work is None and cap(0) == 64 and cap(6000) == 64
+    measure(64, 0, 0.053)
+    assert runs.slice_rate.s_per_work is None and cap(0) == 128
+    measure(128, 0, 0.080)  # 30 ms more: a rate
+    assert runs.slice_rate.s_per_work is not None
+    assert cap(0) <= 256 and cap(6000) < cap(0)
+    assert MIN_SLICE_TOKENS <= cap(60_000) < 16
+    # Without a step measured, a slice teaches nothing and does not grow the next.
+    fresh = InterleavedRuns(SimpleNamespace(plan=plan), depth=2, kv_token_budget=100_000)
+    fresh._measure(Item(0, PrefillPiece(1, 0, (7,) * 200, False), ()), 0.3)
+    assert fresh.sched.slice_cap(0) == START_SLICE_TOKENS

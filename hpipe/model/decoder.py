@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpipe.errors import PromptTooLongError, ShapeMismatchError
-from hpipe.model.kv_cache import KVCache, RowCaches
+from hpipe.model.kv_cache import KVCache, PackedCaches
 from hpipe.spec import ModelSpec
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; the project admits 2.4.
@@ -120,9 +120,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if isinstance(cache, RowCaches):  # see [Note: decode across requests]
-            y = torch.cat([self._attend(q[i:i + 1], ki, vi, None)
-                           for i, (ki, vi) in enumerate(cache.update(layer, k, v))], dim=0)
+        if isinstance(cache, PackedCaches):  # see [Note: a slice and decode rows in one forward]
+            parts = []
+            for first, stop, c in cache.spans:
+                ks, vs = c.update(layer, k[:, :, first:stop], v[:, :, first:stop])
+                # Only the slice has several tokens; ``mask`` is its own.
+                parts.append(self._attend(q[:, :, first:stop], ks, vs,
+                                          mask if stop - first > 1 else None))
+            y = torch.cat(parts, dim=2)
         else:
             k, v = cache.update(layer, k, v)  # (B, KV, prefix + T, D)
             y = self._attend(q, k, v, mask)
@@ -230,13 +235,11 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(spec.vocab_size, spec.hidden)
         self.pos = nn.Embedding(spec.max_seq_len, spec.hidden) if spec.family == "gpt2" else None
 
-    def forward(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """``start``: the first position, or one per row (B,) for a one-token decode batch."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``positions``: (T,), each token's position in its own sequence."""
         x = self.tok(ids)
         if self.pos is not None:  # GPT-2's learned absolute positions, offset by the prefix
-            if isinstance(start, torch.Tensor):
-                return x + self.pos(start)[:, None, :]
-            x = x + self.pos(torch.arange(start, start + ids.shape[1], device=ids.device))
+            x = x + self.pos(positions)
         return x
 
 
@@ -312,34 +315,41 @@ class Stage(nn.Module):
         if x.shape[0] != cache.batch:
             raise ShapeMismatchError(f"batch {x.shape[0]} != cache batch {cache.batch}")
 
-    def _rotary(self, start: int, num_tokens: int, like: torch.Tensor):
+    def _rotary(self, positions: torch.Tensor, like: torch.Tensor):
+        """cos, sin (T, rot_dim) at ``positions`` (T,), or None for learned positions."""
         if self.inv_freq is None:
             return None
-        pos = torch.arange(start, start + num_tokens, device=like.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.float())  # (T, rot_dim / 2)
+        freqs = torch.outer(positions.float(), self.inv_freq.float())  # (T, rot_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, rot_dim), rotate-half layout
         return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
 
-    def forward_rows(self, x: torch.Tensor, caches: RowCaches, *,
-                     last_only: bool = False) -> torch.Tensor:
-        """One decode step of several sequences: x (N, 1) ids or (N, 1, hidden), row i
-        continuing caches.caches[i] (see [Note: decode across requests])."""
+    def forward_packed(self, x: torch.Tensor, caches: PackedCaches, *,
+                       piece_logits: bool = True) -> torch.Tensor:
+        """A slice of one sequence and one decode token of each of several others, as one
+        token axis: x (1, T + N) ids or (1, T + N, hidden) (see [Note: a slice and decode rows
+        in one forward]). Returns the hidden states, or the last stage's float32 logits at
+        each sequence's last token (1, K, vocab): the slice's first (unless not
+        ``piece_logits``), then the rows'."""
         self._check_input(x, caches)
-        assert x.shape[1] == 1, "rows of one token each"
-        caches.check_room(1)
-        starts = torch.tensor(caches.lengths, device=x.device)  # (N,)
-        h = self.embed(x, starts) if self.embed is not None else x
-        rotary = None
-        if self.inv_freq is not None:
-            freqs = starts.float()[:, None] * self.inv_freq.float()[None, :]  # (N, rot / 2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (N, 1, 1, rot)
-            rotary = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        if x.shape[1] != caches.num_tokens:
+            raise ShapeMismatchError(
+                f"a packed forward over {caches.num_tokens} tokens got {x.shape[1]}")
+        caches.check_room()
+        positions = torch.tensor(caches.positions, device=x.device)
+        h = self.embed(x, positions) if self.embed is not None else x
+        rotary = self._rotary(positions, h)
+        mask = None
+        if caches.piece is not None and caches.piece.length > 0 and caches.piece_tokens > 1:
+            mask = _prefix_mask(caches.piece.length, caches.piece_tokens, h.device)
         for local, block in enumerate(self.layers.values()):
-            h = block(h, rotary, caches, local, None)
-        caches.advance(1)
+            h = block(h, rotary, caches, local, mask)
+        caches.advance()
         if self.head is None:
             return h
-        return self.head(self.norm(h)).float()
+        at = caches.last_tokens
+        if caches.piece is not None and not piece_logits:
+            at = at[1:]
+        return self.head(self.norm(h[:, at])).float()
 
     def forward(
         self, x: torch.Tensor, cache: KVCache, *, last_only: bool = False
@@ -352,13 +362,10 @@ class Stage(nn.Module):
         self._check_input(x, cache)
         start, num_tokens = cache.length, x.shape[1]
         cache.check_room(num_tokens)
-        h = self.embed(x, start) if self.embed is not None else x
-        rotary = self._rotary(start, num_tokens, h)
-        mask = None
-        if start > 0 and num_tokens > 1:
-            key_pos = torch.arange(start + num_tokens, device=h.device)
-            query_pos = torch.arange(start, start + num_tokens, device=h.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (T, prefix + T), True = attend
+        positions = torch.arange(start, start + num_tokens, device=x.device)
+        h = self.embed(x, positions) if self.embed is not None else x
+        rotary = self._rotary(positions, h)
+        mask = _prefix_mask(start, num_tokens, h.device) if start > 0 and num_tokens > 1 else None
         for local, block in enumerate(self.layers.values()):
             h = block(h, rotary, cache, local, mask)
         cache.advance(num_tokens)
@@ -367,3 +374,10 @@ class Stage(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.head(self.norm(h)).float()
+
+
+def _prefix_mask(prefix: int, num_tokens: int, device) -> torch.Tensor:
+    """(T, prefix + T), True = attend: query i sees key j iff j <= prefix + i."""
+    key_pos = torch.arange(prefix + num_tokens, device=device)
+    query_pos = torch.arange(prefix, prefix + num_tokens, device=device)
+    return key_pos[None, :] <= query_pos[:, None]

@@ -2,16 +2,16 @@
 request, and items run in the order they arrive.
 
 An item is at most one prefill slice of one request plus one decode row per running request
-(see [Note: interleaving slices with decode steps]). Each stage computes the slice on that
-request's cache and the rows as one batch over their own caches (``Stage.forward_rows``),
-then sends both on; the last stage samples, per request with its own sampler, the token after
-a final slice and after every decode row, and reports them to the supervisor, which feeds them
-back in the next items. Messages carry unit numbers 2 * index (the slice) and 2 * index + 1
-(the rows), checked on arrival like every other transfer.
+(see [Note: interleaving slices with decode steps]). Each stage runs the slice's tokens and the
+rows' tokens as one token axis through one forward, each part attending over its own request's
+cache (``Stage.forward_packed``, [Note: a slice and decode rows in one forward]), then sends the
+hidden states on as one message, unit number = the item's index. The last stage samples, per
+request with its own sampler, the token after a final slice and after every decode row, and
+reports them to the supervisor, which feeds them back in the next items.
 
 Kept prefixes (hpipe/prefix_cache.py) live here too, by key: an admission may start a
-request's cache as a copy of one, and an item with ``keep_as`` snapshots its prefill
-request's cache after computing it.
+request's cache as a copy of one, and an item with ``keep_as`` keeps its prefill request's
+cache, shared, not copied (``KVCache.share_prefix``), after computing it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import deque
 import torch
 
 from hpipe.emulation import emulated_sleep_s
-from hpipe.model.kv_cache import RowCaches
+from hpipe.model.kv_cache import PackedCaches
 from hpipe.runtime.comm import Expected, StageLink, wire_device_for
 from hpipe.runtime.request import dtype_of
 
@@ -74,54 +74,39 @@ class ItemRunner:
 
     def run(self, item) -> None:
         piece, rows = item.prefill, item.decode
+        caches = PackedCaches([self.caches[r.rid] for r in rows],
+                              piece=None if piece is None else self.caches[piece.rid],
+                              piece_tokens=0 if piece is None else len(piece.ids))
         with torch.inference_mode():
-            xp = xd = None
             if self.s == 0:
-                if piece is not None:
-                    xp = torch.tensor([piece.ids], dtype=torch.int64, device=self.device)
-                if rows:
-                    xd = torch.tensor([[r.token] for r in rows], dtype=torch.int64,
-                                      device=self.device)
+                ids = (piece.ids if piece is not None else ()) + tuple(r.token for r in rows)
+                x = torch.tensor([ids], dtype=torch.int64, device=self.device)
             else:
-                if piece is not None:
-                    xp = self._recv(2 * item.index, (1, len(piece.ids), self.hidden))
-                if rows:
-                    xd = self._recv(2 * item.index + 1, (len(rows), 1, self.hidden))
+                x = self._recv(item.index, (1, caches.num_tokens, self.hidden))
             start, cpu0 = time.perf_counter(), time.process_time()
-            op = od = None
-            if piece is not None:
-                op = self.stage(xp, self.caches[piece.rid], last_only=self.samples)
-            split = time.perf_counter()
-            if rows:
-                od = self.stage.forward_rows(xd, RowCaches([self.caches[r.rid] for r in rows]),
-                                             last_only=self.samples)
-            computed = time.perf_counter()
+            out = self.stage.forward_packed(
+                x, caches, piece_logits=self.samples and piece is not None and piece.last)
             self._emulate(start, cpu0)
-            end = time.perf_counter()
-            # The slice's and the rows' compute, for the scheduler's slice sizes; an emulated
-            # slowdown stretches both alike.
-            stretch = (end - start) / max(1e-9, computed - start)
-            piece_s, rows_s = (split - start) * stretch, (computed - split) * stretch
-            self.busy_s += end - start
-            if item.keep_as is not None:
-                cache = self.caches[piece.rid]
-                self.prefixes[item.keep_as] = cache.snapshot(cache.length)
+            compute_s = time.perf_counter() - start
+            self.busy_s += compute_s
         if self.s < self.last and self.leader:
-            for unit, out in ((2 * item.index, op), (2 * item.index + 1, od)):
-                if out is not None:
-                    self.sends.append(self.link.isend(out, dst=self.s + 1, unit=unit))
+            self.sends.append(self.link.isend(out, dst=self.s + 1, unit=item.index))
             while len(self.sends) > KEEP_SENDS:
                 self.sends.popleft().join()
         if self.samples:
-            tokens = {}
+            tokens, at = {}, 0
             if piece is not None and piece.last:
-                tokens[piece.rid] = self._sample(piece.rid, op[:, -1])
+                tokens[piece.rid] = self._sample(piece.rid, out[:, 0])
+                at = 1
             for i, r in enumerate(rows):
-                tokens[r.rid] = self._sample(r.rid, od[i:i + 1, -1])
-            self.emit(("sampled", item.index, tokens, piece_s, rows_s))
+                tokens[r.rid] = self._sample(r.rid, out[:, at + i])
+            self.emit(("sampled", item.index, tokens, compute_s))
         if time.monotonic() - self.reported_at >= BUSY_REPORT_S:
             self.reported_at = time.monotonic()
             self.emit(("busy", self.rank, self.busy_s))
+        if item.keep_as is not None:
+            cache = self.caches[piece.rid]
+            self.prefixes[item.keep_as] = cache.share_prefix(cache.length)
 
     def _recv(self, unit: int, shape: tuple[int, ...]) -> torch.Tensor:
         exp = Expected(self.s - 1, unit, shape, self.dtype)
