@@ -149,7 +149,8 @@ async def interference(url: str, *, streams: int, long_text: str, stream_tokens:
                 during.append(b - a)
                 where.append((b - a, (a - t0) / (t1 - t0)))
     for lg in logs:  # a stream that never resumed: its gap runs to the end of the prefill
-        if lg.token_times and lg.token_times[-1] <= t1:
+        ran_out = lg.done_s and len(lg.token_times) >= stream_tokens  # it ended, not froze
+        if lg.token_times and lg.token_times[-1] <= t1 and not ran_out:
             during.append(t1 - lg.token_times[-1])
             where.append((t1 - lg.token_times[-1], (lg.token_times[-1] - t0) / (t1 - t0)))
     median_gap = statistics.median(before)
@@ -209,7 +210,7 @@ def main() -> int:
         try:
             server.wait_ready()
             inter = asyncio.run(interference(server.url, streams=args.streams,
-                                             long_text=long_text, stream_tokens=400))
+                                             long_text=long_text, stream_tokens=4000))
             thr = asyncio.run(throughput(server.url, concurrency=args.concurrency,
                                          tokens=args.tokens, solo_requests=2))
         finally:
