@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpipe.errors import CapacityError
-from hpipe.interleave import Admitted, Evicted, Interleaver
+from hpipe.interleave import PASS_LIMIT, Admitted, Evicted, Interleaver
 from hpipe.model.generate import generate
 from hpipe.prefix_cache import MIN_NEW_TOKENS, MIN_REUSE_TOKENS, PrefixCache
 from hpipe.session import Finished, Request, Session, Tokens
@@ -248,6 +248,39 @@ def test_slices_are_cut_to_the_cap_only_while_others_decode():
     # 25 tokens at a cap of 10: 10, then the last 15 in one piece (a tail under half a cap
     # rides along instead of making an item of its own).
     assert cut[:2] == [(10, [0]), (15, [0])]
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_ones_slices_but_cannot_starve_it():
+    """A chat that comes while a document prefills gets the next slice (its first token after
+    one item, not after the document); chats arriving without end leave the document one item
+    in PASS_LIMIT + 1."""
+    sched = Interleaver(depth=1, kv_token_budget=100_000, slice_cap=lambda prefix: 10)
+    sched.add(0, (1, 2, 3), slices=(3,), max_new_tokens=10_000)  # a running stream
+    sched.admit()
+    item = sched.next_item()
+    sched.on_sampled(item.index, {0: 7})
+    sched.add(1, tuple(range(500)), slices=(500,), max_new_tokens=1)  # the document
+    sched.admit()
+    owners, next_rid = [], 2
+    for step in range(40):
+        if step >= 2:  # from the third item on, a 4-token chat arrives before every item
+            sched.add(next_rid, (5, 6, 7, 8), slices=(4,), max_new_tokens=1)
+            next_rid += 1
+            sched.admit()
+        item = sched.next_item()
+        owners.append(item.prefill.rid if item.prefill else None)
+        tokens = {r.rid: 7 for r in item.decode}
+        if item.prefill is not None and item.prefill.last:
+            tokens[item.prefill.rid] = 9
+        sched.on_sampled(item.index, tokens)
+        sched.releasable()
+    assert owners[:3] == [1, 1, 2]  # the first chat went ahead of the document's third slice
+    runs, run = [], 0
+    for o in owners[2:]:
+        run = run + 1 if o != 1 else 0
+        runs.append(run)
+    assert max(runs) == PASS_LIMIT, owners  # the document waits at most PASS_LIMIT items
+    assert owners.count(1) >= 2 + (len(owners) - 2) // (PASS_LIMIT + 1)
 
 
 def test_admission_waits_for_memory_and_refuses_what_never_fits():
