@@ -15,8 +15,8 @@ sees the slices in order.
 [Note: slices that fit a decode step] A slice planned for latency alone (the slicing DP's)
 is as long as the pipeline's fill allows, hundreds of tokens; inside an item that also carries
 decode rows, its time is what every running stream waits between two tokens. So while any
-request decodes, a slice is cut to ``slice_cap(prefix)`` tokens (the Session measures it as it
-runs: what adds about one decode step to the last stage's item, hpipe/session_items.py), and
+request decodes, a slice is cut to ``slice_cap(rid, prefix)`` tokens (the Session measures it
+as it runs: what adds about one decode step to the last stage's item, hpipe/session_items.py), and
 the planned slices resume at full size when nobody waits.
 
 [Note: short prompts first] Each item carries one slice, so the prompts being prefilled take
@@ -153,7 +153,7 @@ class Sampled:
 class Interleaver:
     def __init__(self, *, depth: int, kv_token_budget: int,
                  slicing: Callable[[int], tuple[int, ...]] = lambda n: (n,),
-                 slice_cap: Callable[[int], int] | None = None,
+                 slice_cap: Callable[[int, int], int] | None = None,
                  prefixes: PrefixCache | None = None) -> None:
         assert depth >= 1 and kv_token_budget >= 1, (depth, kv_token_budget)
         self.depth = depth
@@ -161,8 +161,9 @@ class Interleaver:
         self.slicing = slicing  # prompt tokens to prefill -> the plan's slices for them
         self.prefixes = prefixes  # None: no prefix reuse
         self.evicted: list[int] = []  # Evicted keys decided in next_item, for the caller
-        # slice_cap(prefix): the most prompt tokens an item may carry at that prefix while
-        # other requests decode (see [Note: slices that fit a decode step]); None: no cap.
+        # slice_cap(rid, prefix): the most prompt tokens of request rid an item may carry at
+        # that prefix while other requests decode (see [Note: slices that fit a decode step]);
+        # None: no cap.
         self.slice_cap = slice_cap
         self.waiting: deque[_Live] = deque()  # not admitted yet, in arrival order
         self.live: dict[int, _Live] = {}  # admitted, in admission order
@@ -270,7 +271,7 @@ class Interleaver:
             done_in_plan = r.cached + sum(r.slices[:r.next_slice])
             n = done_in_plan + r.slices[r.next_slice] - r.prefilled
             if others_decode and self.slice_cap is not None:
-                cap = max(1, self.slice_cap(r.prefilled))
+                cap = max(1, self.slice_cap(r.rid, r.prefilled))
                 # A tail under half a cap rides along: a 35-token chat in one piece, not 32 + 3
                 # (each extra item costs every stage a pass and the scheduler a round trip).
                 if n > cap + cap // 2:

@@ -20,6 +20,7 @@ from hpipe.errors import CapacityError, PromptShapeError
 from hpipe.interleave import Admitted, Interleaver
 from hpipe.prefix_cache import PrefixCache
 from hpipe.session_events import Finished, Progress, Tokens
+from hpipe.slice_rate import SliceRate
 
 log = logging.getLogger(__name__)
 
@@ -38,39 +39,6 @@ INFORMATIVE_SHARE = 0.25  # see [Note: learning a fused slice's cost]
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
-
-
-class SliceRate:
-    """How long a prefill slice takes on the last stage, as a function of its prefix.
-
-    [Note: slice cost grows with the prefix] A slice of s tokens after p cached ones does, per
-    layer, about s x (2 P + 4 h (p + s / 2)) FLOPs: the matmuls over its P weights, and
-    attention over every earlier key (the analytic cost model's formula). On SmolLM2 the
-    attention term is twice the matmuls at p = 6000. A cap learned as plain tokens per second
-    lagged behind that growth, and late slices of a long prompt took several decode steps:
-    the running streams' longest gap was 4.5x their median. So the rate learned is seconds
-    per unit of that work, and the cap at a prefix is the slice whose work fits the time.
-    """
-
-    def __init__(self, model) -> None:
-        self.model = model  # a ModelSpec: its layer_flops is the work
-        # The same FLOPs as coefficients of s, for the root in tokens_within.
-        self.matmul, self.attention = 2.0 * model.params_per_layer(), 4.0 * model.hidden
-        self.s_per_work: float | None = None  # learned from the last stage's slices
-
-    def work(self, tokens: float, prefix: float) -> float:
-        return self.model.layer_flops(batch=1, tokens=tokens, prefix=prefix)
-
-    def learn(self, tokens: int, prefix: int, seconds: float) -> None:
-        self.s_per_work = _ewma(self.s_per_work, seconds / self.work(tokens, prefix))
-
-    def tokens_within(self, seconds: float, prefix: int) -> float:
-        """The longest slice at ``prefix`` whose work takes at most ``seconds``: the positive
-        root of (a / 2) s^2 + (m + a p) s = seconds / rate, a = attention, m = matmul."""
-        assert self.s_per_work is not None
-        budget = seconds / self.s_per_work
-        a, lin = self.attention, self.matmul + self.attention * prefix
-        return (-lin + (lin * lin + 2.0 * a * budget) ** 0.5) / a
 
 
 @dataclass
@@ -96,7 +64,7 @@ class InterleavedRuns:
                                  prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
         self.step_s: float | None = None  # a decode-only item's compute, measured
-        self.grow_to = START_SLICE_TOKENS  # the cap's bound (see _measure)
+        self.grow_to: dict[int, int] = {}  # rid -> its cap's bound (see _measure)
         self.slice_rate = SliceRate(session.plan.model)
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
@@ -223,7 +191,9 @@ class InterleavedRuns:
         stream wait three decode steps (measured). So the rate is learned only from slices
         whose extra is a fair share of a step, and until then, and at most, each cap is twice
         the last slice measured: slices grow from the floor as TCP's window does, and the
-        rate is always learned near the size it is used for.
+        rate is always learned near the size it is used for. The doubling is per prompt, so
+        each prompt's slices grow from 32 tokens at its own prefixes, and the rates are those
+        of hpipe/slice_rate.py ([Note: two rates, not one]).
         """
         piece = item.prefill
         if piece is None:
@@ -233,19 +203,21 @@ class InterleavedRuns:
             extra_s = compute_s - self.step_s
             if extra_s >= INFORMATIVE_SHARE * self.step_s:
                 self.slice_rate.learn(len(piece.ids), piece.prefix, extra_s)
-            self.grow_to = max(START_SLICE_TOKENS, 2 * len(piece.ids))
+            if piece.rid in self.reqs:  # (one that ended is forgotten, in _end)
+                self.grow_to[piece.rid] = max(START_SLICE_TOKENS, 2 * len(piece.ids))
 
-    def _slice_cap(self, prefix: int) -> int:
-        """The scheduler's ``slice_cap``: the most prompt tokens an item may carry at
-        ``prefix`` while others decode (see [Note: slice cost grows with the prefix])."""
-        tokens = self.grow_to
-        if self.step_s is not None and self.slice_rate.s_per_work is not None:
+    def _slice_cap(self, rid: int, prefix: int) -> int:
+        """The scheduler's ``slice_cap``: the most prompt tokens of request ``rid`` an item may
+        carry at ``prefix`` while others decode (see [Note: slice cost grows with the prefix])."""
+        tokens = self.grow_to.get(rid, START_SLICE_TOKENS)
+        if self.step_s is not None and self.slice_rate.learned:
             tokens = min(tokens, self.slice_rate.tokens_within(SLICE_FACTOR * self.step_s,
                                                                prefix))
         return int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
 
     def _end(self, rid: int, final) -> None:
         req = self.reqs.pop(rid, None)
+        self.grow_to.pop(rid, None)
         if req is not None and not req.ended:
             req.ended = True
             req.stream._end(final)

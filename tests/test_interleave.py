@@ -5,6 +5,7 @@ admission work."""
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -60,7 +61,7 @@ def _run(sched: Interleaver, *, rng: random.Random, eos=frozenset(), max_items=1
                 assert fed_prefix.get(p.rid, 0) == p.prefix
                 fed_prefix[p.rid] = p.prefix + len(p.ids)
                 if item.decode and sched.slice_cap is not None:  # others wait on this item
-                    cap = sched.slice_cap(p.prefix)
+                    cap = sched.slice_cap(p.rid, p.prefix)
                     assert len(p.ids) <= cap + cap // 2
             rows = [r.rid for r in item.decode]
             assert len(rows) == len(set(rows))  # a request once per item
@@ -97,7 +98,7 @@ def test_every_request_gets_all_its_tokens_in_order(data):
     depth = data.draw(st.integers(1, 4))
     cap = data.draw(st.none() | st.integers(1, 6))
     sched = Interleaver(depth=depth, kv_token_budget=data.draw(st.integers(40, 400)),
-                        slice_cap=None if cap is None else (lambda prefix: cap))
+                        slice_cap=None if cap is None else (lambda rid, prefix: cap))
     wants = {}
     for rid in range(data.draw(st.integers(1, 6))):
         n = data.draw(st.integers(1, 30))
@@ -226,7 +227,7 @@ def test_decode_rows_ride_along_with_a_long_prompts_slices():
 
 
 def test_slices_are_cut_to_the_cap_only_while_others_decode():
-    sched = Interleaver(depth=1, kv_token_budget=10_000, slice_cap=lambda prefix: 10)
+    sched = Interleaver(depth=1, kv_token_budget=10_000, slice_cap=lambda rid, prefix: 10)
     sched.add(0, tuple(range(50)), slices=(30, 20), max_new_tokens=3)
     sched.admit()
     alone = []
@@ -254,7 +255,7 @@ def test_a_short_prompt_goes_ahead_of_a_long_ones_slices_but_cannot_starve_it():
     """A chat that comes while a document prefills gets the next slice (its first token after
     one item, not after the document); chats arriving without end leave the document one item
     in PASS_LIMIT + 1."""
-    sched = Interleaver(depth=1, kv_token_budget=100_000, slice_cap=lambda prefix: 10)
+    sched = Interleaver(depth=1, kv_token_budget=100_000, slice_cap=lambda rid, prefix: 10)
     sched.add(0, (1, 2, 3), slices=(3,), max_new_tokens=10_000)  # a running stream
     sched.admit()
     item = sched.next_item()
@@ -403,24 +404,53 @@ def test_questions_on_a_kept_document_answer_as_the_whole_prompt(session, smollm
 
 
 def test_slice_rate_caps_slices_shorter_as_the_prefix_grows():
-    """The serving driver's slice cap (hpipe/session_items.py): the work of a slice grows
-    with its prefix (attention over the cached keys), so the slice that fits one decode step
-    shrinks as a long prompt advances; the cap is the exact root of the learned cost."""
-    from hpipe.session_items import SliceRate
+    """The serving driver's slice rate (hpipe/slice_rate.py): a slice's work grows with its
+    prefix (attention over the cached keys), so the slice that fits a decode step shrinks as a
+    long prompt advances; the cap is the exact root of the learned cost."""
+    from hpipe.slice_rate import SliceRate
     from hpipe.spec import model_preset
 
     rate = SliceRate(model_preset("smollm2-135m"))
-    rate.learn(256, 0, 0.5)  # a 256-token first slice took 0.5 s on the last stage
+    assert not rate.learned
+    rate.learn(256, 0, 0.5)  # a 256-token first slice added 0.5 s: one rate for both kinds
+    assert rate.s_per_flop[0] == pytest.approx(rate.s_per_flop[1])
     for prefix in (0, 1000, 6000):
         tokens = rate.tokens_within(0.1, prefix)
-        assert rate.s_per_work * rate.work(tokens, prefix) == pytest.approx(0.1, rel=1e-9)
+        assert rate.seconds(tokens, prefix) == pytest.approx(0.1, rel=1e-9)
     caps = [rate.tokens_within(0.1, p) for p in (0, 2000, 4000, 6000)]
     assert caps == sorted(caps, reverse=True) and caps[-1] < caps[0] / 2.5
     assert rate.tokens_within(0.1, 0) == pytest.approx(51.2, rel=0.05)  # 256 x 0.1 / 0.5
-    # A later, slower slice moves the rate (an average, not the last sample alone).
-    before = rate.s_per_work
-    rate.learn(32, 6000, 0.4)
-    assert rate.s_per_work > before
+
+
+def test_slice_rate_tells_matmuls_from_attention():
+    """[Note: two rates, not one]: with attention over a long prefix slower per FLOP than the
+    matmuls, slices at several sizes and prefixes give both rates, so a long document's late
+    slices do not make a fresh prompt's slice short; noise or one kind of sample falls back to
+    one common rate, never to a rate at or below zero."""
+    from hpipe.slice_rate import SliceRate
+    from hpipe.spec import model_preset
+
+    model = model_preset("smollm2-135m")
+    truth = SliceRate(model)
+    truth.s_per_flop = (1e-10, 6e-10)  # attention 6x slower per FLOP
+    rate = SliceRate(model)
+    rng = random.Random(0)
+    for tokens, prefix in [(32, 0), (64, 0), (128, 32), (256, 160), (64, 3000), (16, 5000),
+                           (8, 6000), (8, 6500), (8, 7000)]:
+        rate.learn(tokens, prefix, truth.seconds(tokens, prefix) * rng.uniform(0.97, 1.03))
+    assert rate.s_per_flop[0] == pytest.approx(1e-10, rel=0.25)
+    assert rate.s_per_flop[1] == pytest.approx(6e-10, rel=0.25)
+    for prefix in (0, 6000):  # caps near the true ones, at both ends
+        assert rate.tokens_within(0.05, prefix) == pytest.approx(
+            truth.tokens_within(0.05, prefix), rel=0.25)
+    # One common rate fitted to the same samples prices a fresh prompt's matmuls at the
+    # attention's rate: its cap at no prefix would be far too short.
+    assert rate.common_s_per_flop > 2 * rate.s_per_flop[0]
+    # Samples that contradict the shape (a long slice cheaper than short ones) keep rates > 0.
+    odd = SliceRate(model)
+    for tokens, prefix, seconds in [(8, 6000, 0.5), (512, 0, 0.01), (8, 6000, 0.5)]:
+        odd.learn(tokens, prefix, seconds)
+        assert min(odd.s_per_flop) > 0
 
 
 def test_slices_grow_from_what_is_measured_while_others_decode():
@@ -435,7 +465,8 @@ def test_slices_grow_from_what_is_measured_while_others_decode():
 
     plan = SimpleNamespace(model=model_preset("smollm2-135m"), slices_for=lambda n: (n,))
     runs = InterleavedRuns(SimpleNamespace(plan=plan), depth=2, kv_token_budget=100_000)
-    cap = runs.sched.slice_cap
+    runs.reqs = {1: None, 2: None}  # two live requests
+    cap = functools.partial(runs.sched.slice_cap, 1)  # request 1's, by prefix
     row = (DecodeRow(rid=9, token=5, position=40),)
 
     def measure(tokens: int, prefix: int, seconds: float) -> None:
@@ -445,14 +476,18 @@ def test_slices_grow_from_what_is_measured_while_others_decode():
     assert cap(0) == START_SLICE_TOKENS  # nothing measured yet
     runs._measure(Item(0, None, row), 0.050)  # a decode step: 50 ms
     measure(32, 0, 0.052)  # 2 ms more: noise, no rate
-    assert runs.slice_rate.s_per_work is None and cap(0) == 64 and cap(6000) == 64
+    assert not runs.slice_rate.learned and cap(0) == 64 and cap(6000) == 64
     measure(64, 0, 0.053)
-    assert runs.slice_rate.s_per_work is None and cap(0) == 128
+    assert not runs.slice_rate.learned and cap(0) == 128
     measure(128, 0, 0.080)  # 30 ms more: a rate
-    assert runs.slice_rate.s_per_work is not None
+    assert runs.slice_rate.learned
     assert cap(0) <= 256 and cap(6000) < cap(0)
     assert MIN_SLICE_TOKENS <= cap(60_000) < 16
+    assert cap(0) > 2 * START_SLICE_TOKENS  # request 1 grew ...
+    assert runs.sched.slice_cap(2, 0) == START_SLICE_TOKENS  # ... another starts from 32
+    runs._end(1, None)
+    assert 1 not in runs.grow_to
     # Without a step measured, a slice teaches nothing and does not grow the next.
     fresh = InterleavedRuns(SimpleNamespace(plan=plan), depth=2, kv_token_budget=100_000)
     fresh._measure(Item(0, PrefillPiece(1, 0, (7,) * 200, False), ()), 0.3)
-    assert fresh.sched.slice_cap(0) == START_SLICE_TOKENS
+    assert fresh.sched.slice_cap(1, 0) == START_SLICE_TOKENS
