@@ -16,8 +16,13 @@ Per setup:
 2. *Throughput*: ``--concurrency`` short requests at once against the same requests one at a
    time: output tokens/s of each and the ratio (target >= 4x); TTFT, TPOT and end-to-end
    latency p50/p99 of the concurrent ones.
+3. *Mixed*: Poisson arrivals for ``--mixed-s`` seconds, short chats at ``--rate`` per second
+   and ``--docs`` documents of 6-8k tokens (each from another place in the text, so no prefix
+   is shared) among them. Reported per kind: TTFT, TPOT and end-to-end p50/p99, output
+   tokens/s, and the short streams' longest gap while a document prefilled, against their
+   median gap.
 
-    .venv/bin/python benchmarks/serve_load.py [--setups hpipe,whole,local1] [--quick]
+    .venv/bin/python benchmarks/serve_load.py [--setups hpipe,whole,local1] [--phases ...] [--quick]
 
 Our own asyncio + httpx load generator; every request goes to loopback, bounded in count and
 time; every server is stopped (SIGTERM) at the end of its setup.
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import random
 import signal
 import statistics
 import subprocess
@@ -64,6 +71,7 @@ class StreamLog:
 
 async def stream_chat(client: httpx.AsyncClient, url: str, content: str, max_tokens: int,
                       log: StreamLog, *, ignore_eos: bool = True) -> None:
+    """One streamed chat; ``log`` gets its times (token times by arrival of content)."""
     body = {"model": "smollm2", "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": ignore_eos}
@@ -187,6 +195,60 @@ async def throughput(url: str, *, concurrency: int, tokens: int, solo_requests: 
             "e2e_p50_s": percentile(e2e, 0.5), "e2e_p99_s": percentile(e2e, 0.99)}
 
 
+async def mixed(url: str, *, rate_per_s: float, window_s: float, docs: list[str],
+                tokens: int, seed: int = 0) -> dict:
+    """Poisson arrivals: short chats at ``rate_per_s`` over ``window_s`` seconds, and the
+    ``docs`` at uniformly random times inside it (each asks for ``tokens`` new tokens)."""
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate_per_s)
+    while t < window_s:
+        arrivals.append((t, "chat", f"Describe {TOPICS[len(arrivals) % len(TOPICS)]} in detail."))
+        t += rng.expovariate(rate_per_s)
+    arrivals += [(rng.uniform(0, window_s * 0.7), "doc", d + "\n\nSummarize this document.")
+                 for d in docs]
+    arrivals.sort()
+    logs: list[tuple[str, StreamLog]] = []
+
+    async def one(client, at_s: float, kind: str, text: str, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + at_s - time.monotonic()))
+        lg = StreamLog()
+        logs.append((kind, lg))
+        await stream_chat(client, url, text, tokens, lg)
+
+    async with httpx.AsyncClient() as client:
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(one(client, a, k, x, t0)
+                                                for a, k, x in arrivals)),
+                               timeout=window_s + 900)
+        wall = time.monotonic() - t0
+    out: dict = {"requests": len(logs), "mixed_tok_s": sum(len(lg.token_times)
+                                                           for _, lg in logs) / wall}
+    for kind in ("chat", "doc"):
+        sel = [lg for k, lg in logs if k == kind]
+        ttft = [lg.first_token_s - lg.started_s for lg in sel]
+        tpot = [(lg.token_times[-1] - lg.token_times[0]) / (len(lg.token_times) - 1)
+                for lg in sel if len(lg.token_times) > 1]
+        e2e = [lg.done_s - lg.started_s for lg in sel]
+        for name, vals in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+            out[f"{kind}_{name}_p50_s"] = percentile(vals, 0.5)
+            out[f"{kind}_{name}_p99_s"] = percentile(vals, 0.99)
+    # The chats' gaps between tokens: inside some document's prefill, and all of them.
+    prefills = [(lg.started_s, lg.first_token_s) for k, lg in logs if k == "doc"]
+    gaps, during = [], []
+    for k, lg in logs:
+        if k != "chat":
+            continue
+        for a, b in zip(lg.token_times, lg.token_times[1:]):
+            gaps.append(b - a)
+            if any(a < t1 and b > t0_ for t0_, t1 in prefills):
+                during.append(b - a)
+    med = statistics.median(gaps) if gaps else float("nan")
+    out["mixed_gap_p50_s"] = med
+    out["mixed_gap_max_during_s"] = max(during) if during else float("nan")
+    out["mixed_gap_ratio"] = out["mixed_gap_max_during_s"] / med
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setups", default="hpipe,whole,local1")
@@ -194,45 +256,84 @@ def main() -> int:
     ap.add_argument("--long-tokens", type=int, default=7000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--quick", action="store_true", help="a 3k-token document, 8 concurrent")
+    ap.add_argument("--phases", default="interference,throughput,mixed")
+    ap.add_argument("--rate", type=float, default=0.5, help="mixed: short chats per second")
+    ap.add_argument("--mixed-s", type=float, default=60.0, help="mixed: arrival window")
+    ap.add_argument("--docs", type=int, default=2, help="mixed: 6-8k-token documents")
+    ap.add_argument("--quick", action="store_true",
+                    help="a 3k-token document, 8 concurrent, 2-3k-token documents in mixed")
     args = ap.parse_args()
+    phases = set(args.phases.split(","))
+    doc_range = (6000, 8000)
     if args.quick:
-        args.long_tokens, args.concurrency = 3000, 8
+        args.long_tokens, args.concurrency, doc_range = 3000, 8, (2000, 3000)
     from hpipe.model.source import open_model
 
     tok = open_model("smollm2").tokenizer
     doc_ids = tok.encode(DOCUMENT_PATH.read_text())
     reps = -(-args.long_tokens // len(doc_ids))
     long_text = tok.decode((doc_ids * reps)[:args.long_tokens])
+    # Mixed-load documents: 6-8k tokens (under the 8192-token context with the question and
+    # the answer), each starting elsewhere in the text so none reuses another's prefix.
+    rng = random.Random(1)
+    mixed_docs = []
+    for i in range(args.docs):
+        n = rng.randrange(*doc_range)
+        start = (i + 1) * len(doc_ids) // (args.docs + 1)
+        mixed_docs.append(tok.decode((doc_ids * (reps + 2))[start:start + n]))
     results = {}
     for name in args.setups.split(","):
         server = Server(SETUPS[name])
         try:
             server.wait_ready()
-            inter = asyncio.run(interference(server.url, streams=args.streams,
-                                             long_text=long_text, stream_tokens=4000))
-            thr = asyncio.run(throughput(server.url, concurrency=args.concurrency,
-                                         tokens=args.tokens, solo_requests=2))
+            r = {}
+            if "interference" in phases:
+                r |= asyncio.run(interference(server.url, streams=args.streams,
+                                              long_text=long_text, stream_tokens=4000))
+            if "throughput" in phases:
+                r |= asyncio.run(throughput(server.url, concurrency=args.concurrency,
+                                            tokens=args.tokens, solo_requests=2))
+            if "mixed" in phases:
+                r |= asyncio.run(mixed(server.url, rate_per_s=args.rate, window_s=args.mixed_s,
+                                       docs=mixed_docs, tokens=args.tokens))
         finally:
             server.stop()
-        results[name] = {**inter, **thr}
+        results[name] = r
         print(f"{name}: {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results[name].items()})}",
               file=sys.stderr, flush=True)
-    print(f"\nSmolLM2 served on this machine; {args.streams} streams vs one "
-          f"{args.long_tokens}-token prompt; {args.concurrency} concurrent x {args.tokens} tokens "
-          "vs one at a time")
-    print(f"{'setup':<8} {'gap p50':>8} {'gap max':>8} {'ratio':>6} {'long ttft':>9}   "
-          f"{'1-at-a-time':>11} {'concurrent':>10} {'x':>5}   {'ttft p50/p99':>13} "
-          f"{'tpot p50/p99':>13} {'e2e p50/p99':>13}")
-    for name, r in results.items():
-        print(f"{name:<8} {r['median_gap_s']:7.3f}s {r['longest_gap_during_s']:7.3f}s "
-              f"{r['gap_ratio']:5.1f}x {r['long_ttft_s']:8.2f}s   {r['solo_tok_s']:8.1f}t/s "
-              f"{r['concurrent_tok_s']:7.1f}t/s {r['speedup']:4.1f}x   "
-              f"{r['ttft_p50_s']:5.2f}/{r['ttft_p99_s']:5.2f}s "
-              f"{r['tpot_p50_s']:5.3f}/{r['tpot_p99_s']:5.3f}s "
-              f"{r['e2e_p50_s']:5.1f}/{r['e2e_p99_s']:5.1f}s")
-    print("targets (hpipe): gap ratio <= 3x while the long prompt prefills; "
-          f"{args.concurrency} concurrent >= 4x the tokens/s of one at a time")
+    if "interference" in phases or "throughput" in phases:
+        print(f"\nSmolLM2 served on this machine; {args.streams} streams vs one "
+              f"{args.long_tokens}-token prompt; {args.concurrency} concurrent x {args.tokens} "
+              "tokens vs one at a time")
+        print(f"{'setup':<8} {'gap p50':>8} {'gap max':>8} {'ratio':>6} {'long ttft':>9}   "
+              f"{'1-at-a-time':>11} {'concurrent':>10} {'x':>5}   {'ttft p50/p99':>13} "
+              f"{'tpot p50/p99':>13} {'e2e p50/p99':>13}")
+        for name, r in results.items():
+            g = functools.partial(lambda res, k: res.get(k, float("nan")), r)  # nan: left out
+            print(f"{name:<8} {g('median_gap_s'):7.3f}s {g('longest_gap_during_s'):7.3f}s "
+                  f"{g('gap_ratio'):5.1f}x {g('long_ttft_s'):8.2f}s   {g('solo_tok_s'):8.1f}t/s "
+                  f"{g('concurrent_tok_s'):7.1f}t/s {g('speedup'):4.1f}x   "
+                  f"{g('ttft_p50_s'):5.2f}/{g('ttft_p99_s'):5.2f}s "
+                  f"{g('tpot_p50_s'):5.3f}/{g('tpot_p99_s'):5.3f}s "
+                  f"{g('e2e_p50_s'):5.1f}/{g('e2e_p99_s'):5.1f}s")
+        print("targets (hpipe): gap ratio <= 3x while the long prompt prefills; "
+              f"{args.concurrency} concurrent >= 4x the tokens/s of one at a time")
+    if "mixed" in phases:
+        print(f"\nmixed load: Poisson arrivals for {args.mixed_s:.0f} s, short chats at "
+              f"{args.rate}/s and {args.docs} documents of {doc_range[0]}-{doc_range[1]} tokens, "
+              f"{args.tokens} new tokens each")
+        print(f"{'setup':<8} {'reqs':>4} {'tok/s':>6}   {'chat ttft p50/p99':>17} "
+              f"{'chat tpot p50/p99':>17} {'chat e2e p50/p99':>16}   {'doc ttft p50/p99':>16} "
+              f"{'doc e2e p50/p99':>15}   {'chat gap p50 / max in a doc prefill':>35}")
+        for name, r in results.items():
+            print(f"{name:<8} {r['requests']:4d} {r['mixed_tok_s']:6.1f}   "
+                  f"{r['chat_ttft_p50_s']:7.2f}/{r['chat_ttft_p99_s']:6.2f}s "
+                  f"{r['chat_tpot_p50_s']:7.3f}/{r['chat_tpot_p99_s']:6.3f}s "
+                  f"{r['chat_e2e_p50_s']:7.1f}/{r['chat_e2e_p99_s']:5.1f}s   "
+                  f"{r['doc_ttft_p50_s']:7.1f}/{r['doc_ttft_p99_s']:5.1f}s "
+                  f"{r['doc_e2e_p50_s']:6.1f}/{r['doc_e2e_p99_s']:5.1f}s   "
+                  f"{r['mixed_gap_p50_s']:.3f} s / {r['mixed_gap_max_during_s']:.3f} s "
+                  f"= {r['mixed_gap_ratio']:.1f}x")
     return 0
 
 
