@@ -124,3 +124,34 @@ def test_a_failed_calibration_falls_back_to_the_catalog(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "the quick calibration failed (profiler rank 1" in err
     assert "planning from catalog figures" in err
+
+
+def test_alike_workers_plan_from_one_grid():
+    """[Note: alike workers, one speed]: two identical workers whose grids differ by noise get
+    the median grid, so the planner prices the same layers the same on either; a worker with
+    another slowdown keeps its own grid."""
+    import dataclasses
+
+    from profile_harness import MODEL, make_profile
+
+    from hpipe.cost.fitted import FittedCost
+
+    raw = make_profile()
+    noisy = dataclasses.replace(raw.devices[1], layer=tuple(
+        dataclasses.replace(t, time_s=t.time_s * 0.85) for t in raw.devices[1].layer))
+    raw = dataclasses.replace(raw, devices=(raw.devices[0], noisy))
+    cluster = local_cluster(2)
+
+    def stage_s(profile, device: int) -> float:
+        cost = FittedCost(profile, MODEL, cluster, "float32")
+        return cost.stage_time_s((device,), 0, 15, batch=1, tokens=256, prefix=512,
+                                 has_embedding=False, has_head=False)
+
+    assert stage_s(raw, 1) < 0.9 * stage_s(raw, 0)  # as measured, cpu1 looks faster
+    pooled = quick.pool_alike(raw)
+    assert stage_s(pooled, 1) == pytest.approx(stage_s(pooled, 0), rel=1e-9)
+    for a, b, c in zip(pooled.devices[0].layer, pooled.devices[1].layer, raw.devices[0].layer):
+        assert a == b and a.time_s == pytest.approx(c.time_s * (1 + 0.85) / 2)
+    assert pooled.devices[0].memory == raw.devices[0].memory  # only times are pooled
+    slower = make_profile(slowdowns=(1.0, 2.0))
+    assert quick.pool_alike(slower) == slower

@@ -9,6 +9,13 @@ model over a small grid (``measure.calibration_grid``: 11 points, two passes), a
 once as a pipeline keeps them (see [Note: concurrent or one at a time] in launch.py), plus one
 ping-pong per pair. It takes 6-13 s for SmolLM2 on 2 CPU cores.
 
+[Note: alike workers, one speed] Workers of one host with the same threads and slowdown run on
+the same kind of core, so their grids differ by noise alone; planned from as measured, that
+noise split the demo's 30 layers 14 + 16 on two identical workers (one grid point 0.030 s on
+cpu0, 0.023 s on cpu1), and the stage with 16 computed 1.25x as long as the other. So the plan
+sees, for each group of alike workers, one grid: the median of theirs, point by point
+(``pool_alike``). The cache keeps what was measured.
+
 The result is an ordinary profile (``quick=True``, no calibration run) kept under the user's
 cache directory, keyed by everything it depends on: the model file (path, size, mtime), the
 cluster's devices, the dtype, the grid's length, the torch version, the CPU model and the
@@ -21,16 +28,18 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpipe.cluster import ClusterSpec
-from hpipe.cost.profile_file import Profile, read_profile
+from hpipe.cost.profile_file import DeviceProfile, Profile, TimeSample, read_profile
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +124,32 @@ def cache_key(model: str, cluster: ClusterSpec, dtype: str, max_tokens: int) -> 
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+TIME_TABLES = ("layer", "embedding", "head", "call", "decode_layer", "decode_head", "decode_call")
+
+
+def pool_alike(profile: Profile) -> Profile:
+    """Each group of alike workers (kind, device, threads, slowdown) gets one grid, the
+    pointwise median of theirs (see [Note: alike workers, one speed]); a group whose grids
+    differ in shape is left as measured."""
+    groups: dict[tuple, list[DeviceProfile]] = {}
+    for d in profile.devices:
+        groups.setdefault((d.kind, d.torch_device, d.num_threads, d.slowdown), []).append(d)
+    pooled: dict[str, DeviceProfile] = {}
+    for alike in groups.values():
+        shape = [[[(t.rows, t.tokens, t.prefix) for t in getattr(d, name)]
+                  for name in TIME_TABLES] for d in alike]
+        if len(alike) < 2 or any(s != shape[0] for s in shape):
+            continue
+        tables = {name: tuple(TimeSample(pts[0].rows, pts[0].tokens, pts[0].prefix,
+                                         statistics.median(t.time_s for t in pts))
+                              for pts in zip(*(getattr(d, name) for d in alike)))
+                  for name in TIME_TABLES}
+        for d in alike:
+            pooled[d.name] = dataclasses.replace(d, **tables)
+    return dataclasses.replace(profile,
+                               devices=tuple(pooled.get(d.name, d) for d in profile.devices))
+
+
 def quick_calibration(model: str, cluster: ClusterSpec, dtype: str, *, prompt_tokens: int,
                       max_seq_len: int, on_notice=None) -> QuickCalibration:
     """The cached calibration for this key, or a new one measured now and cached;
@@ -123,7 +158,7 @@ def quick_calibration(model: str, cluster: ClusterSpec, dtype: str, *, prompt_to
     path = cache_dir() / "calibration" / f"{cache_key(model, cluster, dtype, max_tokens)}.json"
     if path.exists():
         try:
-            return QuickCalibration(read_profile(path), path, None)
+            return QuickCalibration(pool_alike(read_profile(path)), path, None)
         except Exception as e:  # a damaged cache entry is measured again, not an error
             log.warning("ignoring the damaged calibration %s (%s); measuring again", path, e)
     from hpipe.profile.launch import ProfileJob, profile_local
@@ -147,4 +182,4 @@ def quick_calibration(model: str, cluster: ClusterSpec, dtype: str, *, prompt_to
         tmp.replace(path)
     except OSError as e:  # an unwritable cache costs the next run a calibration, nothing more
         log.warning("could not cache the calibration at %s (%s)", path, e)
-    return QuickCalibration(profile, path, measured_s)
+    return QuickCalibration(pool_alike(profile), path, measured_s)
