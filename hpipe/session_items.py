@@ -56,7 +56,7 @@ class InterleavedRuns:
     def __init__(self, session, *, depth: int, kv_token_budget: int,
                  whole_prefill: bool = False, prefix_reuse: bool = True) -> None:
         self.session = session
-        self.whole_prefill = whole_prefill  # for comparison: one slice per prompt
+        # whole_prefill, for comparison: one slice per prompt, never cut.
         self.sched = Interleaver(depth=depth, kv_token_budget=kv_token_budget,
                                  slicing=((lambda n: (n,)) if whole_prefill
                                           else session.plan.slices_for),

@@ -28,7 +28,9 @@ COMMON_WEIGHT = 0.2  # the common rate's moving-average weight
 
 class SliceRate:
     def __init__(self, model) -> None:
-        # FLOPs per token of the matmuls, and per (token, earlier key) pair of attention.
+        self.model = model  # a ModelSpec: its layer_flops is the work
+        # The same FLOPs as coefficients: per token of the matmuls, per (token, earlier key)
+        # pair of attention (for the root in tokens_within).
         self.matmul, self.attention = 2.0 * model.params_per_layer(), 4.0 * model.hidden
         self.common_s_per_flop: float | None = None  # one rate for both kinds
         self.s_per_flop: tuple[float, float] | None = None  # (matmul, attention) rates
@@ -40,10 +42,13 @@ class SliceRate:
         return self.s_per_flop is not None
 
     def flops(self, tokens: float, prefix: float) -> tuple[float, float]:
-        """(matmul, attention) FLOPs per layer of a slice of ``tokens`` after ``prefix``."""
-        return self.matmul * tokens, self.attention * tokens * (prefix + tokens / 2.0)
+        """(matmul, attention) FLOPs per layer of a slice of ``tokens`` after ``prefix``:
+        ``layer_flops`` split into its two terms."""
+        matmul = self.matmul * tokens
+        return matmul, self.model.layer_flops(batch=1, tokens=tokens, prefix=prefix) - matmul
 
     def learn(self, tokens: int, prefix: int, seconds: float) -> None:
+        """A slice of ``tokens`` after ``prefix`` added ``seconds`` to its item."""
         x = self.flops(tokens, prefix)
         common = seconds / (x[0] + x[1])
         self.common_s_per_flop = (common if self.common_s_per_flop is None else

@@ -128,9 +128,10 @@ TIME_TABLES = ("layer", "embedding", "head", "call", "decode_layer", "decode_hea
 
 
 def pool_alike(profile: Profile) -> Profile:
-    """Each group of alike workers (kind, device, threads, slowdown) gets one grid, the
-    pointwise median of theirs (see [Note: alike workers, one speed]); a group whose grids
-    differ in shape is left as measured."""
+    """Each group of alike workers (kind, device, threads, slowdown; a quick calibration's
+    workers are all on this host) gets one grid, the pointwise median of theirs (see
+    [Note: alike workers, one speed]); a group whose grids differ in shape is left as
+    measured."""
     groups: dict[tuple, list[DeviceProfile]] = {}
     for d in profile.devices:
         groups.setdefault((d.kind, d.torch_device, d.num_threads, d.slowdown), []).append(d)
