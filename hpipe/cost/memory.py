@@ -32,10 +32,11 @@ SDPA_MASK_BYTES_PER_PAIR = 5
 # CUDA context + PyTorch allocator slack + cuBLAS workspace, as nvidia-smi shows for a process
 # that has run one matmul (~300-500 MiB on Pascal/Ampere). A CPU worker pays the interpreter
 # and the torch import instead: with it, predicted peaks of SmolLM2 prefills of 512-4096
-# tokens came within 3% of the measured peak RSS here (tests/test_memory_model.py; the
-# loader's own transient peak, higher, is over before the first request).
+# tokens came within 4% of the measured peak RSS here (tests/test_memory_model.py; the
+# loader's own transient peak, higher, is over before the first request). It was 256 MiB
+# while loading an embedding imported torch._dynamo (see decoder.Embedding).
 CONTEXT_BYTES_GPU = 512 * MIB
-CONTEXT_BYTES_CPU = 256 * MIB
+CONTEXT_BYTES_CPU = 192 * MIB
 
 
 def context_bytes(device: DeviceSpec) -> int:

@@ -232,8 +232,14 @@ class Block(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.tok = nn.Embedding(spec.vocab_size, spec.hidden)
-        self.pos = nn.Embedding(spec.max_seq_len, spec.hidden) if spec.family == "gpt2" else None
+        # Weights given, so no random init: the loader assigns the checkpoint's, and
+        # nn.Embedding's normal_ on the meta device imports torch._dynamo (1-1.7 s of every
+        # process that loads a first stage; Linear's init does not).
+        self.tok = nn.Embedding(spec.vocab_size, spec.hidden,
+                                _weight=torch.empty(spec.vocab_size, spec.hidden))
+        self.pos = (nn.Embedding(spec.max_seq_len, spec.hidden,
+                                 _weight=torch.empty(spec.max_seq_len, spec.hidden))
+                    if spec.family == "gpt2" else None)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``positions``: (T,), each token's position in its own sequence."""
