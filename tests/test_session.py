@@ -207,3 +207,21 @@ def test_a_dead_or_stopped_worker_breaks_the_session_naming_it(tiny_checkpoints,
         done = again.generate(Request.from_ids(ids, max_new_tokens=3, stop_at_eos=False),
                               timeout=120)
     assert len(done.output_ids[0]) == 3
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tiny_checkpoints, tmp_path):
+    """Spawned workers import the user's script again; the one that opens a pipeline at import
+    time must hear what to change, and nothing may be left running."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from hpipe.session import Session\n"
+        f"Session.open(model={str(tiny_checkpoints['llama'])!r}, cluster='local:2', "
+        "seq_len=16).close()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "put the script's code under `if __name__ == \"__main__\":`" in r.stderr, r.stderr
+    assert "AssertionError" not in r.stderr, r.stderr  # closing a half-started pool

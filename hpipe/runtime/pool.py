@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hpipe.errors import WorkerFailedError, reported_error
+from hpipe.errors import SettingError, WorkerFailedError, reported_error
 from hpipe.runtime.liveness import DEFAULT_LIVENESS_S, Heartbeats, describe_silence
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,18 @@ class WorkerPool:
 
     def start(self, *, watch_in_thread: bool = False) -> None:
         for p in self._procs:
-            p.start()
+            try:
+                p.start()
+            except RuntimeError as e:
+                if "bootstrapping phase" not in str(e):
+                    raise
+                # A script that opens a pipeline at import time: each spawned worker imports
+                # the script again and would open a pipeline of its own. Python's message
+                # names freeze_support, which is not the fix.
+                raise SettingError(
+                    "a pipeline was opened while this script was being imported by one of "
+                    "hpipe's worker processes; put the script's code under "
+                    "`if __name__ == \"__main__\":`") from None
         self._beats.created_s = time.monotonic()
         log.info("spawned %d workers (%s) on %s:%d: pids %s", len(self._procs),
                  self.settings.backend, self.settings.addr, self.settings.port, self.pids)
@@ -253,7 +264,8 @@ class WorkerPool:
             self.send_all(("close",))
             deadline = time.monotonic() + grace_s
             for p in self._procs:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
+                if p.pid is not None:  # a start that failed part-way leaves some unstarted
+                    p.join(timeout=max(0.0, deadline - time.monotonic()))
         self.stop()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=GRACE_S)
