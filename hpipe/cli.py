@@ -157,6 +157,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "--trace", str(args.out / "trace.json"), "--png", str(args.out / "timeline.png")]
     if args.no_calibration:
         argv.append("--no-calibration")
+    if args.recalibrate:
+        argv.append("--recalibrate")
     if args.json:
         argv.append("--json")
     else:

@@ -90,6 +90,44 @@ def test_run_calibrates_once_then_reads_the_cache(tiny_checkpoints, tmp_path):
     assert "calibration" not in off.stderr
     assert json.loads(off.stdout)["cost_model"] == "analytic"
 
+    before = files[0].stat().st_mtime_ns
+    again = _run(model, tmp_path, "--recalibrate")
+    assert again.returncode == 0, again.stderr
+    assert "calibrating this machine's 2 CPU worker(s)" in again.stderr
+    assert list((tmp_path / "calibration").glob("*.json")) == files  # the same entry, replaced
+    assert files[0].stat().st_mtime_ns != before
+
+
+def test_recalibrate_and_no_calibration_together_are_refused(tmp_path):
+    r = _run("smollm2", tmp_path, "--recalibrate", "--no-calibration")
+    assert r.returncode == 2
+    assert "--no-calibration: not allowed with argument --recalibrate" in r.stderr, r.stderr
+    assert not (tmp_path / "calibration").exists()
+
+
+@pytest.mark.parametrize("flag,env,wanted", [(False, "", False), (True, "", True),
+                                             (False, "refresh", True), (False, "on", False)])
+def test_refresh_is_asked_by_flag_or_environment(monkeypatch, flag, env, wanted):
+    monkeypatch.setenv("HPIPE_CALIBRATION", env)
+    assert quick.refresh_wanted(flag) is wanted
+    assert quick.calibration_wanted(False)  # refresh still calibrates
+
+
+def test_a_run_far_from_a_cached_prediction_names_recalibrate():
+    """[Note: a stale calibration]: only a cached entry that missed by more than STALE_RATIO."""
+    from types import SimpleNamespace
+
+    profile = SimpleNamespace(date="2026-12-01T10:00:00")  # all the hint reads of a profile
+    cached = quick.QuickCalibration(profile, None, measured_s=None)
+    fresh = quick.QuickCalibration(profile, None, measured_s=8.0)
+    hint = quick.stale_hint(cached, 7.6, 10.0 * 1.3)
+    assert hint is not None
+    assert "ran 1.71x faster than the quick calibration cached on 2026-12-01T10:00:00" in hint
+    assert "--recalibrate" in hint
+    assert "1.40x slower" in quick.stale_hint(cached, 14.0, 10.0)
+    assert quick.stale_hint(cached, 11.0, 10.0) is None and quick.stale_hint(cached, 8.5, 10.0) is None
+    assert quick.stale_hint(fresh, 5.0, 10.0) is None  # just measured: recalibrating won't help
+
 
 def test_a_damaged_cache_entry_is_measured_again(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path))

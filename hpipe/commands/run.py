@@ -323,7 +323,12 @@ def calibrate(args, spec, cluster, dtype: str, *, prompt_tokens: int):
     """A quick calibration of local CPU workers (hpipe/profile/quick.py), measured or read from
     the cache; None when turned off, not possible, or failed (then the analytic model plans)."""
     from hpipe.profile import MIN_PROFILE_TOKENS
-    from hpipe.profile.quick import calibration_wanted, can_calibrate, quick_calibration
+    from hpipe.profile.quick import (
+        calibration_wanted,
+        can_calibrate,
+        quick_calibration,
+        refresh_wanted,
+    )
 
     if (not calibration_wanted(args.no_calibration) or not can_calibrate(cluster)
             or spec.max_seq_len < MIN_PROFILE_TOKENS):
@@ -331,7 +336,8 @@ def calibrate(args, spec, cluster, dtype: str, *, prompt_tokens: int):
     try:
         found = quick_calibration(args.model, cluster, dtype, prompt_tokens=prompt_tokens,
                                   max_seq_len=spec.max_seq_len,
-                                  on_notice=lambda text: print(text, file=sys.stderr, flush=True))
+                                  on_notice=lambda text: print(text, file=sys.stderr, flush=True),
+                                  refresh=refresh_wanted(getattr(args, "recalibrate", False)))
     except (HPipeError, WorkerFailedError) as e:  # the run will say what is wrong, its own way
         print(f"hpipe run: the quick calibration failed ({e}); planning from catalog figures",
               file=sys.stderr)
@@ -392,6 +398,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(format_report(report))
+    if prep.calibration is not None:
+        from hpipe.profile.quick import stale_hint
+
+        hint = stale_hint(prep.calibration, report["prefill_latency_s"],
+                          report["predicted_prefill_latency_s"])
+        if hint:
+            print(f"hpipe run: {hint}", file=sys.stderr)
     return _write_artifacts(args, results, predicted)
 
 

@@ -43,12 +43,18 @@ def add_profile_argument(parser) -> None:
 
 
 def add_calibration_argument(parser) -> None:
-    """``--no-calibration`` for run / demo (see hpipe/profile/quick.py)."""
-    parser.add_argument(
+    """``--no-calibration`` / ``--recalibrate`` for run / demo (see hpipe/profile/quick.py)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--no-calibration", action="store_true",
         help="without --profile, plan from the catalog's figures instead of a quick "
              "calibration of this machine's workers (measured once, a few seconds, then cached; "
              "HPIPE_CALIBRATION=off does the same)",
+    )
+    group.add_argument(
+        "--recalibrate", action="store_true",
+        help="measure the quick calibration again and replace the cached one, e.g. when it "
+             "was taken while the machine was busy (HPIPE_CALIBRATION=refresh does the same)",
     )
 
 

@@ -23,7 +23,15 @@ number of cores. The next run with the same key reads it back.
 
 ``$HPIPE_CACHE_DIR`` moves the cache (default ``$XDG_CACHE_HOME/hpipe``, else
 ``~/.cache/hpipe``); ``HPIPE_CALIBRATION=off`` (or ``--no-calibration``) keeps the analytic
-model.
+model; ``HPIPE_CALIBRATION=refresh`` (or ``--recalibrate``) measures again and replaces the
+entry.
+
+[Note: a stale calibration] A shared machine's speed drifts: on this 2-core VM the same
+calibration grid's 4096-token point took 0.62-0.70 s within minutes, and a calibration taken in
+a slow spell predicted runs 1.3x slower than they measured. An entry keeps what it measured, so
+a run that measures its prefill more than STALE_RATIO off the prediction of a *cached* entry
+says so and names ``--recalibrate`` (``stale_hint``). A fresh calibration that is off says
+nothing: measuring again would not help.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from hpipe.cost.profile_file import DeviceProfile, Profile, TimeSample, read_pro
 
 log = logging.getLogger(__name__)
 
+STALE_RATIO = 1.25  # measured/predicted beyond this either way: the cached entry may be stale
 CALIBRATION_VERSION = 1  # bump when the grid or the measurement changes: old entries go stale
 MIN_GRID_TOKENS = 1024  # a shorter prompt still gets a grid this long (plans reach past it)
 
@@ -66,6 +75,27 @@ def calibration_wanted(flag_off: bool) -> bool:
     """False when ``--no-calibration`` or ``HPIPE_CALIBRATION=off`` (or 0/no/false)."""
     env = os.environ.get("HPIPE_CALIBRATION", "").strip().lower()
     return not flag_off and env not in ("off", "0", "no", "false")
+
+
+def refresh_wanted(flag_refresh: bool) -> bool:
+    """True when ``--recalibrate`` or ``HPIPE_CALIBRATION=refresh``: measure, replace the entry."""
+    return flag_refresh or os.environ.get("HPIPE_CALIBRATION", "").strip().lower() == "refresh"
+
+
+def stale_hint(calibration: QuickCalibration, measured_s: float,
+               predicted_s: float) -> str | None:
+    """What to tell a user whose run measured far from a cached calibration's prediction (see
+    [Note: a stale calibration]); None when the entry was just measured or the run agrees."""
+    if calibration.measured_s is not None or measured_s <= 0 or predicted_s <= 0:
+        return None
+    ratio = measured_s / predicted_s
+    if 1 / STALE_RATIO <= ratio <= STALE_RATIO:
+        return None
+    how = "faster" if ratio < 1 else "slower"
+    return (f"the prefill ran {max(ratio, 1 / ratio):.2f}x {how} than the quick calibration "
+            f"cached on {calibration.profile.date} predicted ({measured_s:.2f} s measured, "
+            f"{predicted_s:.2f} s predicted). If this machine was busier or idler then, "
+            "--recalibrate measures it again (or HPIPE_CALIBRATION=refresh)")
 
 
 def can_calibrate(cluster: ClusterSpec) -> bool:
@@ -152,12 +182,13 @@ def pool_alike(profile: Profile) -> Profile:
 
 
 def quick_calibration(model: str, cluster: ClusterSpec, dtype: str, *, prompt_tokens: int,
-                      max_seq_len: int, on_notice=None) -> QuickCalibration:
-    """The cached calibration for this key, or a new one measured now and cached;
-    ``on_notice(text)`` hears that a measurement starts."""
+                      max_seq_len: int, on_notice=None,
+                      refresh: bool = False) -> QuickCalibration:
+    """The cached calibration for this key, or a new one measured now and cached (always new
+    with ``refresh``); ``on_notice(text)`` hears that a measurement starts."""
     max_tokens = grid_tokens(prompt_tokens, max_seq_len)
     path = cache_dir() / "calibration" / f"{cache_key(model, cluster, dtype, max_tokens)}.json"
-    if path.exists():
+    if path.exists() and not refresh:
         try:
             return QuickCalibration(pool_alike(read_profile(path)), path, None)
         except Exception as e:  # a damaged cache entry is measured again, not an error
