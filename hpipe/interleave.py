@@ -17,7 +17,15 @@ is as long as the pipeline's fill allows, hundreds of tokens; inside an item tha
 decode rows, its time is what every running stream waits between two tokens. So while any
 request decodes, a slice is cut to ``slice_cap(rid, prefix)`` tokens (the Session measures it
 as it runs: what adds about one decode step to the last stage's item, hpipe/session_items.py), and
-the planned slices resume at full size when nobody waits.
+the planned slices resume when nobody decodes.
+
+[Note: a slice bounds the next arrival's wait] An item cannot be cut short once sent, so a
+request that arrives while the pipeline is busy waits for the items in flight. The planned
+slicing is for latency alone and may be one slice: on one worker the slicing DP gains nothing
+from slices, and a 7000-token document on local:1 went in as one 57 s item, during which every
+chat that arrived waited (the slowest chat's first token in the mixed serving load: 57 s). So
+while nobody decodes, slices are cut to ``idle_cap(rid, prefix)`` instead (the Session keeps
+them to about a second of work, hpipe/session_items.py).
 
 [Note: short prompts first] Each item carries one slice, so the prompts being prefilled take
 turns. In arrival order, a chat that comes while a long document prefills would wait for the
@@ -154,6 +162,7 @@ class Interleaver:
     def __init__(self, *, depth: int, kv_token_budget: int,
                  slicing: Callable[[int], tuple[int, ...]] = lambda n: (n,),
                  slice_cap: Callable[[int, int], int] | None = None,
+                 idle_cap: Callable[[int, int], int] | None = None,
                  prefixes: PrefixCache | None = None) -> None:
         assert depth >= 1 and kv_token_budget >= 1, (depth, kv_token_budget)
         self.depth = depth
@@ -165,6 +174,9 @@ class Interleaver:
         # that prefix while other requests decode (see [Note: slices that fit a decode step]);
         # None: no cap.
         self.slice_cap = slice_cap
+        # idle_cap(rid, prefix): the same while nobody decodes (see [Note: a slice bounds the
+        # next arrival's wait]); None: the planned slices.
+        self.idle_cap = idle_cap
         self.waiting: deque[_Live] = deque()  # not admitted yet, in arrival order
         self.live: dict[int, _Live] = {}  # admitted, in admission order
         self.in_flight: dict[int, Item] = {}
@@ -267,11 +279,13 @@ class Interleaver:
         prefilling = [r for r in self.live.values() if r.prefilling]
         if prefilling:
             r = self._prefill_turn(prefilling)
-            # The rest of the planned slice, cut to the cap while other streams decode.
+            # The rest of the planned slice, cut to the cap: slice_cap while other streams
+            # decode, idle_cap while none does.
             done_in_plan = r.cached + sum(r.slices[:r.next_slice])
             n = done_in_plan + r.slices[r.next_slice] - r.prefilled
-            if others_decode and self.slice_cap is not None:
-                cap = max(1, self.slice_cap(r.rid, r.prefilled))
+            cap_of = self.slice_cap if others_decode else self.idle_cap
+            if cap_of is not None:
+                cap = max(1, cap_of(r.rid, r.prefilled))
                 # A tail under half a cap rides along: a 35-token chat in one piece, not 32 + 3
                 # (each extra item costs every stage a pass and the scheduler a round trip).
                 if n > cap + cap // 2:

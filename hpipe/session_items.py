@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 # is measured (see [Note: learning a fused slice's cost]).
 SLICE_FACTOR = 1.0
 MIN_SLICE_TOKENS, START_SLICE_TOKENS, MAX_SLICE_TOKENS = 8, 32, 1024
+# While nobody decodes, a slice is kept to about IDLE_ITEM_S of the last stage's work, so a
+# request that arrives meanwhile waits about that long for the pipeline (see [Note: a slice
+# bounds the next arrival's wait] in interleave.py). SmolLM2 on one CPU worker: 1 s is about
+# 300 tokens of a new prompt, 140 late in a 7000-token one; each extra slice costs one more
+# read of the weights (about 60 ms for 30 layers), so a document pays a few percent of its
+# prefill. The first is START_IDLE_TOKENS; each grows at most twice per measured one.
+IDLE_ITEM_S = 1.0
+START_IDLE_TOKENS = 256
 EWMA_WEIGHT = 0.2
 INFORMATIVE_SHARE = 0.25  # see [Note: learning a fused slice's cost]
 
@@ -61,11 +69,15 @@ class InterleavedRuns:
                                  slicing=((lambda n: (n,)) if whole_prefill
                                           else session.plan.slices_for),
                                  slice_cap=None if whole_prefill else self._slice_cap,
+                                 idle_cap=None if whole_prefill else self._idle_cap,
                                  prefixes=PrefixCache() if prefix_reuse else None)
         self.reqs: dict[int, _Req] = {}
         self.step_s: float | None = None  # a decode-only item's compute, measured
         self.grow_to: dict[int, int] = {}  # rid -> its cap's bound (see _measure)
         self.slice_rate = SliceRate(session.plan.model)
+        # A slice alone in its item: its whole time, for the idle cap (see IDLE_ITEM_S).
+        self.solo_rate = SliceRate(session.plan.model)
+        self.idle_grow_to: dict[int, int] = {}  # rid -> its idle cap's bound
         self.busy_s: dict[int, float] = {}  # rank -> compute seconds so far
         self._thread: threading.Thread | None = None
 
@@ -196,6 +208,10 @@ class InterleavedRuns:
         of hpipe/slice_rate.py ([Note: two rates, not one]).
         """
         piece = item.prefill
+        if piece is not None and not item.decode and compute_s > 0:
+            self.solo_rate.learn(len(piece.ids), piece.prefix, compute_s)
+            if piece.rid in self.reqs:
+                self.idle_grow_to[piece.rid] = max(START_IDLE_TOKENS, 2 * len(piece.ids))
         if piece is None:
             if item.decode and compute_s > 0:
                 self.step_s = _ewma(self.step_s, compute_s)
@@ -215,9 +231,18 @@ class InterleavedRuns:
                                                                prefix))
         return int(min(MAX_SLICE_TOKENS, max(MIN_SLICE_TOKENS, tokens)))
 
+    def _idle_cap(self, rid: int, prefix: int) -> int:
+        """The scheduler's ``idle_cap``: the most prompt tokens of request ``rid`` an item may
+        carry at ``prefix`` while nobody decodes (see IDLE_ITEM_S)."""
+        tokens = self.idle_grow_to.get(rid, START_IDLE_TOKENS)
+        if self.solo_rate.learned:
+            tokens = min(tokens, self.solo_rate.tokens_within(IDLE_ITEM_S, prefix))
+        return int(max(MIN_SLICE_TOKENS, tokens))
+
     def _end(self, rid: int, final) -> None:
         req = self.reqs.pop(rid, None)
         self.grow_to.pop(rid, None)
+        self.idle_grow_to.pop(rid, None)
         if req is not None and not req.ended:
             req.ended = True
             req.stream._end(final)

@@ -251,6 +251,63 @@ def test_slices_are_cut_to_the_cap_only_while_others_decode():
     assert cut[:2] == [(10, [0]), (15, [0])]
 
 
+def test_while_nobody_decodes_slices_are_cut_to_the_idle_cap():
+    """[Note: a slice bounds the next arrival's wait]: a prompt planned as one slice goes in
+    pieces of the idle cap, so a chat arriving meanwhile waits one piece, not the prompt."""
+    sched = Interleaver(depth=1, kv_token_budget=10_000, slice_cap=lambda rid, prefix: 4,
+                        idle_cap=lambda rid, prefix: 30 if prefix < 60 else 20)
+    sched.add(0, tuple(range(100)), slices=(100,), max_new_tokens=2)
+    sched.admit()
+    pieces = []
+    for _ in range(2):
+        item = sched.next_item()
+        pieces.append(len(item.prefill.ids))
+        sched.on_sampled(item.index, {})
+    sched.add(1, tuple(range(12)), slices=(12,), max_new_tokens=1)  # a chat arrives
+    sched.admit()
+    item = sched.next_item()  # the chat's whole prompt goes next (shortest first) ...
+    assert (item.prefill.rid, len(item.prefill.ids)) == (1, 12)
+    sched.on_sampled(item.index, {1: 7})  # ... and ends at once (one new token)
+    while (item := sched.next_item()) is not None:
+        pieces.append(len(item.prefill.ids))
+        sched.on_sampled(item.index, {0: 1} if item.prefill.last else {})
+        if item.prefill.last:
+            break
+    # 30 + 30 at prefixes 0 and 30; from prefix 60 the cap is 20: 20, then the last 20.
+    assert pieces == [30, 30, 20, 20]
+    # Without an idle cap, the planned slice goes whole.
+    plain = Interleaver(depth=1, kv_token_budget=10_000)
+    plain.add(0, tuple(range(100)), slices=(100,), max_new_tokens=1)
+    plain.admit()
+    assert len(plain.next_item().prefill.ids) == 100
+
+
+def test_idle_slices_start_small_and_follow_what_a_lone_slice_measured():
+    """The Session's idle cap: START_IDLE_TOKENS at first, at most twice the last measured
+    lone slice, and what the measured rate fits in IDLE_ITEM_S, shorter late in a prompt."""
+    from types import SimpleNamespace
+
+    from hpipe.interleave import DecodeRow, Item, PrefillPiece
+    from hpipe.session_items import IDLE_ITEM_S, START_IDLE_TOKENS, InterleavedRuns
+    from hpipe.spec import model_preset
+
+    plan = SimpleNamespace(model=model_preset("smollm2-135m"), slices_for=lambda n: (n,))
+    runs = InterleavedRuns(SimpleNamespace(plan=plan), depth=1, kv_token_budget=100_000)
+    runs.reqs = {1: None}
+    cap = functools.partial(runs.sched.idle_cap, 1)
+    assert cap(0) == START_IDLE_TOKENS == cap(6000)
+    runs._measure(Item(0, PrefillPiece(1, 0, (7,) * 256, False), ()), 0.4)  # alone: 1.6 ms/token
+    assert cap(0) == 512  # doubles; the rate alone would allow ~600 in IDLE_ITEM_S
+    assert cap(6000) < cap(0) and runs.solo_rate.seconds(cap(6000), 6000) <= IDLE_ITEM_S * 1.01
+    # A slice beside decode rows teaches the idle cap nothing.
+    before = runs.solo_rate.s_per_flop
+    runs._measure(Item(1, PrefillPiece(1, 256, (7,) * 32, False),
+                       (DecodeRow(rid=9, token=5, position=40),)), 0.2)
+    assert runs.solo_rate.s_per_flop == before
+    runs._end(1, None)
+    assert 1 not in runs.idle_grow_to
+
+
 def test_a_short_prompt_goes_ahead_of_a_long_ones_slices_but_cannot_starve_it():
     """A chat that comes while a document prefills gets the next slice (its first token after
     one item, not after the document); chats arriving without end leave the document one item
