@@ -32,11 +32,13 @@ SDPA_MASK_BYTES_PER_PAIR = 5
 # CUDA context + PyTorch allocator slack + cuBLAS workspace, as nvidia-smi shows for a process
 # that has run one matmul (~300-500 MiB on Pascal/Ampere). A CPU worker pays the interpreter
 # and the torch import instead: with it, predicted peaks of SmolLM2 prefills of 512-4096
-# tokens came within 4% of the measured peak RSS here (tests/test_memory_model.py; the
-# loader's own transient peak, higher, is over before the first request). It was 256 MiB
+# tokens came within 8% of the measured peak RSS here (tests/test_memory_model.py; the
+# loader's own transient peak, higher, is over before the first request). The same probe's
+# peaks differ by about 90 MiB between two venvs of one machine (821/955/960 MiB against
+# 897/1061/1058 MiB for 512/2048/3072 tokens), so the figure sits between them. It was 256 MiB
 # while loading an embedding imported torch._dynamo (see decoder.Embedding).
 CONTEXT_BYTES_GPU = 512 * MIB
-CONTEXT_BYTES_CPU = 192 * MIB
+CONTEXT_BYTES_CPU = 224 * MIB
 
 
 def context_bytes(device: DeviceSpec) -> int:
