@@ -6,6 +6,10 @@ when its data is ready and its link is free (one transfer at a time per directed
 with ``overlap_comm`` (the runtime's non-blocking sends), does not hold up the next compute.
 Without overlap the sender is busy until the transfer ends: the paper's accounting,
 F[i][j] = max(F[i-1][j], F[i][j-1]) + t_c + t_t.
+
+A prefill compute that borrows its host's idle CPU threads (a plan with ``lend_idle_threads``,
+see [Note: a lone compute borrows its host's idle cores] in hpipe/lending.py) is priced with
+those threads, as the runtime runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpipe.cost.base import CostModel
+from hpipe.lending import lent_threads, lent_time_s
 from hpipe.plan.plan import Plan
 from hpipe.schedule import TOKEN, ActionKind, Schedule, build_schedule
 from hpipe.spec import dtype_bytes
@@ -79,6 +84,8 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
              for s, st in enumerate(plan.stages)]
     device = [st.device for st in plan.stages]
     recv, compute = ActionKind.RECV, ActionKind.COMPUTE
+    lent = lent_threads(plan, sched)  # (stage, unit) -> threads: see hpipe/lending.py
+    own_threads = [plan.cluster.devices[d].num_threads for d in device]
 
     stage_free = [0.0] * n  # when the stage can start its next compute
     inbox = [0.0] * n  # latest arrival among the recvs done since the last compute
@@ -106,6 +113,7 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
                 elif kind is compute:
                     devices, layer_start, layer_stop, has_embedding, has_head = where[s]
                     start = max(stage_free[s], inbox[s])
+                    threads = lent.get((s, a.unit), 0) if lent else 0  # prefill only
                     if u.phase == "decode":  # read-bound: see cost.analytic
                         dur = cost.decode_time_s(
                             devices, layer_start, layer_stop, batch=u.rows, context=u.prefix,
@@ -114,12 +122,14 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
                         dur = cost.stage_time_s(
                             devices, layer_start, layer_stop, batch=u.rows, tokens=u.tokens,
                             prefix=u.prefix, has_embedding=has_embedding, has_head=has_head)
+                        if threads:
+                            dur = lent_time_s(dur, threads=threads, own_threads=own_threads[s])
                     end = start + dur
                     if record:
                         for r in rows_of[s]:
                             intervals.append(Interval(r, "compute", u.index, u.phase,
                                                       u.microbatch, u.slice_index, u.tokens,
-                                                      start, end))
+                                                      start, end, threads))
                     if u.phase == "prefill":
                         prefill_end = max(prefill_end, end)
                         if s == last:

@@ -24,6 +24,9 @@ class Interval:
     tokens: int
     start_s: float
     end_s: float
+    # A compute that borrowed its host's idle CPU threads: how many it ran on (0: the
+    # device's own; see hpipe/lending.py).
+    threads: int = 0
 
     @property
     def duration_s(self) -> float:

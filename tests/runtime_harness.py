@@ -49,6 +49,7 @@ class Case:
     seed: int = 0
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's own
     groups: tuple[int, ...] = ()
+    lend: bool = False  # the plan's lend_idle_threads (hpipe/lending.py)
 
     @property
     def prompt_len(self) -> int:
@@ -74,7 +75,8 @@ def plan_for(case: Case, spec: ModelSpec, cluster: ClusterSpec) -> Plan:
         start, device = start + n, device + size
     return Plan(method=case.method, model=spec, cluster=cluster, batch=case.batch,
                 seq_len=case.prompt_len, dtype="float32", stages=tuple(stages),
-                slices=case.slices, num_microbatches=case.num_microbatches)
+                slices=case.slices, num_microbatches=case.num_microbatches,
+                lend_idle_threads=case.lend)
 
 
 def request_for(case: Case, path: Path | str, spec: ModelSpec, num_workers: int,

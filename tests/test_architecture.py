@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hpipe"
 
 # Lower units first. A unit may import any unit at or before its own place.
 ORDER = ("errors", "textfile", "spec", "catalog", "cluster", "emulation", "model", "cost", "plan",
-         "schedule", "sim", "timeline", "runtime", "profile", "netns", "report")
+         "schedule", "lending", "sim", "timeline", "runtime", "profile", "netns", "report")
 # Units that orchestrate: they may import anything, and nothing below may import them.
 TOP = {"session", "session_items", "session_events", "interleave", "prefix_cache", "commands",
        "cli", "demo", "experiment", "serve", "analyze", "__init__", "__main__"}
@@ -20,6 +20,7 @@ TOP = {"session", "session_items", "session_events", "interleave", "prefix_cache
 EXCEPTIONS = {
     ("plan", "schedule"): "the planner scores candidate plans with the exact simulator",
     ("plan", "sim"): "the planner scores candidate plans with the exact simulator",
+    ("plan", "lending"): "the planner's lower bound prices lent computes as the simulator does",
 }
 RANK = {unit: i for i, unit in enumerate(ORDER)}
 RANK["timeline"] = RANK["spec"]  # a plain data type that sim, runtime and report all read

@@ -12,6 +12,7 @@ from runtime_harness import (
     assert_equivalent,
     assert_stopped_early,
     launch_cases,
+    plan_for,
     reference,
     with_eos_at,
 )
@@ -31,11 +32,13 @@ CASES_2 = [
     Case("neox-uneven", "neox", layers=(3, 1), slices=(4, 4, 3)),
     Case("llama-prefill-only", "llama", layers=(2, 2), slices=(4, 4), max_new_tokens=1),
     Case("smollm2-uneven-sliced", "smollm2", layers=(12, 18), slices=(20, 12, 8),
-         max_new_tokens=5),
+         max_new_tokens=5, lend=True),
+    Case("llama-lent-2mb", "llama", layers=(2, 2), slices=(5, 3), batch=2, num_microbatches=2,
+         lend=True),
 ]
 CASES_3 = [
     Case("llama-3w-uneven-batch3", "llama", layers=(1, 1, 2), slices=(6, 4, 2), batch=3),
-    Case("gpt2-3w-many-slices", "gpt2", layers=(2, 1, 1), slices=(4, 3, 2, 2, 1, 1)),
+    Case("gpt2-3w-many-slices", "gpt2", layers=(2, 1, 1), slices=(4, 3, 2, 2, 1, 1), lend=True),
     Case("llama-3w-base", "llama", layers=(2, 1, 1), slices=(10,), method="base"),
     Case("llama-3w-gpipe", "llama", layers=(1, 2, 1), slices=(8,), batch=3, method="gpipe",
          num_microbatches=3),
@@ -134,6 +137,24 @@ def test_measured_timeline_follows_the_schedule(runs_2):
         assert send.start_s <= comp.start_s + skew_s, (i, send.start_s, comp.start_s)
     assert all(m > 0 for m in tl.peak_memory_bytes)
     assert 0 < tl.ttft_s <= tl.latency_s
+
+
+def test_lone_computes_ran_on_the_borrowed_threads(runs_2, runs_3, models):
+    """The computes a plan lends its host's idle threads to (hpipe/lending.py) are exactly the
+    ones the measured timeline shows on more threads, with the count the schedule gives."""
+    from hpipe.cluster import local_cluster
+    from hpipe.lending import lent_threads
+    from hpipe.schedule import build_schedule
+
+    lent_cases = [(runs, c) for runs, cases in ((runs_2, CASES_2), (runs_3, CASES_3))
+                  for c in cases if c.lend]
+    assert len(lent_cases) == 3
+    for runs, case in lent_cases:
+        plan = plan_for(case, models[case.model][1].spec, local_cluster(len(case.layers)))
+        want = lent_threads(plan, build_schedule(plan, num_decode_steps=case.max_new_tokens - 1))
+        got = {(iv.row, iv.unit): iv.threads for iv in runs[case.name].timeline.intervals
+               if iv.kind == "compute" and iv.threads}
+        assert want and got == want, (case.name, got, want)
 
 
 def test_early_eos_stops_every_stage(runs_2, runs_3, models, whole_models):

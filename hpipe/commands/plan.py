@@ -51,9 +51,11 @@ def add_objective_args(p: argparse.ArgumentParser) -> None:
 
 def summarise(plan, cost) -> dict:
     """Per-stage devices, layers and memory, and the prediction; what the text view prints."""
+    from hpipe.lending import lent_threads
     from hpipe.plan.evaluate import plan_memory_bytes
 
     mem = dict(plan_memory_bytes(plan, cost))
+    num_slices = len(plan.slices)  # prefill units go micro-batch by micro-batch
     return {
         "method": plan.method,
         "predicted_latency_s": plan.predicted_latency_s,
@@ -70,6 +72,11 @@ def summarise(plan, cost) -> dict:
         "num_slices": len(plan.slices),
         "num_microbatches": plan.num_microbatches,
         "slice_table_lengths": len(plan.slice_table),
+        # Prefill computes that run alone on their host, on its idle workers' threads too.
+        "lent_computes": [
+            {"stage": s, "device": plan.cluster.devices[plan.stages[s].device].name,
+             "microbatch": u // num_slices, "slice": u % num_slices, "threads": k}
+            for (s, u), k in sorted(lent_threads(plan).items())],
     }
 
 
@@ -88,6 +95,13 @@ def describe(plan, summary: dict) -> str:
     lines.append(f"  slices ({len(sl)}): {shown}"
                  + (f"; {plan.num_microbatches} micro-batches" if plan.num_microbatches > 1
                     else ""))
+    lent = summary["lent_computes"]
+    if lent:
+        shown = ", ".join(f"slice {c['slice']} on {c['device']}"
+                          + (f" (micro-batch {c['microbatch']})" if plan.num_microbatches > 1
+                             else "") for c in lent[:6]) + (", ..." if len(lent) > 6 else "")
+        lines.append(f"  run alone on their host, on {lent[0]['threads']} threads (its idle "
+                     f"workers' too): {shown}")
     if plan.slice_table:
         lines.append(f"  slicing schemes stored for {len(plan.slice_table)} prompt lengths "
                      f"({plan.slice_table[0][0]}..{plan.slice_table[-1][0]} tokens)")

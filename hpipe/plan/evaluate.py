@@ -26,6 +26,10 @@ from hpipe.schedule import prefill_units
 from hpipe.sim import simulate_latency
 from hpipe.spec import ModelSpec, dtype_bytes
 
+# Plans whose lone prefill computes borrow their host's idle CPU threads (hpipe/lending.py):
+# HPipe's own and a user's manual layout. The paper's baselines run as the paper has them.
+LENDING_METHODS = ("hpipe", "manual")
+
 GIB = 1024**3  # device memory is sold in GiB ("16 GB" P100 = 16 GiB)
 
 
@@ -125,7 +129,7 @@ class Problem:
         return Plan(method=method, model=self.model, cluster=self.cluster, batch=self.batch,
                     seq_len=self.seq_len, dtype=self.dtype, stages=stages, slices=slices,
                     num_microbatches=num_microbatches, slice_table=tuple(slice_table),
-                    notes=tuple(notes))
+                    notes=tuple(notes), lend_idle_threads=method in LENDING_METHODS)
 
     def slice_times(self, stages: tuple[StagePlan, ...], *,
                     only_stage: int | None = None) -> SliceTimes:

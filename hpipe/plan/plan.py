@@ -51,6 +51,9 @@ class Plan:
       micro-batch goes through every slice.
     - ``slice_table``: HPipe keeps one slicing scheme per supported length, looked up at run
       time for the incoming prompt length.
+    - ``lend_idle_threads``: a prefill compute that runs alone on its host borrows the threads
+      of the host's idle CPU workers (hpipe/lending.py); HPipe's and manual plans do, the
+      paper's baselines do not.
     """
 
     method: str
@@ -65,6 +68,7 @@ class Plan:
     predicted_latency_s: float | None = None
     slice_table: tuple[tuple[int, tuple[int, ...]], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    lend_idle_threads: bool = False
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -143,6 +147,7 @@ class Plan:
             "predicted_latency_s": self.predicted_latency_s,
             "slice_table": {str(k): list(v) for k, v in self.slice_table},
             "notes": list(self.notes),
+            "lend_idle_threads": self.lend_idle_threads,
         }
 
     @classmethod
@@ -180,6 +185,8 @@ class Plan:
                 num_microbatches=int(d.get("num_microbatches", 1)),
                 predicted_latency_s=d.get("predicted_latency_s"), slice_table=slice_table,
                 notes=tuple(str(n) for n in d.get("notes") or ()),
+                # Files from before lending have no key: they ran without it.
+                lend_idle_threads=bool(d.get("lend_idle_threads", False)),
             )
 
     def to_json(self) -> str:

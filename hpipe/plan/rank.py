@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from hpipe.lending import lent_threads, lent_time_s
 from hpipe.plan.evaluate import Problem, memory_overflows, stage_unit_times
 from hpipe.plan.plan import Plan, StagePlan
 from hpipe.schedule import prefill_units
@@ -50,7 +51,8 @@ def grid_uniform_slicings(seq_len: int, grain_tokens: int) -> list[tuple[int, ..
 
 
 def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
-                 units: list[tuple[int, int, int]]) -> float:
+                 units: list[tuple[int, int, int]],
+                 lent: dict[tuple[int, int], int] | None = None) -> float:
     """A lower bound on the simulated latency of ``units`` (rows, tokens, prefix), in order,
     through ``stages``. Every resource r (a stage and, with overlapped communication, the
     link after it; without, the stage is busy for both) waits for the first unit to pass the
@@ -59,12 +61,21 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
         T >= max_r  sum_{r' < r} x[1, r'] + sum_i x[i, r] + sum_{r' > r} x[M, r']
 
     (the machine bound of flow-shop scheduling). Exact when every unit takes the same time on
-    each resource (equal micro-batches; equal slices up to the prefix's growth)."""
+    each resource (equal micro-batches; equal slices up to the prefix's growth).
+
+    ``lent``: (stage, unit) -> threads of the computes that borrow idle cores; without
+    overlapped communication their whole cell (compute and send) is scaled, which only lowers
+    the bound."""
     if (getattr(pb.cost, "stage_times_many_s", None) is not None
             and len({rows for rows, _, _ in units}) == 1):
         a = _unit_times_many(pb, stages, units)
     else:
         a = _unit_times(pb, stages, units)
+    if lent:
+        per = 2 if pb.overlap_comm else 1  # columns per stage
+        for (j, i), threads in lent.items():
+            own = pb.cluster.devices[stages[j].device].num_threads
+            a[i, per * j] = lent_time_s(a[i, per * j], own_threads=own, threads=threads)
     head = np.concatenate([[0.0], np.cumsum(a[0])[:-1]])  # the first unit reaching r
     tail = np.concatenate([np.cumsum(a[-1][::-1])[::-1][1:], [0.0]])  # the last leaving r
     return float(np.max(head + a.sum(axis=0) + tail))
@@ -103,9 +114,12 @@ def _unit_times_many(pb: Problem, stages, units) -> np.ndarray:
 
 def plan_bound_s(pb: Problem, plan: Plan) -> float:
     """``flow_bound_s`` of a plan's own prefill units: its simulated latency is never less,
-    so a plan whose bound does not beat the best so far need not be simulated."""
+    so a plan whose bound does not beat the best so far need not be simulated. Computes that
+    borrow their host's idle threads (hpipe/lending.py) count at their lent time, as the
+    simulator prices them, or the bound could exceed the latency and prune the winner."""
     return pb.decode_s(plan.stages, first_rows=1) + flow_bound_s(
-        pb, plan.stages, [(u.rows, u.tokens, u.prefix) for u in prefill_units(plan)])
+        pb, plan.stages, [(u.rows, u.tokens, u.prefix) for u in prefill_units(plan)],
+        lent=lent_threads(plan))
 
 
 # Micro-batch counts are swept one by one up to this batch. Above it only the counts at which

@@ -63,7 +63,8 @@ def chrome_trace(timelines: Sequence[Timeline], *, labels: Sequence[str] | None 
                 "ts": iv.start_s * US_PER_S,
                 "dur": iv.duration_s * US_PER_S,
                 "args": {"unit": iv.unit, "slice": iv.slice_index, "microbatch": iv.microbatch,
-                         "tokens": iv.tokens, "phase": iv.phase, "kind": iv.kind},
+                         "tokens": iv.tokens, "phase": iv.phase, "kind": iv.kind,
+                         **({"lent_threads": iv.threads} if iv.threads else {})},
             })
         meta.append({
             "label": label, "source": tl.source, "method": tl.method, "emulated": tl.emulated,

@@ -46,6 +46,7 @@ from functools import partial
 import torch
 
 from hpipe.emulation import emulated_sleep_s
+from hpipe.lending import lent_threads
 from hpipe.runtime.comm import Expected, GroupLink, PendingSend, Received, StageLink
 from hpipe.runtime.request import RunRequest, dtype_of
 from hpipe.schedule import TOKEN, ActionKind, build_schedule
@@ -121,6 +122,7 @@ class StageRunner:
         self.caches = [stage_module.new_cache(batch=r, max_tokens=req.max_tokens) for r in self.rows]
         self.prompt = torch.tensor(req.prompt_ids, dtype=torch.int64, device=device)  # (B, T)
         self.intervals: list[Interval] = []
+        self.lent: dict[int, int] = {}  # unit -> threads, set by run()
         self.prefill_cpu_s = 0.0
         self.prefill_allreduce_s = 0.0
         self.sends: list[tuple[PendingSend, Interval]] = []
@@ -144,6 +146,10 @@ class StageRunner:
     def run(self) -> StageOutcome:
         num_steps = max(0, self.req.max_new_tokens - 1)
         sched = build_schedule(self.plan, num_decode_steps=num_steps, slices=self.req.slices)
+        # This stage's prefill computes that run alone on the host, with the host's threads
+        # (see [Note: a lone compute borrows its host's idle cores] in hpipe/lending.py).
+        self.lent = {unit: k for (s, unit), k in lent_threads(self.plan, sched).items()
+                     if s == self.s}
         units = sched.units
         final_prefill = max(u.index for u in units if u.phase == "prefill")
         num_prefill = final_prefill + 1
@@ -259,20 +265,30 @@ class StageRunner:
         cpu_start = time.thread_time()
         process_cpu_start = time.process_time()  # every thread: the intra-op pool's too
         reduce_start = self.group.allreduce_s if self.group is not None else 0.0
-        with torch.inference_mode():
-            if u.phase == "prefill":
-                # The last stage needs logits only at a slice's last position: the full
-                # (tokens, vocab) product would dominate a small model's time.
-                out = self.stage(inp, self.caches[u.microbatch], last_only=self.samples)
-            else:
-                parts = [self.stage(inp[r0:r0 + r], cache, last_only=self.samples)
-                         for r0, r, cache in zip(self.row_starts, self.rows, self.caches)]
-                out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        lent = self.lent.get(u.index)
+        if lent is not None:
+            own_threads = torch.get_num_threads()
+            torch.set_num_threads(lent)
+        try:
+            with torch.inference_mode():
+                if u.phase == "prefill":
+                    # The last stage needs logits only at a slice's last position: the full
+                    # (tokens, vocab) product would dominate a small model's time.
+                    out = self.stage(inp, self.caches[u.microbatch], last_only=self.samples)
+                else:
+                    parts = [self.stage(inp[r0:r0 + r], cache, last_only=self.samples)
+                             for r0, r, cache in zip(self.row_starts, self.rows, self.caches)]
+                    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        finally:
+            if lent is not None:
+                torch.set_num_threads(own_threads)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock must see the kernels finish
         reduce_s = (self.group.allreduce_s if self.group is not None else 0.0) - reduce_start
         if u.phase == "prefill":
-            self.prefill_cpu_s += time.thread_time() - cpu_start
+            # A lent compute's borrowed threads are this process's too: count them all.
+            self.prefill_cpu_s += (time.thread_time() - cpu_start if lent is None
+                                   else time.process_time() - process_cpu_start)
             self.prefill_allreduce_s += reduce_s
         if self.slowdown > 1.0:
             # Emulation: this device behaves as if it were `slowdown` times slower, on the CPU
@@ -285,7 +301,7 @@ class StageRunner:
                 cpu_s=None if on_cuda else time.process_time() - process_cpu_start,
                 num_threads=torch.get_num_threads()))
         self.intervals.append(Interval(self.row, "compute", u.index, u.phase, u.microbatch,
-                                       u.slice_index, u.tokens, start, clock()))
+                                       u.slice_index, u.tokens, start, clock(), lent or 0))
         return out
 
     def _after_last_compute(self, u, out: torch.Tensor, final_prefill: int) -> bool:
