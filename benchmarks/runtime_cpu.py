@@ -236,7 +236,12 @@ def main() -> None:
     hp_long = plan("hpipe", 1, args.tokens)
     base_long = plan("base", 1, args.tokens)
     # The same plan with its lone computes on their own thread: what lending the idle core buys.
+    from hpipe.cost import cost_model
+    from hpipe.sim import simulate
+
     hp_own = dataclasses.replace(hp_long, lend_idle_threads=False)
+    hp_own = dataclasses.replace(hp_own, predicted_latency_s=simulate(
+        hp_own, cost_model(spec, cluster, "float32")).prefill_latency_s)
     compared = [("hpipe-4096", hp_long), ("base-4096", base_long), ("hpipe-own-4096", hp_own)]
     hp_tp = plan("hpipe", 1, args.tokens, allow_tp=True)
     if any(len(st.devices) > 1 for st in hp_tp.stages):
@@ -340,8 +345,6 @@ def main() -> None:
         print(f"HPipe's TP-pair pick / Base:            {hp_t / base:.2f}x   per repeat: "
               + ", ".join(f"{h / b:.2f}x" for h, b in zip(tp_runs, base_runs)))
     if hp_p is not None:
-        from hpipe.sim import simulate
-
         print(f"HPipe from the quick calibration / Base: {hp_p / base:.2f}x   per repeat: "
               + ", ".join(f"{h / b:.2f}x" for h, b in zip(prof_runs, base_runs)))
         base_pred = simulate(base_long, cal_cost).prefill_latency_s
