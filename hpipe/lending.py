@@ -41,10 +41,15 @@ from hpipe.schedule import ActionKind, Schedule, build_schedule
 LENT_PARALLEL_FRACTION = 0.8  # of a prefill compute's time, the part more threads divide
 
 
-def lent_threads(plan: Plan, sched: Schedule | None = None) -> dict[tuple[int, int], int]:
-    """(stage, unit) -> torch threads, for each prefill compute of ``sched`` (default: the
-    plan's prefill) that borrows its host's idle cores (see [Note: a lone compute borrows its
-    host's idle cores]); others are absent. Cheap when nothing can borrow (no schedule walk)."""
+def lent_threads(plan: Plan, slices: tuple[int, ...] | None = None
+                 ) -> dict[tuple[int, int], int]:
+    """(stage, unit) -> torch threads, for each prefill compute of ``plan`` (cut into
+    ``slices``, default the plan's) that borrows its host's idle cores (see [Note: a lone
+    compute borrows its host's idle cores]); others are absent. Cheap when nothing can borrow.
+
+    The walk leaves decode out: decode step 0 waits for the token sampled after the last
+    stage's last prefill unit, which follows every prefill compute, so no decode compute can
+    overlap one (tests/test_lending.py checks the answer against the walk with decode)."""
     if not plan.lend_idle_threads:
         return {}
     devices = plan.cluster.devices
@@ -66,12 +71,10 @@ def lent_threads(plan: Plan, sched: Schedule | None = None) -> dict[tuple[int, i
         for d in st.devices:
             if _cpu_cores(devices[d]):
                 on_host.setdefault(devices[d].host, set()).add(s)
-    sched = sched or build_schedule(plan)
+    sched = build_schedule(plan, slices=slices)  # the prefill only: see above
     lone = lone_computes(sched, {s: on_host[devices[plan.stages[s].device].host] - {s}
                                  for s in borrowers})
-    units = sched.units
-    return {(s, sched.actions[s][i].unit): borrowers[s] for s, i in lone
-            if units[sched.actions[s][i].unit].phase == "prefill"}
+    return {(s, sched.actions[s][i].unit): borrowers[s] for s, i in lone}
 
 
 def _cpu_cores(device) -> bool:

@@ -84,7 +84,9 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
              for s, st in enumerate(plan.stages)]
     device = [st.device for st in plan.stages]
     recv, compute = ActionKind.RECV, ActionKind.COMPUTE
-    lent = lent_threads(plan, sched)  # (stage, unit) -> threads: see hpipe/lending.py
+    # (stage, unit) -> threads (hpipe/lending.py); prefill units are numbered alike in both
+    lent = lent_threads(plan, tuple(u.tokens for u in units
+                                    if u.phase == "prefill" and u.microbatch == 0))
     own_threads = [plan.cluster.devices[d].num_threads for d in device]
 
     stage_free = [0.0] * n  # when the stage can start its next compute

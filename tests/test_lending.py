@@ -76,9 +76,24 @@ def test_lone_computes_match_reachability(seed):
     assert lone_computes(sched, rivals) == _lone_by_search(sched, rivals)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_leaving_decode_out_of_the_walk_changes_nothing(seed):
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 3, 4])
+    batch = rng.randint(1, 3)
+    plan = _plan(n, [rng.randint(1, 6) for _ in range(rng.randint(1, 5))], batch=batch,
+                 microbatches=rng.randint(1, batch), cluster=local_cluster(max(n, 2)))
+    sched = build_schedule(plan, num_decode_steps=rng.randint(1, 4))
+    units = sched.units
+    with_decode = {(s, sched.actions[s][i].unit)
+                   for s, i in lone_computes(sched, {a: set(range(n)) - {a} for a in range(n)})
+                   if units[sched.actions[s][i].unit].phase == "prefill"}
+    assert set(lent_threads(plan)) == with_decode
+
+
 def test_fill_and_drain_borrow_the_hosts_threads():
     plan = _plan(3, [4, 4, 4])
-    lent = lent_threads(plan, build_schedule(plan, num_decode_steps=2))
+    lent = lent_threads(plan)
     # Stage 0's first slice runs before anything else; the last stage's last slice after
     # everything else of the prefill, and decode is never lent.
     assert lent == {(0, 0): 3, (2, 2): 3}
@@ -86,31 +101,31 @@ def test_fill_and_drain_borrow_the_hosts_threads():
 
 def test_no_lending_without_the_flag_or_idle_cores():
     plan = _plan(2, [4, 4], lend=False)
-    assert lent_threads(plan, build_schedule(plan)) == {}
+    assert lent_threads(plan) == {}
     two_hosts = parse_cluster({
         "name": "two", "hosts": [
             {"name": "a", "intra_link": "loopback", "devices": [{"name": "c0", "type": "cpu"}]},
             {"name": "b", "intra_link": "loopback", "devices": [{"name": "c1", "type": "cpu"}]}],
         "links": [{"between": ["a", "b"], "kind": "1gbe"}]})
     plan = _plan(2, [4, 4], cluster=two_hosts)
-    assert lent_threads(plan, build_schedule(plan)) == {}
+    assert lent_threads(plan) == {}
     slowed = parse_cluster({"name": "slow", "hosts": [{"name": "a", "intra_link": "loopback",
         "devices": [{"name": "c0", "type": "cpu", "slowdown": 2.0},
                     {"name": "c1", "type": "cpu"}]}]})
     plan = _plan(2, [4, 4], cluster=slowed)
-    assert lent_threads(plan, build_schedule(plan)) == {(1, 1): 2}  # not the emulated stage 0
+    assert lent_threads(plan) == {(1, 1): 2}  # not the emulated stage 0
 
 
 def test_a_stage_alone_on_its_host_borrows_every_slice():
     # One stage on local:2: the other worker holds nothing, so all its cores are idle.
     plan = _plan(1, [4, 4, 4], cluster=local_cluster(2, num_threads=3))
-    assert lent_threads(plan, build_schedule(plan, num_decode_steps=2)) == {
+    assert lent_threads(plan) == {
         (0, 0): 6, (0, 1): 6, (0, 2): 6}
 
 
 def test_a_tensor_parallel_stage_neither_borrows_nor_lets_others_overlap():
     plan = _plan(2, [4, 4], cluster=local_cluster(3), devices=[(0,), (1, 2)])
-    assert lent_threads(plan, build_schedule(plan)) == {(0, 0): 3}
+    assert lent_threads(plan) == {(0, 0): 3}
 
 
 def test_the_simulator_prices_lent_computes_with_the_borrowed_threads():

@@ -148,7 +148,7 @@ class StageRunner:
         sched = build_schedule(self.plan, num_decode_steps=num_steps, slices=self.req.slices)
         # This stage's prefill computes that run alone on the host, with the host's threads
         # (see [Note: a lone compute borrows its host's idle cores] in hpipe/lending.py).
-        self.lent = {unit: k for (s, unit), k in lent_threads(self.plan, sched).items()
+        self.lent = {unit: k for (s, unit), k in lent_threads(self.plan, self.req.slices).items()
                      if s == self.s}
         units = sched.units
         final_prefill = max(u.index for u in units if u.phase == "prefill")
