@@ -68,6 +68,14 @@ class DeviceSpec:
     def emulated(self) -> bool:
         return self.slowdown != 1.0
 
+    @property
+    def lends_cores(self) -> bool:
+        """A worker on CPU cores of the catalog's ``cpu`` kind: its threads can be lent to a
+        neighbour (hpipe/lending.py). A modelled GPU or custom device (the paper's cluster runs
+        them as CPU processes with an emulated slowdown) has no cores the cost model would know
+        how to price."""
+        return self.kind == "cpu" and self.torch_device == "cpu"
+
 
 @dataclass(frozen=True)
 class HostSpec:
@@ -113,6 +121,17 @@ class ClusterSpec:
     @property
     def emulated(self) -> bool:
         return any(d.emulated for d in self.devices)
+
+    def lendable_threads(self, device: int) -> int:
+        """The threads a compute of device index ``device`` may run on when it is alone on its
+        host (hpipe/lending.py): every CPU worker's threads of that host; 0 when it cannot
+        borrow (not a ``cpu`` worker on CPU cores, an emulated slowdown that would scale the
+        borrowed cores too, or nothing to borrow)."""
+        me = self.devices[device]
+        if not (me.lends_cores and not me.emulated):
+            return 0
+        total = sum(d.num_threads for d in self.devices if d.host == me.host and d.lends_cores)
+        return total if total > me.num_threads else 0
 
     def host_orders(self) -> list[tuple[int, ...]]:
         """Device orders that keep each host's devices adjacent, one per permutation of hosts.

@@ -26,9 +26,14 @@ baselines run as the paper describes them. A borrower is a one-device stage on C
 (``type: cpu``, as local:N's workers) without an emulated slowdown, which would scale the
 borrowed cores too; its lenders are every such CPU device of its host, used by the plan or not.
 
-The simulator prices a lent compute by Amdahl's law with LENT_PARALLEL_FRACTION, a figure
-from this machine: a 15-layer SmolLM2 slice ran 1.46-1.91x faster on 2 threads than on 1
-(64-token slices 1.5x, 4096-token prompts 1.9x); 0.8 gives 1.67x.
+The simulator and the planner price a lent compute with the speed-up its cost model measured:
+a profile (and the quick calibration) times each worker that may borrow alone on the lent
+threads, against its grid with every worker busy ([Note: lent threads measured alone] in
+hpipe/profile/launch.py; ``FittedCost.lent_speedup``). On this 2-core VM that gave 1.67-1.86x
+at 64 tokens and 1.96-2.05x at 2048, by spell. A cost model that did not measure it (the
+analytic one, an older profile) assumes Amdahl's law with LENT_PARALLEL_FRACTION, a figure from
+this machine: a 15-layer SmolLM2 slice ran 1.46-1.91x faster on 2 threads than on 1 (64-token
+slices 1.5x, 4096-token prompts 1.9x); 0.8 gives 1.67x.
 """
 
 from __future__ import annotations
@@ -53,35 +58,23 @@ def lent_threads(plan: Plan, slices: tuple[int, ...] | None = None
     if not plan.lend_idle_threads:
         return {}
     devices = plan.cluster.devices
-    host_threads: dict[str, int] = {}
-    for d in devices:
-        if _cpu_cores(d):
-            host_threads[d.host] = host_threads.get(d.host, 0) + d.num_threads
     borrowers = {}
     for s, st in enumerate(plan.stages):
-        dev = devices[st.device]
-        if (len(st.devices) == 1 and _cpu_cores(dev) and not dev.emulated
-                and host_threads[dev.host] > dev.num_threads):
-            borrowers[s] = host_threads[dev.host]
+        threads = plan.cluster.lendable_threads(st.device) if len(st.devices) == 1 else 0
+        if threads:
+            borrowers[s] = threads
     if not borrowers:
         return {}
     # The stages whose computes run on each host's CPU cores.
     on_host: dict[str, set[int]] = {}
     for s, st in enumerate(plan.stages):
         for d in st.devices:
-            if _cpu_cores(devices[d]):
+            if devices[d].lends_cores:
                 on_host.setdefault(devices[d].host, set()).add(s)
     sched = build_schedule(plan, slices=slices)  # the prefill only: see above
     lone = lone_computes(sched, {s: on_host[devices[plan.stages[s].device].host] - {s}
                                  for s in borrowers})
     return {(s, sched.actions[s][i].unit): borrowers[s] for s, i in lone}
-
-
-def _cpu_cores(device) -> bool:
-    """A worker on CPU cores of the catalog's ``cpu`` kind: its threads can be lent. A modelled
-    GPU or custom device (the paper's cluster runs them as CPU processes with an emulated
-    slowdown) has no cores the model would know how to price."""
-    return device.kind == "cpu" and device.torch_device == "cpu"
 
 
 def lone_computes(sched: Schedule, rivals: dict[int, set[int]]) -> set[tuple[int, int]]:
@@ -141,7 +134,15 @@ def _vector_clocks(sched: Schedule) -> dict[tuple[int, int], tuple[int, ...]]:
     return out
 
 
-def lent_time_s(time_s: float, *, own_threads: int, threads: int) -> float:
-    """A compute's predicted time on ``threads`` threads, from its time on ``own_threads``."""
+def lent_time_s(cost, device: int, time_s: float, *, tokens: int, own_threads: int,
+                threads: int) -> float:
+    """A prefill compute's predicted time on ``threads`` lent threads, from its time
+    ``time_s`` on device index ``device``'s own ``own_threads``: the speed-up the cost model
+    measured (``lent_speedup``, from a profile that timed it), else Amdahl's law with
+    LENT_PARALLEL_FRACTION."""
+    measured = getattr(cost, "lent_speedup", None)
+    speedup = measured(device, tokens=tokens, threads=threads) if measured else None
+    if speedup:
+        return time_s / speedup
     p = LENT_PARALLEL_FRACTION
     return time_s * ((1.0 - p) + p * own_threads / threads)

@@ -125,7 +125,8 @@ def _time_actions(plan: Plan, cost: CostModel, sched: Schedule, *, overlap_comm:
                             devices, layer_start, layer_stop, batch=u.rows, tokens=u.tokens,
                             prefix=u.prefix, has_embedding=has_embedding, has_head=has_head)
                         if threads:
-                            dur = lent_time_s(dur, threads=threads, own_threads=own_threads[s])
+                            dur = lent_time_s(cost, device[s], dur, tokens=u.tokens,
+                                              threads=threads, own_threads=own_threads[s])
                     end = start + dur
                     if record:
                         for r in rows_of[s]:

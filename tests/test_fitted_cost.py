@@ -140,3 +140,47 @@ def test_a_profiles_decode_grid_times_decode_steps():
     assert old.decode_time_s((0,), 0, 10, batch=8, context=700, has_embedding=False,
                              has_head=True) == old.stage_time_s(
         (0,), 0, 10, batch=8, tokens=1, prefix=700, has_embedding=False, has_head=True)
+
+
+def test_a_measured_lent_speed_up_prices_lent_computes():
+    import dataclasses
+
+    from hpipe.lending import LENT_PARALLEL_FRACTION, lent_time_s
+
+    cluster = local_cluster(2)
+    plain = make_profile()
+    cost = FittedCost(plain, MODEL, cluster, "float32")
+    assert cost.lent_speedup(0, tokens=64, threads=2) is None  # not measured: assumed
+    p = LENT_PARALLEL_FRACTION
+    assert lent_time_s(cost, 0, 1.0, tokens=64, own_threads=1, threads=2) == pytest.approx(
+        1 - p + p / 2)
+
+    # Timed lent at 16 and 256 tokens: 1.5x and 1.9x faster than the busy grid's same slices.
+    def lent(dv):
+        busy = {t.tokens: t.time_s for t in dv.layer if t.rows == 1 and t.prefix == 0}
+        return dataclasses.replace(dv, lent_threads=2, lent_layer=(
+            TimeSample(1, 16, 0, busy[16] / 1.5), TimeSample(1, 256, 0, busy[256] / 1.9)))
+
+    measured = FittedCost(dataclasses.replace(plain, devices=tuple(map(lent, plain.devices))),
+                          MODEL, cluster, "float32")
+    assert measured.lent_speedup(0, tokens=16, threads=2) == pytest.approx(1.5)
+    assert measured.lent_speedup(1, tokens=64, threads=2) == pytest.approx(1.7)  # halfway in log
+    assert measured.lent_speedup(0, tokens=4096, threads=2) == pytest.approx(1.9)  # flat beyond
+    assert measured.lent_speedup(0, tokens=8, threads=2) == pytest.approx(1.5)
+    assert measured.lent_speedup(0, tokens=64, threads=3) is None  # timed on 2, not 3
+    # Never more than the thread ratio: a busy grid taken in a slow spell would say 2.4x.
+    fast = dataclasses.replace(plain, devices=tuple(
+        dataclasses.replace(dv, lent_threads=2, lent_layer=(TimeSample(1, 256, 0, 1e-9),))
+        for dv in plain.devices))
+    assert FittedCost(fast, MODEL, cluster, "float32").lent_speedup(
+        0, tokens=256, threads=2) == pytest.approx(2.0)
+    assert lent_time_s(measured, 0, 1.9, tokens=256, own_threads=1, threads=2) == pytest.approx(1)
+    # The simulator prices a lent slice by it: stage 0's first slice of an even split.
+    plan = Plan(method="manual", model=MODEL, cluster=cluster, batch=1, seq_len=512,
+                dtype="float32", stages=(StagePlan((0,), 0, 15), StagePlan((1,), 15, 30)),
+                slices=(256, 256), lend_idle_threads=True)
+    first = {(iv.row, iv.unit): iv for iv in simulate(plan, measured).intervals
+             if iv.kind == "compute"}[(0, 0)]
+    busy = measured.stage_time_s((0,), 0, 15, batch=1, tokens=256, prefix=0,
+                                 has_embedding=True, has_head=False)
+    assert first.threads == 2 and first.duration_s == pytest.approx(busy / 1.9)

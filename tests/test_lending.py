@@ -146,7 +146,7 @@ def test_the_simulator_prices_lent_computes_with_the_borrowed_threads():
 
     lent, plain = (simulate(_plan(2, [4, 4, 4], lend=flag), Flat(), num_decode_steps=1)
                    for flag in (True, False))
-    fast = lent_time_s(1.0, own_threads=1, threads=2)
+    fast = lent_time_s(Flat(), 0, 1.0, tokens=4, own_threads=1, threads=2)
     assert fast < 1.0
     first = {(iv.row, iv.unit): iv for iv in lent.intervals if iv.kind == "compute"}
     assert first[(0, 0)].duration_s == pytest.approx(fast) and first[(0, 0)].threads == 2

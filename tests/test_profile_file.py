@@ -12,6 +12,7 @@ from hpipe.cost import cost_model, read_profile
 from hpipe.cost.fitted import FittedCost
 from hpipe.cost.profile_file import (
     Profile,
+    TimeSample,
     check_profile,
 )
 from hpipe.errors import ProfileMismatchError
@@ -28,6 +29,15 @@ def test_profile_round_trips_through_json(tmp_path):
     d = prof.to_dict()
     assert (d["torch_version"], d["dtype"], d["model_name"]) == ("2.13.0", "float32", MODEL.name)
     assert d["device_names"] == ["cpu0", "cpu1"] and d["date"].startswith("2026")
+    # With the lent threads' samples too; a file written before them reads as none measured.
+    lent = dataclasses.replace(prof, devices=tuple(
+        dataclasses.replace(dv, lent_threads=2, lent_layer=(TimeSample(1, 64, 0, 0.01),))
+        for dv in prof.devices))
+    assert Profile.from_json(lent.to_json()) == lent
+    old = prof.to_dict()
+    for dv in old["devices"]:
+        del dv["lent_threads"], dv["lent_layer"]
+    assert Profile.from_dict(old) == prof
 
 
 def test_emulated_slowdown_is_labelled_in_the_file():

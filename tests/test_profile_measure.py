@@ -84,6 +84,10 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     t = cost.stage_time_s((1,), 0, 2, batch=1, tokens=64, prefix=32, has_embedding=False,
                           has_head=True)
     assert t > 0
+    # cpu0 may borrow cpu1's thread, so it was timed alone on both; emulated cpu1 may not.
+    assert prof.devices[0].lent_threads == 2 and prof.devices[0].lent_layer
+    assert prof.devices[1].lent_threads == 0 and not prof.devices[1].lent_layer
+    assert "alone on 2 threads" in printed and cost.lent_speedup(0, tokens=64, threads=2) > 0
     step = cost.decode_time_s((1,), 0, 2, batch=8, context=100, has_embedding=False,
                               has_head=True)
     assert cost.fits[1].decode_layer is not None and 0 < step < t
@@ -104,6 +108,8 @@ def test_hpipe_profile_command_end_to_end(tiny_path, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in summary["devices"]] == ["cpu0", "cpu1"] and summary["emulated"]
     assert summary["links"][0]["bandwidth_gbps"] > 0
+    assert [d["lent_threads"] for d in summary["devices"]] == [2, 0]
+    assert list(summary["devices"][0]["lent_speedup_by_tokens"]) == ["64"]
     assert summary["calibration"] is None and read_profile(out).calibration is None
 
 

@@ -76,6 +76,10 @@ def test_run_calibrates_once_then_reads_the_cache(tiny_checkpoints, tmp_path):
     profile = read_profile(files[0])
     assert profile.quick and profile.cluster_name == "local:2"
     assert [d.name for d in profile.devices] == ["cpu0", "cpu1"] and profile.links
+    # Each worker was also timed alone on both workers' threads, as a lent compute runs.
+    for d in profile.devices:
+        assert d.lent_threads == 2 and d.lent_layer
+        assert all(t.tokens >= 64 and t.prefix == 0 and t.time_s > 0 for t in d.lent_layer)
     # The prediction is priced by the calibration's fit: close to what ran, on a tiny model too.
     assert report["predicted_prefill_latency_s"] > 0
 

@@ -140,7 +140,9 @@ def summary_json(profile, cluster, fits, out: Path) -> dict:
         "cluster": cluster.name, "emulated": profile.emulated,
         "devices": [{"name": d.name, "kind": d.kind, "slowdown": d.slowdown,
                      "layer_fit_rel_error_max": fits[d.name].layer_rel_error_max,
-                     "calibration_compute_scale": scale.get(d.name)}
+                     "calibration_compute_scale": scale.get(d.name),
+                     "lent_threads": d.lent_threads,
+                     "lent_speedup_by_tokens": {str(t): r for t, r in d.lent_speedups()}}
                     for d in profile.devices],
         "calibration": None if cal is None else cal.to_dict(),
         "links": [{"src": lk.src, "dst": lk.dst,
@@ -163,6 +165,9 @@ def summary_text(profile, cluster, grid, fits, args) -> str:
             f"  {dev.name:<10} {dev.kind:<6} x{dev.slowdown:<4g} layer {one.time_s * 1e3:7.2f} "
             f"ms @ {one.tokens} tokens; fit worst error {fit.layer_rel_error_max:.0%}"
             + (f"; in a pipeline x{scale[dev.name]:.2f}" if dev.name in scale else "")
+            + ("; alone on {} threads {}".format(dev.lent_threads, ", ".join(
+                f"{r:.2f}x @ {t}" for t, r in dev.lent_speedups()))
+               if dev.lent_speedups() else "")
             + ("  (emulated)" if dev.slowdown != 1.0 else ""))
     for lk in profile.links:
         lines.append(f"  {lk.src} <-> {lk.dst}: {lk.bandwidth_bytes_s * 8 / 1e9:.2f} Gbit/s, "

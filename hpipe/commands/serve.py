@@ -90,6 +90,7 @@ def serve(args: argparse.Namespace, *, job=None) -> int:
     """Serve until stopped; ``job``: the torchrun job this process is rank 0 of."""
     import uvicorn
 
+    from hpipe.runtime.rank import freeze_heap
     from hpipe.serve.app import build_app
     from hpipe.serve.engine import Engine, EngineSettings
 
@@ -128,6 +129,12 @@ def serve(args: argparse.Namespace, *, job=None) -> int:
     print(f"hpipe serve: loading {args.model} on {plan.cluster.name} (GET /health is 503 until "
           "ready)", file=sys.stderr, flush=True)
     engine.start()
+    # The server process drives every item of the interleaved schedule (session_items.py), and
+    # a full garbage collection of its heap (fastapi, uvicorn, the tokenizer: ~200k objects)
+    # took 85-90 ms, a pause in every stream. What is alive now stays alive for the process's
+    # life, so it is frozen as the workers' heaps are ([Note: a frozen heap] in rank.py). Only
+    # here: a Session opened inside someone else's program leaves their heap alone.
+    freeze_heap()
     try:
         server.run()
     finally:

@@ -202,6 +202,30 @@ class FittedCost:
     def layer_time_s(self, device: int, *, batch: int, tokens: int, prefix: int) -> float:
         return _eval(layer_features, self.fits[device].layer, batch, tokens, prefix)
 
+    def lent_speedup(self, device: int, *, tokens: int, threads: int) -> float | None:
+        """How many times faster a prefill compute of ``tokens`` new tokens on device index
+        ``device`` runs alone on ``threads`` borrowed threads (hpipe/lending.py) than on its own
+        threads with every worker busy: the profile's lent samples over its grid samples at the
+        same slices, interpolated in log tokens and flat beyond them, at most ``threads`` over
+        the device's own. None when the profile did not time this device on that many threads
+        (the caller then assumes).
+
+        The cap: alone on 2 threads, a slice ran up to 2.05x faster than on 1 with both workers
+        busy. Some of that is real (the busy grid also pays the workers' contention for caches
+        and memory), some is the drift between two measurements taken seconds apart; a cap at
+        the thread ratio keeps the drift from making lent computes look better than perfect
+        scaling. (At that calibration, one whole-prompt stage after the other, each lent,
+        was priced 8.53 s and a 6-slice pipeline 8.76 s; both measured 8.2 s.)"""
+        dev = self.profile.device(self.cluster.devices[device].name)
+        if dev.lent_threads != threads or not dev.lent_layer:
+            return None
+        pts = dev.lent_speedups()
+        if not pts:
+            return None
+        ratio = np.interp(np.log(max(tokens, 1)), [np.log(t) for t, _ in pts],
+                          [r for _, r in pts])
+        return float(min(ratio, threads / dev.num_threads))
+
     def stage_time_s(self, devices: tuple[int, ...], layer_start: int, layer_stop: int, *,
                      batch: int, tokens: int, prefix: int, has_embedding: bool,
                      has_head: bool) -> float:

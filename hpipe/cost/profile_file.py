@@ -78,6 +78,19 @@ class DeviceProfile:
     decode_layer: tuple[TimeSample, ...] = ()
     decode_head: tuple[TimeSample, ...] = ()
     decode_call: tuple[TimeSample, ...] = ()
+    # One block's prefill time when this worker runs alone on its host with every CPU worker's
+    # threads there (``lent_threads``), as a compute that borrows idle cores does
+    # (hpipe/lending.py); ``layer`` above is the same call on its own threads with every worker
+    # busy. Empty (and 0) when it cannot borrow or was profiled before this was measured.
+    lent_threads: int = 0
+    lent_layer: tuple[TimeSample, ...] = ()
+
+    def lent_speedups(self) -> tuple[tuple[int, float], ...]:
+        """(tokens, busy time / lent time) at each lent sample the busy grid also has (one row,
+        no prefix), by tokens; empty when nothing lent was measured."""
+        busy = {t.tokens: t.time_s for t in self.layer if t.rows == 1 and t.prefix == 0}
+        return tuple(sorted((t.tokens, busy[t.tokens] / t.time_s) for t in self.lent_layer
+                            if t.time_s > 0 and busy.get(t.tokens, 0) > 0))
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,8 @@ class Profile:
                 "decode_layer": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_layer],
                 "decode_head": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_head],
                 "decode_call": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.decode_call],
+                "lent_threads": d.lent_threads,
+                "lent_layer": [[s.rows, s.tokens, s.prefix, s.time_s] for s in d.lent_layer],
             }
 
         return {
@@ -249,6 +264,8 @@ class Profile:
                     decode_layer=times(dv.get("decode_layer") or ()),
                     decode_head=times(dv.get("decode_head") or ()),
                     decode_call=times(dv.get("decode_call") or ()),
+                    lent_threads=int(dv.get("lent_threads") or 0),
+                    lent_layer=times(dv.get("lent_layer") or ()),
                 )
                 for dv in d["devices"]
             )

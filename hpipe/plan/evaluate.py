@@ -304,6 +304,9 @@ class MemoCost:
         many = getattr(cost, "stage_times_many_s", None)
         if many is not None:  # the numpy fast path of SliceTimes.tau_row, unremembered
             self.stage_times_many_s = many
+        lent = getattr(cost, "lent_speedup", None)
+        if lent is not None:  # a measured speed-up of lent threads (hpipe/lending.py)
+            self.lent_speedup = lent
         if getattr(cost, "stage_memory_parts", None) is not None:  # SliceTimes.fits's
             self.stage_memory_parts = cost.stage_memory_parts
             self.unit_workspace_bytes = cost.unit_workspace_bytes

@@ -75,7 +75,8 @@ def flow_bound_s(pb: Problem, stages: tuple[StagePlan, ...],
         per = 2 if pb.overlap_comm else 1  # columns per stage
         for (j, i), threads in lent.items():
             own = pb.cluster.devices[stages[j].device].num_threads
-            a[i, per * j] = lent_time_s(a[i, per * j], own_threads=own, threads=threads)
+            a[i, per * j] = lent_time_s(pb.cost, stages[j].device, a[i, per * j],
+                                        tokens=units[i][1], own_threads=own, threads=threads)
     head = np.concatenate([[0.0], np.cumsum(a[0])[:-1]])  # the first unit reaching r
     tail = np.concatenate([np.cumsum(a[-1][::-1])[::-1][1:], [0.0]])  # the last leaving r
     return float(np.max(head + a.sum(axis=0) + tail))

@@ -188,30 +188,48 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
 
 
+class BenchStage:
+    """The measured stage on this process's device: ``grid.num_blocks`` blocks of ``source``
+    with the embedding and the head, and the hooks that clock each part. Loaded once and used
+    by ``profile_device`` and then ``profile_lent``."""
+
+    def __init__(self, source, device: DeviceSpec, *, dtype: str, num_blocks: int) -> None:
+        self.device = device
+        self.tdev = torch.device(device.torch_device)
+        self.on_cuda = self.tdev.type == "cuda"
+        if not self.on_cuda:
+            torch.set_num_threads(device.num_threads)
+        self.context_bytes = (torch.cuda.memory_allocated(self.tdev) if self.on_cuda
+                              else _rss_bytes("VmRSS"))
+        self.spec = source.spec
+        self.num_blocks = min(num_blocks, self.spec.num_layers)
+        self.stage = source.load_stage(0, self.num_blocks, has_embedding=True, has_head=True,
+                                       dtype=TORCH_DTYPES[dtype], device=self.tdev)
+        self.timer = _PartTimer(self.stage, self.sync)
+
+    def sync(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.tdev)
+
+    def close(self) -> None:
+        self.timer.remove()
+
+
 def profile_device(
     source, device: DeviceSpec, *, dtype: str, grid: Grid,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, bench: BenchStage | None = None,
 ) -> DeviceProfile:
     """Measure ``device`` (this process's device) on a two-block stage of ``source``.
 
     ``source`` is a ``hpipe.model.source.ModelSource``; random-weight checkpoints time the same
-    as real ones. ``progress(done, total)`` is called after each grid point.
+    as real ones. ``progress(done, total)`` is called after each grid point. ``bench``: the
+    stage already loaded (closed by its owner); default a new one, closed here.
     """
-    tdev = torch.device(device.torch_device)
-    on_cuda = tdev.type == "cuda"
-    if not on_cuda:
-        torch.set_num_threads(device.num_threads)
-
-    def sync() -> None:
-        if on_cuda:
-            torch.cuda.synchronize(tdev)
-
-    context_bytes = (torch.cuda.memory_allocated(tdev) if on_cuda else _rss_bytes("VmRSS"))
+    own = bench is None
+    if bench is None:
+        bench = BenchStage(source, device, dtype=dtype, num_blocks=grid.num_blocks)
+    stage, timer, tdev, sync, n = bench.stage, bench.timer, bench.tdev, bench.sync, bench.num_blocks
     spec = source.spec
-    n = min(grid.num_blocks, spec.num_layers)
-    stage = source.load_stage(0, n, has_embedding=True, has_head=True,
-                              dtype=TORCH_DTYPES[dtype], device=tdev)
-    timer = _PartTimer(stage, sync)
     gen = torch.Generator().manual_seed(0)
     points = grid.points()
     layer, embedding, head, call, memory = [], [], [], [], []
@@ -259,12 +277,46 @@ def profile_device(
             call.append(TimeSample(b, s, p, med["call"]))
             memory.append(MemorySample(b, s, p, work_of[pt]))
     finally:
-        timer.remove()
-    prof = _device_profile(device, stage, spec, context_bytes=context_bytes,
+        if own:
+            bench.close()
+    prof = _device_profile(device, stage, spec, context_bytes=bench.context_bytes,
                            kv_per_token=kv_per_token, samples=(layer, embedding, head, call,
-                                                               memory), on_cuda=on_cuda)
+                                                               memory), on_cuda=bench.on_cuda)
     return dataclasses.replace(prof, decode_layer=tuple(decode_layer),
                                decode_head=tuple(decode_head), decode_call=tuple(decode_call))
+
+
+def lent_tokens(grid: Grid) -> tuple[int, ...]:
+    """The one-row slices at no prefix that ``profile_lent`` times: the grid's from 64 tokens
+    to half the longest, where the planner's slices sit (a 16-token slice is too short to
+    time on a shared machine, and the whole prompt is Base's, which never borrows)."""
+    return tuple(t for t in grid.tokens if 64 <= t <= max(64, grid.max_tokens // 2))
+
+
+def profile_lent(bench: BenchStage, *, grid: Grid, threads: int,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[TimeSample, ...]:
+    """One block's time at each of ``lent_tokens(grid)`` on ``threads`` torch threads, as a
+    compute that borrows its host's idle cores runs (the caller keeps the other workers of the
+    host idle meanwhile); the device's own thread count is restored after."""
+    assert not bench.on_cuda, "only CPU workers lend threads"
+    gen = torch.Generator().manual_seed(1)
+    points = lent_tokens(grid)
+    runs: dict[int, list[float]] = {s: [] for s in points}
+    torch.set_num_threads(threads)
+    try:
+        for rep in range(grid.repeats):
+            for k, s in enumerate(points):
+                cache = bench.stage.new_cache(batch=1, max_tokens=s)
+                ids = torch.randint(0, bench.spec.vocab_size, (1, s), generator=gen)
+                parts = _time_point(bench.stage, bench.timer, ids, cache, prefix=0,
+                                    calls=grid.warmup + 1 if rep == 0 else 1,
+                                    device=bench.device, sync=bench.sync)
+                runs[s].append(parts["layer"])
+                if progress is not None:
+                    progress(rep * len(points) + k + 1, grid.repeats * len(points))
+    finally:
+        torch.set_num_threads(bench.device.num_threads)
+    return tuple(TimeSample(1, s, 0, statistics.median(runs[s])) for s in points)
 
 
 def _time_point(stage, timer, ids, cache, *, prefix: int, calls: int, device: DeviceSpec,

@@ -6,8 +6,10 @@ newcomer's first impression was that the predictions are wrong. ``hpipe profile`
 but takes a minute or more and has to be known about. So ``hpipe run`` and ``hpipe demo`` on
 local CPU workers calibrate by themselves: the profiler's own workers time one block of the
 model over a small grid (``measure.calibration_grid``: 11 points, two passes), all workers at
-once as a pipeline keeps them (see [Note: concurrent or one at a time] in launch.py), plus one
-ping-pong per pair. It takes 6-13 s for SmolLM2 on 2 CPU cores.
+once as a pipeline keeps them (see [Note: concurrent or one at a time] in launch.py), then each
+worker alone on the threads a lone compute borrows (hpipe/lending.py; [Note: lent threads
+measured alone]), plus one ping-pong per pair. It takes 7-13 s for SmolLM2 on 2 CPU cores
+(about 1 s of it the lent threads).
 
 [Note: alike workers, one speed] Workers of one host with the same threads and slowdown run on
 the same kind of core, so their grids differ by noise alone; planned from as measured, that
@@ -52,7 +54,7 @@ from hpipe.cost.profile_file import DeviceProfile, Profile, TimeSample, read_pro
 log = logging.getLogger(__name__)
 
 STALE_RATIO = 1.25  # measured/predicted beyond this either way: the cached entry may be stale
-CALIBRATION_VERSION = 1  # bump when the grid or the measurement changes: old entries go stale
+CALIBRATION_VERSION = 2  # bump when the grid or the measurement changes: old entries go stale
 MIN_GRID_TOKENS = 1024  # a shorter prompt still gets a grid this long (plans reach past it)
 
 
@@ -154,7 +156,8 @@ def cache_key(model: str, cluster: ClusterSpec, dtype: str, max_tokens: int) -> 
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-TIME_TABLES = ("layer", "embedding", "head", "call", "decode_layer", "decode_head", "decode_call")
+TIME_TABLES = ("layer", "embedding", "head", "call", "decode_layer", "decode_head", "decode_call",
+               "lent_layer")
 
 
 def pool_alike(profile: Profile) -> Profile:
