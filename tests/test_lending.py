@@ -169,3 +169,25 @@ def test_hpipe_plan_names_the_lent_computes():
         {"stage": 1, "device": "cpu1", "microbatch": 0, "slice": 2, "threads": 2}]
     assert ("run alone on their host, on 2 threads (its idle workers' too): slice 0 on cpu0, "
             "slice 2 on cpu1") in describe(plan, summary)
+
+
+def test_a_served_plan_does_not_lend(tmp_path):
+    """serve and analyze run interleaved items, which never borrow: their plan says so."""
+    import argparse
+    import dataclasses
+
+    from hpipe.commands.pipeline import build_plan
+    from hpipe.plan.api import plan_method
+
+    kw = dict(model=TINY, cluster=local_cluster(2), batch=1, seq_len=256, dtype="float32")
+    assert plan_method("hpipe", **kw).lend_idle_threads
+    assert not plan_method("hpipe", lend=False, **kw).lend_idle_threads
+    args = argparse.Namespace(model="smollm2", plan=None, cluster="local:2", seq_len=512,
+                              method="hpipe", dtype="float32", profile=None, allow_tp=False,
+                              objective="prefill")
+    served = build_plan(args, concurrency=4, max_new_tokens=16)
+    assert not served.lend_idle_threads and lent_threads(served) == {}
+    path = tmp_path / "plan.json"
+    path.write_text(dataclasses.replace(served, lend_idle_threads=True).to_json())
+    args.plan = path
+    assert not build_plan(args, concurrency=4, max_new_tokens=16).lend_idle_threads

@@ -53,7 +53,8 @@ def build_plan(args, *, concurrency: int, max_new_tokens: int, local: bool = Tru
 
     spec = open_model(args.model).spec
     if args.plan is not None:
-        plan = read_plan(args.plan)
+        # See below: what a served plan says about lending must be what runs.
+        plan = dataclasses.replace(read_plan(args.plan), lend_idle_threads=False)
         if args.cluster is not None:
             cluster = load_cluster(args.cluster)
             if dataclasses.replace(cluster, name=plan.cluster.name) != plan.cluster:
@@ -69,7 +70,11 @@ def build_plan(args, *, concurrency: int, max_new_tokens: int, local: bool = Tru
                            dtype=args.dtype,
                            cost=cost_model(spec, cluster, args.dtype, profile=args.profile),
                            allow_tp=args.allow_tp, objective=objective,
-                           max_new_tokens=max_new_tokens, concurrency=concurrency)
+                           max_new_tokens=max_new_tokens, concurrency=concurrency,
+                           # Served requests run as interleaved items, which never borrow a
+                           # host's idle cores (an item may overlap any other, so no compute
+                           # is provably alone): the plan is priced as it will run.
+                           lend=False)
     check_plan(plan, spec, model=args.model)
     if local:
         check_local_devices([plan])

@@ -63,6 +63,7 @@ def plan_method(
     objective: str = "prefill",
     max_new_tokens: int = 0,
     concurrency: int = 1,
+    lend: bool = True,
 ) -> Plan:
     """Plan ``method`` (one of METHODS) for ``batch`` prompts of ``seq_len`` tokens.
 
@@ -75,6 +76,9 @@ def plan_method(
     "throughput" (HPipe only) plans the split with the most output tokens/s while
     ``concurrency`` requests of ``seq_len + max_new_tokens`` tokens decode, their KV caches
     in the memory check (hpipe/plan/throughput.py).
+
+    ``lend=False``: no compute borrows idle cores (hpipe/lending.py), for runners that never
+    lend (a server's interleaved items); HPipe's and manual plans lend by default.
 
     Raises PromptTooLongError past the model's context, InfeasiblePlanError when nothing fits
     (the message names the device, the shortfall and what would fit), PlanMismatchError for
@@ -109,7 +113,8 @@ def plan_method(
     pb = Problem(model=model, cluster=cluster, batch=batch, seq_len=seq_len, dtype=dtype,
                  cost=cost if cost is not None else cost_model(model, cluster, dtype),
                  grain_tokens=grain_tokens or default_grain_tokens(seq_len),
-                 decode_steps=max_new_tokens - 1 if objective == "latency" else 0)
+                 decode_steps=max_new_tokens - 1 if objective == "latency" else 0,
+                 lend=lend)
     if objective == "throughput" and not overrides:
         from hpipe.plan.throughput import plan_throughput
 

@@ -50,6 +50,8 @@ class Problem:
     # The objective (see [Note: planning for decode]): 0, the prefill's latency (the paper's);
     # N > 0, the time to the last token of N decode steps after the first token.
     decode_steps: int = 0
+    # False: no plan lends idle cores (hpipe/lending.py), whatever its method.
+    lend: bool = True
     _decode_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False,
                                hash=False)
     _orders: list = field(default_factory=list, init=False, repr=False, compare=False,
@@ -129,7 +131,8 @@ class Problem:
         return Plan(method=method, model=self.model, cluster=self.cluster, batch=self.batch,
                     seq_len=self.seq_len, dtype=self.dtype, stages=stages, slices=slices,
                     num_microbatches=num_microbatches, slice_table=tuple(slice_table),
-                    notes=tuple(notes), lend_idle_threads=method in LENDING_METHODS)
+                    notes=tuple(notes),
+                    lend_idle_threads=self.lend and method in LENDING_METHODS)
 
     def slice_times(self, stages: tuple[StagePlan, ...], *,
                     only_stage: int | None = None) -> SliceTimes:
