@@ -29,8 +29,8 @@ borrowed cores too; its lenders are every such CPU device of its host, used by t
 The simulator and the planner price a lent compute with the speed-up its cost model measured:
 a profile (and the quick calibration) times each worker that may borrow alone on the lent
 threads, against its grid with every worker busy ([Note: lent threads measured alone] in
-hpipe/profile/launch.py; ``FittedCost.lent_speedup``). On this 2-core VM that gave 1.67-1.86x
-at 64 tokens and 1.96-2.05x at 2048, by spell. A cost model that did not measure it (the
+hpipe/profile/launch.py; ``FittedCost.lent_speedup``). On this 2-core VM that gave 1.58-1.86x
+at 64 tokens and 1.91-2.05x at 2048, by calibration. A cost model that did not measure it (the
 analytic one, an older profile) assumes Amdahl's law with LENT_PARALLEL_FRACTION, a figure from
 this machine: a 15-layer SmolLM2 slice ran 1.46-1.91x faster on 2 threads than on 1 (64-token
 slices 1.5x, 4096-token prompts 1.9x); 0.8 gives 1.67x.

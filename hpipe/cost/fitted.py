@@ -217,10 +217,8 @@ class FittedCost:
         scaling. (At that calibration, one whole-prompt stage after the other, each lent,
         was priced 8.53 s and a 6-slice pipeline 8.76 s; both measured 8.2 s.)"""
         dev = self.profile.device(self.cluster.devices[device].name)
-        if dev.lent_threads != threads or not dev.lent_layer:
-            return None
         pts = dev.lent_speedups()
-        if not pts:
+        if dev.lent_threads != threads or not pts:
             return None
         ratio = np.interp(np.log(max(tokens, 1)), [np.log(t) for t, _ in pts],
                           [r for _, r in pts])

@@ -98,7 +98,7 @@ def profile_rank(job: ProfileJob, *, rank: int, world_size: int,
         # (hpipe/lending.py) is timed on all of them, one worker at a time while the others
         # wait in the barrier, as the runtime runs a lone compute. The planner compares these
         # with the grid's times on the worker's own threads with every worker busy; on this
-        # 2-core VM a 15-layer slice ran 1.5-1.9x faster lent, by slice length and by spell.
+        # 2-core VM a block ran 1.58-2.05x faster lent, by slice length and by calibration.
         for d in (d for d in range(world_size) if cluster.lendable_threads(d)):
             if d == me:
                 threads = cluster.lendable_threads(me)
